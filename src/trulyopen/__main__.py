@@ -1,0 +1,3 @@
+from trulyopen.cli import app
+
+app()

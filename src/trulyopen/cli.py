@@ -1,0 +1,84 @@
+"""The `trulyopen` command: one verb per stage, plus `run` for the whole pipeline and `inspect`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trulyopen import pipeline
+from trulyopen.data.sources import DataError
+from trulyopen.recipe import RecipeError, load_recipe
+
+app = typer.Typer(
+    help="trulyopen: from raw text to a released language model in which every artifact is verifiable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/quickstart.yaml.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field: --set data.dedup.threshold=0.8 (repeatable)."),
+]
+RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<recipe name>/).")]
+ForceOpt = Annotated[
+    list[str] | None, typer.Option("--force", help="Redo this stage and every stage after it (repeatable).")
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Worker processes (default: recipe's workers, else one per core).")
+]
+
+
+def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) -> Path:
+    try:
+        r = load_recipe(recipe, overrides or [])
+        out = pipeline.run(r, run_dir, until=until, force=force or [], workers=workers)
+    except RecipeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except (DataError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    return out
+
+
+@app.command()
+def run(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None, workers: WorkersOpt = None):
+    """Run every available stage of a recipe, skipping those already up to date."""
+    out = _run(recipe, set, run_dir, force, workers, until=None)
+    typer.echo(f"stages not available yet: {', '.join(pipeline.NOT_YET_AVAILABLE)}")
+    typer.echo(f"run directory: {out}  (see `trulyopen inspect {out}` and {out}/data/DATACARD.md)")
+
+
+@app.command()
+def data(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None, workers: WorkersOpt = None):
+    """The data pipeline: curate the sources, train the tokenizer, write token shards and the data card."""
+    out = _run(recipe, set, run_dir, force, workers, until="shards")
+    typer.echo(f"data card: {out}/data/DATACARD.md")
+
+
+@app.command()
+def tokenizer(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None, workers: WorkersOpt = None):
+    """Curate the data (if needed) and train or reuse the tokenizer."""
+    out = _run(recipe, set, run_dir, force, workers, until="tokenizer")
+    typer.echo(f"tokenizer: {out}/tokenizer")
+
+
+@app.command()
+def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")]):
+    """Summarise a run directory: stages done, sizes, document and token counts."""
+    from trulyopen.inspect_run import summarize
+
+    try:
+        summarize(run_dir)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def main() -> None:  # pragma: no cover - `python -m trulyopen`
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""The data pipeline: sources -> clean -> filter -> dedup -> decontaminate -> split -> tokenizer -> shards."""

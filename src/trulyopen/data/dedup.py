@@ -1,0 +1,132 @@
+"""Exact and near-duplicate removal: content hashes, then MinHash with LSH banding.
+
+Near duplicates, in four steps:
+
+    text ──words──► shingles (word n-grams, 32-bit hashes)
+         ──minhash──► signature: for each of P hash functions, the smallest hashed shingle
+         ──LSH──► split the P values into B bands of R rows; documents whose band matches in any
+                  band become candidates (probability 1-(1-s^R)^B for Jaccard similarity s)
+         ──verify──► keep a candidate pair only if the signatures agree on >= threshold of P
+                     (an unbiased estimate of the Jaccard similarity), then union-find clusters.
+
+Each cluster keeps its first document in corpus order (sources in recipe order, files sorted), so
+the choice is deterministic. Signatures are computed with numpy over many documents at once:
+the hash functions are multiply-shift hashes h(x) = (a*x + b) mod 2^64 >> 32, which need no
+modulo by a prime and vectorise well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from trulyopen.data.ngrams import WordHasher, ngram_hashes
+from trulyopen.recipe import DedupConfig
+
+BLOCK_ROWS = 1 << 15  # shingles hashed per numpy block: bounds memory at ~BLOCK_ROWS * P * 8 bytes
+EMPTY = np.iinfo(np.uint32).max
+_KEY_MULT = np.uint64(0x100000001B3)
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def exact_duplicates(hashes: Sequence[str]) -> list[int | None]:
+    """For each document, the index of the earlier document with the same hash, or None."""
+    first: dict[str, int] = {}
+    out: list[int | None] = []
+    for i, h in enumerate(hashes):
+        j = first.setdefault(h, i)
+        out.append(None if j == i else j)
+    return out
+
+
+def hash_functions(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The (a, b) pairs of the multiply-shift hash family; `a` odd, both 64-bit."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 2**63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
+    return a, b
+
+
+class MinHasher:
+    """Turns texts into MinHash signatures (uint32, one row per document)."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.a, self.b = hash_functions(cfg.num_perm)
+        self.hasher = WordHasher()
+
+    def shingles(self, text: str) -> np.ndarray:
+        """Distinct 32-bit shingle hashes of a text."""
+        return np.unique(ngram_hashes(self.hasher(text), self.cfg.shingle_size) >> np.uint64(32))
+
+    def signatures(self, texts: Sequence[str]) -> np.ndarray:
+        sets = [self.shingles(t) for t in texts]
+        sig = np.full((len(texts), self.cfg.num_perm), EMPTY, dtype=np.uint32)
+        # Process documents in groups whose shingles fit one block, all hash functions at once.
+        start = 0
+        while start < len(sets):
+            stop, rows = start, 0
+            while stop < len(sets) and (rows == 0 or rows + len(sets[stop]) <= BLOCK_ROWS):
+                rows += len(sets[stop])
+                stop += 1
+            group = [i for i in range(start, stop) if len(sets[i])]
+            if group:
+                x = np.concatenate([sets[i] for i in group])
+                with np.errstate(over="ignore"):
+                    hashed = ((x[:, None] * self.a + self.b) >> np.uint64(32)).astype(np.uint32)
+                offsets = np.cumsum([0] + [len(sets[i]) for i in group[:-1]])
+                sig[group] = np.minimum.reduceat(hashed, offsets, axis=0)
+            start = stop
+        return sig
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def lsh_clusters(sig: np.ndarray, bands: int, threshold: float) -> np.ndarray:
+    """For each document, the index of its cluster's representative (the smallest index).
+
+    Documents without shingles (all-EMPTY signatures) are never clustered: exact dedup covers them.
+    """
+    n, perm = sig.shape
+    rows = perm // bands
+    parent = np.arange(n)
+    has_shingles = sig[:, 0] != EMPTY
+    idx = np.flatnonzero(has_shingles)
+    pairs = []
+    for b in range(bands):
+        band = sig[idx, b * rows : (b + 1) * rows].astype(np.uint64)
+        keys = np.zeros(len(idx), dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for r in range(rows):  # a 64-bit key per band; a rare collision is caught by verification
+                keys = keys * _KEY_MULT + band[:, r]
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        same = sorted_keys[1:] == sorted_keys[:-1]
+        if not same.any():
+            continue
+        # Candidate pairs: each member of a bucket with the next one (buckets are sorted runs).
+        left, right = idx[order[:-1][same]], idx[order[1:][same]]
+        pairs.append(np.stack([left, right], axis=1))
+    if pairs:
+        cand = np.unique(np.concatenate(pairs), axis=0)
+        similar = (sig[cand[:, 0]] == sig[cand[:, 1]]).mean(axis=1) >= threshold
+        for i, j in cand[similar]:
+            ri, rj = _find(parent, int(i)), _find(parent, int(j))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    return np.array([_find(parent, i) for i in range(n)])
+
+
+def near_duplicates(texts: Sequence[str], cfg: DedupConfig) -> np.ndarray:
+    """Representative index per document (itself when it is kept); see `lsh_clusters`."""
+    return lsh_clusters(MinHasher(cfg).signatures(texts), cfg.bands, cfg.threshold)

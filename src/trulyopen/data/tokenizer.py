@@ -1,0 +1,101 @@
+"""The tokenizer stage: train a byte-level BPE tokenizer on the training split, or reuse one.
+
+Byte-level BPE (GPT-2 style, with the `tokenizers` library) has no unknown token and no
+normaliser, so decode(encode(text)) gives back the text exactly, code indentation included. The
+tokenizer is saved in the Hugging Face format, with special tokens for text boundaries, padding and
+chat roles and a chat template, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from trulyopen.files import write_json
+from trulyopen.recipe import TokenizerConfig
+
+EOT = "<|endoftext|>"
+PAD = "<|pad|>"
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"
+SPECIAL_TOKENS = [EOT, PAD, *(f"<|{r}|>" for r in ROLES), END]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def corpus_texts(path: Path, max_chars: int | None = None) -> Iterator[str]:
+    """Texts of a corpus JSONL file, in order, stopping after `max_chars` characters."""
+    seen = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            yield text
+            seen += len(text)
+            if max_chars is not None and seen >= max_chars:
+                return
+
+
+def train_tokenizer(texts: Iterator[str], cfg: TokenizerConfig):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_hf(tok, out: Path) -> None:
+    """Save in the Hugging Face format (tokenizer.json, tokenizer_config.json, special tokens)."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=PAD)
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(str(out))
+
+
+def bytes_per_token(tokenizer_file: Path, texts: list[str]) -> float | None:
+    from tokenizers import Tokenizer
+
+    if not texts:
+        return None
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    return sum(len(t.encode()) for t in texts) / max(n_tokens, 1)
+
+
+def build_tokenizer(cfg: TokenizerConfig, corpus_dir: Path, out: Path) -> dict[str, Any]:
+    """Train (or copy) the tokenizer into `out`, replacing it only once complete; return its stats."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.path is not None:
+        shutil.copytree(cfg.path, tmp)
+        origin = {"reused_from": str(cfg.path)}
+    else:
+        tok = train_tokenizer(corpus_texts(corpus_dir / "train.jsonl", cfg.max_train_chars), cfg)
+        save_hf(tok, tmp)
+        origin = {"trained_on": "train split", "max_train_chars": cfg.max_train_chars}
+    if not (tmp / "tokenizer.json").exists():
+        raise FileNotFoundError(f"{cfg.path}: no tokenizer.json (a Hugging Face fast tokenizer is needed)")
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size()
+    val = list(corpus_texts(corpus_dir / "val.jsonl"))
+    stats = {**origin, "vocab_size": vocab, "bytes_per_token_val": bytes_per_token(tmp / "tokenizer.json", val)}
+    write_json(tmp / "stats.json", stats)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return stats

@@ -1,0 +1,195 @@
+"""The pipeline: stages in order, each skipped when nothing it depends on has changed.
+
+A stage reads files (its inputs), writes files (its outputs) and appends one ledger entry. Before
+running it, we hash its inputs and its section of the recipe and compare them, and the code
+version, with its last ledger entry; if all agree and its outputs are still there with the same
+hashes, the stage is skipped. `--force STAGE` redoes that stage and every stage after it.
+
+Stages write every file under a temporary name and the ledger entry comes last, so a stage killed
+half-way has no entry and simply runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from trulyopen.data import card, curate, shards, sources, tokenizer
+from trulyopen.data.decontam import eval_set_files
+from trulyopen.files import write_json, write_text
+from trulyopen.ledger import Ledger, code_version, config_hash, file_record, machine_summary
+from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
+
+# Stages later issues add; `run` names them so a user knows what is still to come.
+NOT_YET_AVAILABLE = ["pretrain", "finetune", "eval", "release"]
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    run_dir: Path
+    workers: int
+
+    @property
+    def data(self) -> Path:
+        return self.run_dir / "data"
+
+
+@dataclass
+class Stage:
+    name: str
+    section: Callable[[Recipe], BaseModel]
+    inputs: Callable[[Context], list[Path]]
+    run: Callable[[Context, list[dict]], list[Path]]  # gets input records, returns output paths
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def _data_inputs(ctx: Context) -> list[Path]:
+    files = [p for src in ctx.recipe.data.sources for p in sources.input_files(src)]
+    return files + eval_set_files(ctx.recipe.data.decontamination.eval_files)
+
+
+def _data_run(ctx: Context, records: list[dict]) -> list[Path]:
+    cfg = ctx.recipe.data
+    files = {src.name: sources.input_files(src) for src in cfg.sources}
+    rest = iter(records)  # records come in the order of _data_inputs: sources first, in order
+    write_json(ctx.data / "sources.json", {name: [next(rest) for _ in fs] for name, fs in files.items()})
+    record = curate.curate(cfg, ctx.data, files, ctx.workers)
+    read, last = record["steps"][0], record["steps"][-1]
+    s = record["splits"]
+    print(
+        f"data: {read['docs_in']:,} inputs -> {last['docs_out']:,} documents "
+        f"(train {s['train']['docs']:,}, val {s['val']['docs']:,}), {last['bytes_out'] / 1e6:.1f} MB; "
+        + "; ".join(f"{st['step']} removed {sum(st['removed'].values()):,}" for st in record["steps"][2:])
+    )
+    return [ctx.data / n for n in ("sources.json", "corpus/train.jsonl", "corpus/val.jsonl", "removed.jsonl", "curation.json")]
+
+
+def _tokenizer_inputs(ctx: Context) -> list[Path]:
+    own = sorted(p for p in ctx.recipe.tokenizer.path.rglob("*") if p.is_file()) if ctx.recipe.tokenizer.path else []
+    return [ctx.data / "corpus/train.jsonl", ctx.data / "corpus/val.jsonl", *own]
+
+
+def _tokenizer_run(ctx: Context, records: list[dict]) -> list[Path]:
+    out = ctx.run_dir / "tokenizer"
+    stats = tokenizer.build_tokenizer(ctx.recipe.tokenizer, ctx.data / "corpus", out)
+    bpt = stats["bytes_per_token_val"]
+    print(f"tokenizer: vocabulary {stats['vocab_size']:,}" + (f", {bpt:.2f} bytes/token on val" if bpt else ""))
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+def _shards_inputs(ctx: Context) -> list[Path]:
+    tok = ctx.run_dir / "tokenizer"
+    return [
+        *(ctx.data / n for n in ("sources.json", "curation.json", "corpus/train.jsonl", "corpus/val.jsonl")),
+        tok / "tokenizer.json",
+        tok / "stats.json",
+    ]
+
+
+def _shards_run(ctx: Context, records: list[dict]) -> list[Path]:
+    out = ctx.data / "shards"
+    record = shards.build_shards(ctx.data / "corpus", ctx.run_dir / "tokenizer", out, ctx.recipe.shards.shard_tokens, ctx.workers)
+    curation = json.loads((ctx.data / "curation.json").read_text())
+    stats = json.loads((ctx.run_dir / "tokenizer/stats.json").read_text())
+    source_files = json.loads((ctx.data / "sources.json").read_text())
+    manifest = card.build_manifest(ctx.recipe, source_files, curation, stats, record)
+    card.write_card(manifest, curation["doc_chars"], ctx.data)
+    sp = record["splits"]
+    print(
+        f"shards: train {sp['train']['tokens']:,} tokens, val {sp['val']['tokens']:,} tokens "
+        f"({record['dtype']}), fingerprint {record['fingerprint'][:16]}"
+    )
+    files = sorted(p for p in out.iterdir() if p.is_file() and ".tmp" not in p.name)
+    return files + [ctx.data / n for n in ("manifest.json", "DATACARD.md", "doc_lengths.png")]
+
+
+STAGES = [
+    Stage("data", lambda r: r.data, _data_inputs, _data_run),
+    Stage("tokenizer", lambda r: r.tokenizer, _tokenizer_inputs, _tokenizer_run),
+    Stage("shards", lambda r: r.shards, _shards_inputs, _shards_run),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _same_code(a: dict, b: dict) -> bool:
+    return a.get("package") == b.get("package") and a.get("source_sha256") == b.get("source_sha256")
+
+
+def _outputs_intact(entry: dict, run_dir: Path) -> bool:
+    for out in entry["outputs"]:
+        path = run_dir / out["path"]
+        if not path.is_file() or path.stat().st_size != out["size"] or file_record(path)["sha256"] != out["sha256"]:
+            return False
+    return True
+
+
+def _up_to_date(last: dict | None, chash: str, inputs: list[dict], run_dir: Path) -> bool:
+    return (
+        last is not None
+        and last["config_hash"] == chash
+        and _same_code(last["code_version"], code_version())
+        and last["inputs"] == inputs
+        and _outputs_intact(last, run_dir)
+    )
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    return Path("runs") / recipe.name
+
+
+def run(
+    recipe: Recipe,
+    run_dir: Path | None = None,
+    until: str | None = None,
+    force: list[str] | tuple[str, ...] = (),
+    workers: int | None = None,
+) -> Path:
+    """Run the stages in order up to `until` (all by default); return the run directory."""
+    unknown = [f for f in force if f not in STAGE_NAMES]
+    if unknown:
+        raise RecipeError(f"--force {unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
+    run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    workers = workers or recipe.workers or os.cpu_count() or 1
+    ctx = Context(recipe, run_dir, workers)
+    ledger = Ledger(run_dir)
+    forcing = False
+    for stage in STAGES:
+        forcing = forcing or stage.name in force
+        inputs = [file_record(p, run_dir) for p in stage.inputs(ctx)]
+        chash = config_hash(stage.section(recipe))
+        if not forcing and _up_to_date(ledger.last(stage.name), chash, inputs, run_dir):
+            print(f"{stage.name}: up to date, skipped (--force {stage.name} redoes it)")
+        else:
+            started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
+            outputs = stage.run(ctx, inputs)
+            ledger.append(
+                {
+                    "stage": stage.name,
+                    "config_hash": chash,
+                    "code_version": code_version(),
+                    "inputs": inputs,
+                    "outputs": [file_record(p, run_dir) for p in outputs],
+                    "started": started,
+                    "ended": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "machine": machine_summary(),
+                }
+            )
+        if stage.name == until:
+            break
+    return run_dir

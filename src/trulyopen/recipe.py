@@ -1,0 +1,313 @@
+"""The recipe: one YAML file that describes a whole run, validated by a typed schema.
+
+Every field has a description, so `trulyopen run --help` and error messages can say what was
+expected. Relative paths in a recipe are resolved against the directory of the recipe file, so a
+recipe works the same from any working directory. Any field can be overridden from the command
+line as `--set data.dedup.threshold=0.8` (list items by index: `--set data.sources.0.path=...`).
+
+A wrong recipe fails before any work with a `RecipeError` naming the file, the dotted field and what
+was expected; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used: the message names the file, the field and what was expected."""
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+SourceType = Literal["python-stdlib", "directory", "text", "jsonl", "parquet", "hf-disk", "hf-hub"]
+
+
+class SourceConfig(Section):
+    name: str = Field(description="Short unique name of the source; document ids start with it.")
+    type: SourceType = Field(
+        description="Kind of source: python-stdlib (the running interpreter's standard library), "
+        "directory (a tree filtered by globs), text (plain text files), jsonl, parquet, "
+        "hf-disk (a dataset saved with datasets.save_to_disk) or hf-hub (a dataset name on the hub)."
+    )
+    license: str = Field(description="SPDX licence identifier of the source, e.g. PSF-2.0 or CC-BY-4.0.")
+    path: Path | None = Field(
+        default=None,
+        description="File or directory to read (directory, text, jsonl, parquet, hf-disk); "
+        "relative paths are resolved against the recipe's directory.",
+    )
+    dataset: str | None = Field(default=None, description="Dataset name on the hub (hf-hub only).")
+    split: str = Field(default="train", description="Dataset split to read (hf-disk, hf-hub).")
+    include: list[str] = Field(
+        default_factory=lambda: ["**/*"],
+        description="Glob patterns (relative to the directory) of files to read; directory and text sources.",
+    )
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to leave out.")
+    text_field: str = Field(default="text", description="Field or column holding the text (jsonl, parquet, hf-*).")
+
+    @model_validator(mode="after")
+    def _needs(self) -> SourceConfig:
+        if self.type in ("directory", "text", "jsonl", "parquet", "hf-disk") and self.path is None:
+            raise ValueError(f"a source of type {self.type!r} needs a 'path'")
+        if self.type == "hf-hub" and not self.dataset:
+            raise ValueError("a source of type 'hf-hub' needs a 'dataset' name")
+        return self
+
+
+class CleanConfig(Section):
+    unicode_normalization: Literal["NFC", "NFKC", "none"] = Field(
+        default="NFC", description="Unicode normal form applied to every document, or none."
+    )
+    undecodable: Literal["skip", "replace"] = Field(
+        default="skip",
+        description="What to do with a file that is not valid UTF-8: skip the document, "
+        "or replace the bad bytes with U+FFFD. Either way it is counted.",
+    )
+    strip_control_chars: bool = Field(
+        default=True, description="Remove control characters other than newline, tab and carriage return."
+    )
+
+
+class FilterConfig(Section):
+    min_chars: int = Field(default=64, ge=0, description="Drop documents shorter than this many characters.")
+    max_chars: int = Field(
+        default=1_000_000, ge=1, description="Drop documents longer than this many characters."
+    )
+    max_duplicate_line_fraction: float | None = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Gopher repetition filter: drop a document when more than this fraction of its "
+        "non-blank lines are repeats of an earlier line. null disables.",
+    )
+    max_top_ngram_char_fraction: float | None = Field(
+        default=0.35,
+        ge=0,
+        le=1,
+        description="Gopher repetition filter: drop a document when its most frequent word n-gram "
+        "covers more than this fraction of its word characters. null disables.",
+    )
+    top_ngram_size: int = Field(default=3, ge=1, description="n of the word n-grams for the filter above.")
+
+
+class PIIConfig(Section):
+    enabled: bool = Field(default=False, description="Replace personal data with placeholders.")
+    email: bool = Field(default=True, description="Replace e-mail addresses with <EMAIL>.")
+    ip: bool = Field(default=True, description="Replace IPv4 addresses with <IP_ADDRESS>.")
+    phone: bool = Field(default=True, description="Replace phone numbers with <PHONE>.")
+
+
+class DedupConfig(Section):
+    exact: bool = Field(default=True, description="Remove documents whose cleaned text is identical.")
+    near: bool = Field(default=True, description="Remove near duplicates with MinHash and LSH.")
+    shingle_size: int = Field(default=5, ge=1, description="Words per shingle.")
+    num_perm: int = Field(default=112, ge=2, description="Number of MinHash permutations (= bands x rows).")
+    bands: int = Field(default=14, ge=1, description="LSH bands; rows per band = num_perm / bands.")
+    threshold: float = Field(
+        default=0.8,
+        ge=0,
+        le=1,
+        description="Estimated Jaccard similarity at or above which two LSH candidates are duplicates.",
+    )
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DedupConfig:
+        if self.num_perm % self.bands:
+            raise ValueError(f"num_perm ({self.num_perm}) must be a multiple of bands ({self.bands})")
+        return self
+
+
+class DecontaminationConfig(Section):
+    eval_files: list[Path] = Field(
+        default_factory=list,
+        description="Evaluation sets: JSONL files with a text field, or directories of them.",
+    )
+    text_field: str = Field(default="text", description="Field of each evaluation record holding its text.")
+    ngram: int = Field(default=13, ge=1, description="Drop a training document sharing an n-gram of this many words.")
+
+
+class SplitConfig(Section):
+    val_fraction: float = Field(
+        default=0.02, ge=0, lt=1, description="Share of documents held out for validation, chosen by id hash."
+    )
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1, description="Where the text comes from.")
+    strict: bool = Field(
+        default=False,
+        description="Stop at the first bad file or record instead of skipping and counting it.",
+    )
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Normalisation and cleaning.")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Length and repetition filters.")
+    pii: PIIConfig = Field(default_factory=PIIConfig, description="Personal data scrubbing.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Exact and near deduplication.")
+    decontamination: DecontaminationConfig = Field(
+        default_factory=DecontaminationConfig, description="Removal of overlap with evaluation sets."
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Train / validation split.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> DataConfig:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dup)}")
+        return self
+
+
+# ----------------------------------------------------------------------------- tokenizer and shards
+
+
+class TokenizerConfig(Section):
+    path: Path | None = Field(
+        default=None,
+        description="Reuse this Hugging Face tokenizer directory instead of training one.",
+    )
+    vocab_size: int = Field(default=8192, ge=300, description="Vocabulary size of the trained BPE tokenizer.")
+    min_frequency: int = Field(default=2, ge=1, description="Minimum pair frequency for a BPE merge.")
+    max_train_chars: int = Field(
+        default=200_000_000,
+        ge=1,
+        description="Train on at most this many characters of the training split (taken in order).",
+    )
+
+
+class ShardsConfig(Section):
+    shard_tokens: int = Field(
+        default=100_000_000, ge=1, description="Start a new shard file once a shard holds this many tokens."
+    )
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+class Recipe(Section):
+    name: str = Field(description="Name of the run; the default run directory is runs/<name>/.")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        description="Worker processes for parallel steps (0 = one per core). Outputs do not depend on it.",
+    )
+    data: DataConfig = Field(description="The data stage: sources, cleaning, filters, dedup, decontamination.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer stage.")
+    shards: ShardsConfig = Field(default_factory=ShardsConfig, description="The shards stage.")
+
+    def resolve_paths(self, base: Path) -> None:
+        """Make every relative path absolute against `base` (the recipe's directory)."""
+        for src in self.data.sources:
+            if src.path is not None and not src.path.is_absolute():
+                src.path = (base / src.path).resolve()
+        dc = self.data.decontamination
+        dc.eval_files = [p if p.is_absolute() else (base / p).resolve() for p in dc.eval_files]
+        if self.tokenizer.path is not None and not self.tokenizer.path.is_absolute():
+            self.tokenizer.path = (base / self.tokenizer.path).resolve()
+
+    def missing_paths(self) -> list[tuple[str, Path]]:
+        """(dotted field, path) for every path in the recipe that does not exist."""
+        missing = []
+        for i, src in enumerate(self.data.sources):
+            if src.path is not None and not src.path.exists():
+                missing.append((f"data.sources.{i}.path", src.path))
+        for i, p in enumerate(self.data.decontamination.eval_files):
+            if not p.exists():
+                missing.append((f"data.decontamination.eval_files.{i}", p))
+        if self.tokenizer.path is not None and not self.tokenizer.path.exists():
+            missing.append(("tokenizer.path", self.tokenizer.path))
+        return missing
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    """Set `a.b.0.c = value` inside nested dicts and lists, creating dicts on the way."""
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise RecipeError(f"{where}: --set {dotted}: '{'.'.join(keys[:i])}' has no item {key}")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise RecipeError(f"{where}: --set {dotted}: '{'.'.join(keys[:i])}' is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value read as YAML so numbers and booleans keep their type."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text}: expected FIELD=VALUE, e.g. --set data.dedup.threshold=0.8")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _describe(error: dict) -> str:
+    loc = ".".join(str(p) for p in error["loc"])
+    kind = error["type"]
+    got = error.get("input")
+    if kind == "extra_forbidden":
+        return f"field '{loc}': unknown key (check the spelling; see `trulyopen run --help`)"
+    if kind == "missing":
+        return f"field '{loc}': required but missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    where = f"field '{loc}'" if loc else "recipe"
+    return f"{where}: {msg} (got {got!r})" if not isinstance(got, dict | list) else f"{where}: {msg}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, validate and resolve a recipe; raise RecipeError naming file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: expected a mapping of fields at the top level")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value, str(path))
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise RecipeError(f"{path}: " + "\n  ".join(lines)) from None
+    recipe.resolve_paths(path.resolve().parent)
+    missing = recipe.missing_paths()
+    if missing:
+        raise RecipeError(
+            f"{path}: " + "\n  ".join(f"field '{f}': path does not exist: {p}" for f, p in missing)
+        )
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, as stored in the run directory."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
