@@ -24,12 +24,15 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a recipe field: --set data.dedup.threshold=0.8 (repeatable)."),
 ]
-RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<recipe name>/).")]
+RunDirOpt = Annotated[
+    Path | None, typer.Option("--run-dir", help="Run directory (default: runs/<recipe name>/).")
+]
 ForceOpt = Annotated[
     list[str] | None, typer.Option("--force", help="Redo this stage and every stage after it (repeatable).")
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", help="Worker processes (default: recipe's workers, else one per core).")
+    int | None,
+    typer.Option("--workers", help="Worker processes (default: recipe's workers, else one per core)."),
 ]
 
 
@@ -47,7 +50,13 @@ def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) ->
 
 
 @app.command()
-def run(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None, workers: WorkersOpt = None):
+def run(
+    recipe: RecipeArg,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
     """Run every available stage of a recipe, skipping those already up to date."""
     out = _run(recipe, set, run_dir, force, workers, until=None)
     typer.echo(f"stages not available yet: {', '.join(pipeline.NOT_YET_AVAILABLE)}")
@@ -55,14 +64,26 @@ def run(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force:
 
 
 @app.command()
-def data(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None, workers: WorkersOpt = None):
+def data(
+    recipe: RecipeArg,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
     """The data pipeline: curate the sources, train the tokenizer, write token shards and the data card."""
     out = _run(recipe, set, run_dir, force, workers, until="shards")
     typer.echo(f"data card: {out}/data/DATACARD.md")
 
 
 @app.command()
-def tokenizer(recipe: RecipeArg, set: SetOpt = None, run_dir: RunDirOpt = None, force: ForceOpt = None, workers: WorkersOpt = None):
+def tokenizer(
+    recipe: RecipeArg,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
     """Curate the data (if needed) and train or reuse the tokenizer."""
     out = _run(recipe, set, run_dir, force, workers, until="tokenizer")
     typer.echo(f"tokenizer: {out}/tokenizer")

@@ -15,14 +15,23 @@ def summarize(run_dir: Path, console: Console | None = None) -> None:
     console = console or Console()
     entries = Ledger(run_dir).entries()
     if not entries:
-        raise FileNotFoundError(f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory (or nothing ran yet)")
+        raise FileNotFoundError(
+            f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory (or nothing ran yet)"
+        )
     latest = {e["stage"]: e for e in entries}
     table = Table(title=f"run {run_dir}")
     for col in ("stage", "finished", "seconds", "inputs", "outputs", "output size"):
         table.add_column(col)
     for name, e in latest.items():
         size = sum(o["size"] for o in e["outputs"])
-        table.add_row(name, e["ended"], f"{e['seconds']:.1f}", str(len(e["inputs"])), str(len(e["outputs"])), f"{size / 1e6:.2f} MB")
+        table.add_row(
+            name,
+            e["ended"],
+            f"{e['seconds']:.1f}",
+            str(len(e["inputs"])),
+            str(len(e["outputs"])),
+            f"{size / 1e6:.2f} MB",
+        )
     console.print(table)
     manifest = run_dir / "data" / "manifest.json"
     curation = run_dir / "data" / "curation.json"
@@ -33,11 +42,18 @@ def summarize(run_dir: Path, console: Console | None = None) -> None:
             steps.add_column(col)
         for st in m["steps"]:
             removed = ", ".join(f"{k}: {v}" for k, v in st["removed"].items())
-            steps.add_row(st["step"], f"{st['docs_in']:,}", f"{st['docs_out']:,}", f"{st['bytes_out'] / 1e6:.2f}", removed)
+            steps.add_row(
+                st["step"],
+                f"{st['docs_in']:,}",
+                f"{st['docs_out']:,}",
+                f"{st['bytes_out'] / 1e6:.2f}",
+                removed,
+            )
         console.print(steps)
         for name, s in m["splits"].items():
             tokens = f", {s['tokens']:,} tokens" if "tokens" in s else ""
             console.print(f"{name}: {s['docs']:,} documents, {s['bytes'] / 1e6:.2f} MB{tokens}")
     if manifest.exists():
         m = json.loads(manifest.read_text())
-        console.print(f"tokenizer: vocabulary {m['tokenizer']['vocab_size']:,}; shards fingerprint {m['shards']['fingerprint']}")
+        vocab, fingerprint = m["tokenizer"]["vocab_size"], m["shards"]["fingerprint"]
+        console.print(f"tokenizer: vocabulary {vocab:,}; shards fingerprint {fingerprint}")

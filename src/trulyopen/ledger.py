@@ -57,7 +57,10 @@ def code_version() -> dict[str, Any]:
             git = ["git", "-C", str(repo)]
             commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
             status = subprocess.run(
-                [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10
+                [*git, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
             if commit.returncode == 0:
                 version["git_commit"] = commit.stdout.strip()
@@ -109,7 +112,9 @@ class Ledger:
     def entries(self) -> list[dict[str, Any]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()
+        ]
 
     def last(self, stage: str) -> dict[str, Any] | None:
         found = [e for e in self.entries() if e["stage"] == stage]

@@ -71,11 +71,18 @@ def _data_run(ctx: Context, records: list[dict]) -> list[Path]:
         f"(train {s['train']['docs']:,}, val {s['val']['docs']:,}), {last['bytes_out'] / 1e6:.1f} MB; "
         + "; ".join(f"{st['step']} removed {sum(st['removed'].values()):,}" for st in record["steps"][2:])
     )
-    return [ctx.data / n for n in ("sources.json", "corpus/train.jsonl", "corpus/val.jsonl", "removed.jsonl", "curation.json")]
+    return [
+        ctx.data / n
+        for n in ("sources.json", "corpus/train.jsonl", "corpus/val.jsonl", "removed.jsonl", "curation.json")
+    ]
 
 
 def _tokenizer_inputs(ctx: Context) -> list[Path]:
-    own = sorted(p for p in ctx.recipe.tokenizer.path.rglob("*") if p.is_file()) if ctx.recipe.tokenizer.path else []
+    own = (
+        sorted(p for p in ctx.recipe.tokenizer.path.rglob("*") if p.is_file())
+        if ctx.recipe.tokenizer.path
+        else []
+    )
     return [ctx.data / "corpus/train.jsonl", ctx.data / "corpus/val.jsonl", *own]
 
 
@@ -83,7 +90,9 @@ def _tokenizer_run(ctx: Context, records: list[dict]) -> list[Path]:
     out = ctx.run_dir / "tokenizer"
     stats = tokenizer.build_tokenizer(ctx.recipe.tokenizer, ctx.data / "corpus", out)
     bpt = stats["bytes_per_token_val"]
-    print(f"tokenizer: vocabulary {stats['vocab_size']:,}" + (f", {bpt:.2f} bytes/token on val" if bpt else ""))
+    print(
+        f"tokenizer: vocabulary {stats['vocab_size']:,}" + (f", {bpt:.2f} bytes/token on val" if bpt else "")
+    )
     return sorted(p for p in out.rglob("*") if p.is_file())
 
 
@@ -98,7 +107,9 @@ def _shards_inputs(ctx: Context) -> list[Path]:
 
 def _shards_run(ctx: Context, records: list[dict]) -> list[Path]:
     out = ctx.data / "shards"
-    record = shards.build_shards(ctx.data / "corpus", ctx.run_dir / "tokenizer", out, ctx.recipe.shards.shard_tokens, ctx.workers)
+    record = shards.build_shards(
+        ctx.data / "corpus", ctx.run_dir / "tokenizer", out, ctx.recipe.shards.shard_tokens, ctx.workers
+    )
     curation = json.loads((ctx.data / "curation.json").read_text())
     stats = json.loads((ctx.run_dir / "tokenizer/stats.json").read_text())
     source_files = json.loads((ctx.data / "sources.json").read_text())
@@ -131,7 +142,11 @@ def _same_code(a: dict, b: dict) -> bool:
 def _outputs_intact(entry: dict, run_dir: Path) -> bool:
     for out in entry["outputs"]:
         path = run_dir / out["path"]
-        if not path.is_file() or path.stat().st_size != out["size"] or file_record(path)["sha256"] != out["sha256"]:
+        if (
+            not path.is_file()
+            or path.stat().st_size != out["size"]
+            or file_record(path)["sha256"] != out["sha256"]
+        ):
             return False
     return True
 

@@ -34,7 +34,11 @@ class Progress:
             return
         dt = max(time.perf_counter() - self.start, 1e-9)
         rate = self.done / dt
-        parts = [f"{self.label:<14}", f"{self.done:,}" + (f"/{self.total:,}" if self.total else ""), self.unit]
+        parts = [
+            f"{self.label:<14}",
+            f"{self.done:,}" + (f"/{self.total:,}" if self.total else ""),
+            self.unit,
+        ]
         parts.append(f"{rate:,.0f} {self.unit}/s")
         if self.nbytes:
             parts.append(f"{self.nbytes / dt / 1e6:.1f} MB/s")

@@ -54,7 +54,9 @@ class SourceConfig(Section):
         description="Glob patterns (relative to the directory) of files to read; directory and text sources.",
     )
     exclude: list[str] = Field(default_factory=list, description="Glob patterns of files to leave out.")
-    text_field: str = Field(default="text", description="Field or column holding the text (jsonl, parquet, hf-*).")
+    text_field: str = Field(
+        default="text", description="Field or column holding the text (jsonl, parquet, hf-*)."
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> SourceConfig:
@@ -134,7 +136,9 @@ class DecontaminationConfig(Section):
         description="Evaluation sets: JSONL files with a text field, or directories of them.",
     )
     text_field: str = Field(default="text", description="Field of each evaluation record holding its text.")
-    ngram: int = Field(default=13, ge=1, description="Drop a training document sharing an n-gram of this many words.")
+    ngram: int = Field(
+        default=13, ge=1, description="Drop a training document sharing an n-gram of this many words."
+    )
 
 
 class SplitConfig(Section):
@@ -200,7 +204,9 @@ class Recipe(Section):
         ge=0,
         description="Worker processes for parallel steps (0 = one per core). Outputs do not depend on it.",
     )
-    data: DataConfig = Field(description="The data stage: sources, cleaning, filters, dedup, decontamination.")
+    data: DataConfig = Field(
+        description="The data stage: sources, cleaning, filters, dedup, decontamination."
+    )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer stage.")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="The shards stage.")
 

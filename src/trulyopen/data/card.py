@@ -26,7 +26,9 @@ def build_manifest(
                 "name": src.name,
                 "type": src.type,
                 "license": src.license,
-                "location": src.dataset if src.type == "hf-hub" else str(src.path or "python standard library"),
+                "location": src.dataset
+                if src.type == "hf-hub"
+                else str(src.path or "python standard library"),
                 "files": files,
                 "bytes": sum(f["size"] for f in files),
             }
@@ -39,7 +41,8 @@ def build_manifest(
         "dedup": curation["dedup"],
         "contamination": curation["contamination"],
         "splits": {
-            name: {**curation["splits"][name], "tokens": shards["splits"][name]["tokens"]} for name in ("train", "val")
+            name: {**curation["splits"][name], "tokens": shards["splits"][name]["tokens"]}
+            for name in ("train", "val")
         },
         "tokenizer": tokenizer,
         "shards": {
@@ -98,9 +101,8 @@ def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) ->
         "|---|---|---|---|---|---|",
     ]
     for s in m["sources"]:
-        lines.append(
-            f"| {s['name']} | {s['type']} | {s['license']} | `{s['location']}` | {len(s['files'])} | {_mb(s['bytes'])} |"
-        )
+        row = [s["name"], s["type"], s["license"], f"`{s['location']}`", len(s["files"]), _mb(s["bytes"])]
+        lines.append("| " + " | ".join(map(str, row)) + " |")
     lines += [
         "",
         "## What each step removed",
@@ -122,8 +124,10 @@ def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) ->
     ]
     if m["problems"]:
         lines += [f"{len(m['problems'])} input files or records could not be used and were skipped:", ""]
-        lines += [f"- `{p['file']}`" + (f" line {p['line']}" if p.get("line") else "") + f": {p['reason']}"
-                  for p in m["problems"][:20]]
+        lines += [
+            f"- `{p['file']}`" + (f" line {p['line']}" if p.get("line") else "") + f": {p['reason']}"
+            for p in m["problems"][:20]
+        ]
         if len(m["problems"]) > 20:
             lines.append(f"- ... and {len(m['problems']) - 20} more (see manifest.json)")
         lines.append("")
@@ -135,14 +139,18 @@ def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) ->
         f"Exact duplicates (same text after cleaning): clusters by size {d['exact_clusters'] or 'none'}.",
         f"Near duplicates (MinHash, {p['shingle_size']}-word shingles, {p['num_perm']} permutations in "
         f"{p['bands']} bands, Jaccard >= {p['threshold']}): clusters by size {d['near_clusters'] or 'none'}.",
-        "One document of each cluster, the first in corpus order, was kept; `removed.jsonl` names the others.",
+        "One document of each cluster, the first in corpus order, was kept;",
+        "`removed.jsonl` names the others.",
         "",
         "## Decontamination",
         "",
     ]
     c = m["contamination"]
     if c["eval_sets"]:
-        lines += [f"Training documents sharing a {c['ngram']}-word n-gram with an evaluation set were removed:", ""]
+        lines += [
+            f"Training documents sharing a {c['ngram']}-word n-gram with an evaluation set were removed:",
+            "",
+        ]
         lines += [f"- `{name}`: {n} documents" for name, n in c["eval_sets"].items()]
     else:
         lines.append("No evaluation sets were given, so nothing was checked for contamination.")

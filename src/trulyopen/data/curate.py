@@ -178,12 +178,20 @@ def curate(cfg: DataConfig, out_dir: Path, files: dict[str, list[Path]], workers
     step, alive = run_step("filter", alive, lambda i: (results[i].reason, {}))
     steps.append(step)
 
-    dup_of = dict(zip(alive, exact_duplicates([results[i].sha for i in alive]), strict=True)) if cfg.dedup.exact else {}
+    dup_of = (
+        dict(zip(alive, exact_duplicates([results[i].sha for i in alive]), strict=True))
+        if cfg.dedup.exact
+        else {}
+    )
     exact_sizes = Counter(j for j in dup_of.values() if j is not None)
     step, alive = run_step(
         "exact_dedup",
         alive,
-        lambda i: ("exact_duplicate", {"duplicate_of": docs[alive[dup_of[i]]].id}) if dup_of.get(i) is not None else (None, {}),
+        lambda i: (
+            ("exact_duplicate", {"duplicate_of": docs[alive[dup_of[i]]].id})
+            if dup_of.get(i) is not None
+            else (None, {})
+        ),
     )
     steps.append(step)
 
@@ -196,7 +204,9 @@ def curate(cfg: DataConfig, out_dir: Path, files: dict[str, list[Path]], workers
         step, alive = run_step(
             "near_dedup",
             alive,
-            lambda i: ("near_duplicate", {"duplicate_of": docs[rep_of[i]].id}) if rep_of[i] != i else (None, {}),
+            lambda i: (
+                ("near_duplicate", {"duplicate_of": docs[rep_of[i]].id}) if rep_of[i] != i else (None, {})
+            ),
         )
         steps.append(step)
 
@@ -206,7 +216,11 @@ def curate(cfg: DataConfig, out_dir: Path, files: dict[str, list[Path]], workers
     step, alive = run_step(
         "decontamination",
         alive,
-        lambda i: ("eval_overlap", {"eval_sets": results[i].contaminated_by}) if results[i].contaminated_by else (None, {}),
+        lambda i: (
+            ("eval_overlap", {"eval_sets": results[i].contaminated_by})
+            if results[i].contaminated_by
+            else (None, {})
+        ),
     )
     steps.append(step)
 

@@ -91,11 +91,15 @@ class ShardWriter:
             with atomic_open(path, "wb") as f:
                 f.write(blob)
             files[ext] = {"path": path.name, "sha256": sha256_file(path)}
-        self.shards.append({"name": self.name, "docs": len(self.ids), "tokens": self.offsets[-1], "files": files})
+        self.shards.append(
+            {"name": self.name, "docs": len(self.ids), "tokens": self.offsets[-1], "files": files}
+        )
         self._open()
 
 
-def build_shards(corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_tokens: int, workers: int) -> dict:
+def build_shards(
+    corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_tokens: int, workers: int
+) -> dict:
     """Tokenise train and val splits into `out_dir`; return the shards record (also shards.json)."""
     from tokenizers import Tokenizer
 

@@ -42,7 +42,11 @@ class Problem:
     row: int | None = None
 
     def __str__(self) -> str:
-        where = self.file + (f":{self.line}" if self.line else "") + (f" row {self.row}" if self.row is not None else "")
+        where = (
+            self.file
+            + (f":{self.line}" if self.line else "")
+            + (f" row {self.row}" if self.row is not None else "")
+        )
         return f"{where}: {self.reason}"
 
 
@@ -57,7 +61,9 @@ def stdlib_dir() -> Path:
 
 def _matches(rel: str, patterns: list[str]) -> bool:
     """Glob match where `*` may cross '/', and a leading `**/` also matches at the top level."""
-    return any(fnmatch.fnmatch(rel, p) or (p.startswith("**/") and fnmatch.fnmatch(rel, p[3:])) for p in patterns)
+    return any(
+        fnmatch.fnmatch(rel, p) or (p.startswith("**/") and fnmatch.fnmatch(rel, p[3:])) for p in patterns
+    )
 
 
 # What a source reads from a directory when the recipe leaves `include` at its default.
@@ -79,9 +85,9 @@ def _root(cfg: SourceConfig) -> Path:
 
 def input_files(cfg: SourceConfig) -> list[Path]:
     """Every file the source reads, sorted, so the corpus order never depends on the file system."""
-    root = _root(cfg)
     if cfg.type == "hf-hub":
         return []
+    root = _root(cfg)
     if root.is_file():
         return [root]
     include = _include(cfg) if cfg.type != "hf-disk" else ["**/*"]
@@ -158,7 +164,11 @@ def _read_jsonl(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[D
                 continue
             text = record.get(cfg.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                what = "missing" if not isinstance(record, dict) or cfg.text_field not in record else "not a string"
+                what = (
+                    "missing"
+                    if not isinstance(record, dict) or cfg.text_field not in record
+                    else "not a string"
+                )
                 yield Problem(cfg.name, str(path), f"field '{cfg.text_field}' {what}", line=lineno)
                 continue
             yield Document(f"{cfg.name}/{rel}:{lineno}", text, cfg.name, {"path": rel, "line": lineno})
@@ -172,7 +182,9 @@ def _rows(cfg: SourceConfig, file: str, rel: str, columns: dict[str, list]) -> I
         return
     for row, text in enumerate(columns[cfg.text_field]):
         if not isinstance(text, str):
-            yield Problem(cfg.name, file, f"column '{cfg.text_field}' is {type(text).__name__}, not text", row=row)
+            yield Problem(
+                cfg.name, file, f"column '{cfg.text_field}' is {type(text).__name__}, not text", row=row
+            )
             continue
         yield Document(f"{cfg.name}/{rel}#{row}", text, cfg.name, {"path": rel, "row": row})
 
@@ -186,7 +198,9 @@ def _read_parquet(cfg: SourceConfig, files: list[Path]) -> Iterator[Document | P
         except Exception as e:  # pyarrow raises several types for a broken file
             yield Problem(cfg.name, str(path), f"not a readable Parquet file: {e}")
             continue
-        yield from _rows(cfg, str(path), _rel(path, cfg), {n: table.column(n).to_pylist() for n in table.column_names})
+        yield from _rows(
+            cfg, str(path), _rel(path, cfg), {n: table.column(n).to_pylist() for n in table.column_names}
+        )
 
 
 def _read_dataset(cfg: SourceConfig) -> Iterator[Document | Problem]:
@@ -204,7 +218,11 @@ def _read_dataset(cfg: SourceConfig) -> Iterator[Document | Problem]:
             yield Problem(cfg.name, where, f"no split '{cfg.split}' (splits: {', '.join(ds)})")
             return
         ds = ds[cfg.split]
-    columns = {n: ds[n] for n in ds.column_names} if cfg.text_field in ds.column_names else dict.fromkeys(ds.column_names)
+    columns = (
+        {n: ds[n] for n in ds.column_names}
+        if cfg.text_field in ds.column_names
+        else dict.fromkeys(ds.column_names)
+    )
     yield from _rows(cfg, where, cfg.split, columns)
 
 

@@ -94,7 +94,11 @@ def build_tokenizer(cfg: TokenizerConfig, corpus_dir: Path, out: Path) -> dict[s
 
     vocab = Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size()
     val = list(corpus_texts(corpus_dir / "val.jsonl"))
-    stats = {**origin, "vocab_size": vocab, "bytes_per_token_val": bytes_per_token(tmp / "tokenizer.json", val)}
+    stats = {
+        **origin,
+        "vocab_size": vocab,
+        "bytes_per_token_val": bytes_per_token(tmp / "tokenizer.json", val),
+    }
     write_json(tmp / "stats.json", stats)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

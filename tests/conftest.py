@@ -1,0 +1,101 @@
+"""Shared fixtures: a small corpus with planted duplicates and contamination, and a tiny recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("TRULYOPEN_QUIET", "1")
+
+WORDS = [
+    f"{a}{b}"
+    for a in ("alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta")
+    for b in ("x", "y", "z", "count", "value", "node", "item", "list", "parse", "load")
+]
+
+
+def make_doc(rng: random.Random, lines: int = 40) -> str:
+    out = []
+    for i in range(lines):
+        ws = rng.sample(WORDS, 6)
+        out.append(f"def {ws[0]}_{i}({ws[1]}, {ws[2]}):\n    return {ws[3]} + {ws[4]} * {ws[5]}")
+    return "\n".join(out) + "\n"
+
+
+def near_copy(text: str, rng: random.Random, changes: int = 2) -> str:
+    lines = text.split("\n")
+    for _ in range(changes):
+        i = rng.randrange(len(lines))
+        lines[i] = f"# changed line {rng.random():.6f}"
+    return "\n".join(lines)
+
+
+def build_corpus(tmp_path: Path) -> dict:
+    """A directory of 30 .py files: file 03 duplicated exactly, file 05 near-duplicated, file 07 quoted
+    by an evaluation set, plus one file too short to keep."""
+    rng = random.Random(0)
+    root = tmp_path / "src"
+    root.mkdir()
+    texts = {}
+    for i in range(30):
+        texts[f"mod_{i:02d}.py"] = make_doc(rng)
+    texts["zz_exact_copy.py"] = texts["mod_03.py"]
+    texts["zz_near_copy.py"] = near_copy(texts["mod_05.py"], rng)
+    texts["tiny.py"] = "x = 1\n"
+    for name, text in texts.items():
+        (root / name).write_text(text)
+    (root / "notes.txt").write_text("not python, excluded by the include glob\n")
+    evals = tmp_path / "evals"
+    evals.mkdir()
+    quote = " ".join(texts["mod_07.py"].split()[40:70])
+    (evals / "task.jsonl").write_text(
+        json.dumps({"text": quote}) + "\n" + json.dumps({"text": "nothing in common"}) + "\n"
+    )
+    return {"root": root, "texts": texts, "evals": evals / "task.jsonl", "tmp": tmp_path}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> dict:
+    return build_corpus(tmp_path)
+
+
+def write_recipe(tmp: Path, corpus: dict, **extra) -> Path:
+    recipe = {
+        "name": "tiny",
+        "workers": 1,
+        "data": {
+            "sources": [
+                {
+                    "name": "code",
+                    "type": "directory",
+                    "path": str(corpus["root"]),
+                    "license": "MIT",
+                    "include": ["**/*.py"],
+                }
+            ],
+            "filters": {"min_chars": 32},
+            "decontamination": {"eval_files": [str(corpus["evals"])], "ngram": 13},
+            "split": {"val_fraction": 0.2},
+        },
+        "tokenizer": {"vocab_size": 400},
+        "shards": {"shard_tokens": 2000},
+    }
+    for dotted, value in extra.items():
+        node = recipe
+        keys = dotted.split("__")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def recipe_file(corpus: dict) -> Path:
+    return write_recipe(corpus["tmp"], corpus)

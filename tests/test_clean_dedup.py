@@ -1,0 +1,84 @@
+import json
+import random
+
+import numpy as np
+
+from trulyopen.data.clean import clean_text, duplicate_line_fraction, filter_reason, top_ngram_char_fraction
+from trulyopen.data.decontam import Decontaminator, load_eval_ngrams
+from trulyopen.data.dedup import MinHasher, exact_duplicates, lsh_clusters, near_duplicates
+from trulyopen.recipe import CleanConfig, DedupConfig, FilterConfig, PIIConfig
+
+from .conftest import make_doc, near_copy
+
+
+def test_pii_is_replaced_and_counted():
+    text = "mail guido@python.org or call +44 20 7946 0958, server 192.168.1.20, version 3.11.7"
+    out, counts = clean_text(text, CleanConfig(), PIIConfig(enabled=True))
+    assert out == "mail <EMAIL> or call <PHONE>, server <IP_ADDRESS>, version 3.11.7"
+    assert counts == {"pii_email": 1, "pii_phone": 1, "pii_ip": 1}
+
+
+def test_control_chars_and_normalisation():
+    out, counts = clean_text("e\u0301\x07tab\tok\n", CleanConfig(), PIIConfig())
+    assert out == "\u00e9tab\tok\n" and counts == {"unicode_normalized": 1, "control_chars": 1}
+
+
+def test_repetition_filters():
+    assert duplicate_line_fraction("a\nb\na\na\n") == 0.5
+    spam = "buy now " * 50
+    assert top_ngram_char_fraction(spam, 2) > 0.9
+    assert filter_reason(spam * 2, FilterConfig(min_chars=1)) in ("duplicate_lines", "repeated_ngram")
+    assert filter_reason("short", FilterConfig(min_chars=10)) == "too_short"
+    assert filter_reason(make_doc(random.Random(1)), FilterConfig()) is None
+
+
+def test_exact_duplicates_point_at_first():
+    assert exact_duplicates(["a", "b", "a", "c", "b"]) == [None, None, 0, None, 1]
+
+
+def test_near_duplicates_found_and_originals_kept():
+    rng = random.Random(0)
+    docs = [make_doc(rng) for _ in range(50)]
+    docs.append(near_copy(docs[7], rng, changes=2))
+    docs.append(near_copy(docs[20], rng, changes=3))
+    rep = near_duplicates(docs, DedupConfig())
+    removed = {i: int(r) for i, r in enumerate(rep) if r != i}
+    assert removed == {50: 7, 51: 20}
+
+
+def test_threshold_controls_what_counts_as_duplicate():
+    rng = random.Random(3)
+    base = make_doc(rng, lines=60)
+    docs = [base, near_copy(base, rng, changes=15)]  # about 75% of lines in common
+    sig = MinHasher(DedupConfig(bands=28)).signatures(docs)  # 4 rows per band: candidates down to ~0.5
+    est = (sig[0] == sig[1]).mean()
+    assert 0.4 < est < 0.9
+    assert lsh_clusters(sig, 28, threshold=est - 0.05)[1] == 0
+    assert lsh_clusters(sig, 28, threshold=min(est + 0.05, 1.0))[1] == 1
+
+
+def test_documents_without_shingles_are_not_clustered():
+    rep = near_duplicates(["a b", "a b", "c"], DedupConfig())
+    assert list(rep) == [0, 1, 2]
+
+
+def test_signatures_do_not_depend_on_batching():
+    rng = random.Random(5)
+    docs = [make_doc(rng, lines=rng.randrange(1, 80)) for _ in range(30)]
+    mh = MinHasher(DedupConfig())
+    whole = mh.signatures(docs)
+    parts = np.concatenate([MinHasher(DedupConfig()).signatures(docs[i : i + 7]) for i in range(0, 30, 7)])
+    assert (whole == parts).all()
+
+
+def test_decontamination_matches_only_overlapping_sets(tmp_path):
+    doc = make_doc(random.Random(2))
+    hit = tmp_path / "hit.jsonl"
+    hit.write_text(json.dumps({"text": " ".join(doc.split()[10:30])}) + "\n")
+    miss = tmp_path / "miss.jsonl"
+    miss.write_text(
+        '{"text": "completely unrelated words that never appear in the training text at all ok"}\n'
+    )
+    d = Decontaminator(load_eval_ngrams([hit, miss], "text", 13), 13)
+    assert d.matches(doc) == [str(hit)]
+    assert d.matches(make_doc(random.Random(9))) == []
