@@ -112,14 +112,16 @@ def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) ->
     ]
     for st in m["steps"]:
         reasons = ", ".join(f"{k}: {v}" for k, v in st["removed"].items()) or "-"
+        if st.get("changed"):
+            reasons += "; changed: " + ", ".join(f"{k}: {v}" for k, v in st["changed"].items())
         lines.append(
             f"| {st['step']} | {st['docs_in']:,} | {st['docs_out']:,} | {_mb(st['bytes_in'])} | "
             f"{_mb(st['bytes_out'])} | {reasons} |"
         )
     lines += [
         "",
-        "The `clean` row counts changes, not removals: control characters stripped, documents changed by",
-        "Unicode normalisation and personal data replaced by placeholders (`pii_*`).",
+        "Changes keep the document: control characters stripped, documents changed by Unicode",
+        "normalisation, personal data replaced by placeholders (`pii_*`), invalid UTF-8 replaced.",
         "",
     ]
     if m["problems"]:

@@ -63,8 +63,8 @@ def top_ngram_char_fraction(text: str, n: int) -> float:
     gram, count = grams.most_common(1)[0]
     if count < 2:
         return 0.0
-    total = sum(len(w) for w in words)
-    return count * sum(len(w) for w in gram) / total if total else 0.0
+    total = sum(map(len, words))
+    return count * sum(map(len, gram)) / total if total else 0.0
 
 
 def filter_reason(text: str, cfg: FilterConfig) -> str | None:

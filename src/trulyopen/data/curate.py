@@ -43,6 +43,7 @@ class Step:
     bytes_out: int = 0
     removed: Counter = field(default_factory=Counter)
     removed_bytes: Counter = field(default_factory=Counter)
+    changed: Counter = field(default_factory=Counter)  # edits that keep the document (PII, control chars)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +54,7 @@ class Step:
             "bytes_out": self.bytes_out,
             "removed": dict(sorted(self.removed.items())),
             "removed_bytes": dict(sorted(self.removed_bytes.items())),
+            "changed": dict(sorted(self.changed.items())),
         }
 
 
@@ -135,10 +137,12 @@ def read_all(cfg: DataConfig, files: dict[str, list[Path]]) -> tuple[list[Docume
                 if cfg.strict:
                     raise DataError(f"{item} (data.strict is set; unset it to skip and count such input)")
                 problems.append(item)
-                step.removed[item.reason.split(" at ")[0]] += 1
+                reason = item.reason.split(" at ")[0]  # "invalid UTF-8 at byte 3" counts as "invalid UTF-8"
+                step.removed[reason] += 1
+                step.removed_bytes[reason] += item.nbytes
                 continue
             if item.meta.get("replaced_bytes"):
-                step.removed["replaced_invalid_utf8 (kept)"] += 1
+                step.changed["invalid_utf8_replaced"] += 1
             docs.append(item)
     step.docs_in = step.docs_out = len(docs)
     step.docs_in += len(problems)
@@ -172,42 +176,34 @@ def curate(cfg: DataConfig, out_dir: Path, files: dict[str, list[Path]], workers
     alive = list(range(len(docs)))
     clean = Step("clean", len(alive), read.bytes_out, len(alive), sum(a.nbytes for a in results))
     for a in results:
-        clean.removed.update(a.changes)  # changes, not removals: counted for the card
+        clean.changed.update(a.changes)
     steps = [read, clean]
 
     step, alive = run_step("filter", alive, lambda i: (results[i].reason, {}))
     steps.append(step)
 
-    dup_of = (
-        dict(zip(alive, exact_duplicates([results[i].sha for i in alive]), strict=True))
-        if cfg.dedup.exact
-        else {}
-    )
-    exact_sizes = Counter(j for j in dup_of.values() if j is not None)
-    step, alive = run_step(
-        "exact_dedup",
-        alive,
-        lambda i: (
-            ("exact_duplicate", {"duplicate_of": docs[alive[dup_of[i]]].id})
-            if dup_of.get(i) is not None
-            else (None, {})
-        ),
-    )
-    steps.append(step)
-
-    near_sizes: Counter = Counter()
-    if cfg.dedup.near and alive:
-        sig = np.stack([results[i].signature for i in alive])
-        rep = lsh_clusters(sig, cfg.dedup.bands, cfg.dedup.threshold)
-        rep_of = {i: alive[r] for i, r in zip(alive, rep, strict=True)}
-        near_sizes = Counter(r for i, r in rep_of.items() if r != i)
-        step, alive = run_step(
-            "near_dedup",
+    def duplicates(name: str, reason: str, rep_of: dict[int, int]) -> tuple[Step, list[int], Counter]:
+        """Remove every document whose cluster representative is another document."""
+        step, kept = run_step(
+            name,
             alive,
-            lambda i: (
-                ("near_duplicate", {"duplicate_of": docs[rep_of[i]].id}) if rep_of[i] != i else (None, {})
-            ),
+            lambda i: (None, {}) if rep_of[i] == i else (reason, {"duplicate_of": docs[rep_of[i]].id}),
         )
+        sizes = Counter(Counter(r for i, r in rep_of.items() if r != i).values())  # copies per cluster
+        return step, kept, Counter({n + 1: k for n, k in sizes.items()})  # cluster size -> clusters
+
+    exact_sizes = near_sizes = Counter()
+    if cfg.dedup.exact:
+        first = exact_duplicates([results[i].sha for i in alive])
+        rep_of = {i: i if j is None else alive[j] for i, j in zip(alive, first, strict=True)}
+        step, alive, exact_sizes = duplicates("exact_dedup", "exact_duplicate", rep_of)
+        steps.append(step)
+    if cfg.dedup.near and alive:
+        rep = lsh_clusters(
+            np.stack([results[i].signature for i in alive]), cfg.dedup.bands, cfg.dedup.threshold
+        )
+        rep_of = {i: alive[r] for i, r in zip(alive, rep, strict=True)}
+        step, alive, near_sizes = duplicates("near_dedup", "near_duplicate", rep_of)
         steps.append(step)
 
     contamination = Counter()
@@ -246,8 +242,8 @@ def curate(cfg: DataConfig, out_dir: Path, files: dict[str, list[Path]], workers
         "steps": [s.as_dict() for s in steps],
         "problems": [vars(p) for p in problems],
         "dedup": {
-            "exact_clusters": dict(sorted(Counter(n + 1 for n in exact_sizes.values()).items())),
-            "near_clusters": dict(sorted(Counter(n + 1 for n in near_sizes.values()).items())),
+            "exact_clusters": dict(sorted(exact_sizes.items())),
+            "near_clusters": dict(sorted(near_sizes.items())),
             "near_params": cfg.dedup.model_dump(),
         },
         "contamination": {

@@ -77,8 +77,10 @@ class MinHasher:
             group = [i for i in range(start, stop) if len(sets[i])]
             if group:
                 x = np.concatenate([sets[i] for i in group])
-                with np.errstate(over="ignore"):
-                    hashed = ((x[:, None] * self.a + self.b) >> np.uint64(32)).astype(np.uint32)
+                with np.errstate(over="ignore"):  # in place: one block-sized array, no temporaries
+                    hashed = np.multiply(x[:, None], self.a)
+                    hashed += self.b
+                hashed >>= np.uint64(32)
                 offsets = np.cumsum([0] + [len(sets[i]) for i in group[:-1]])
                 sig[group] = np.minimum.reduceat(hashed, offsets, axis=0)
             start = stop

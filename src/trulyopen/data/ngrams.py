@@ -32,14 +32,11 @@ class WordHasher:
         self.cache: dict[str, int] = {}
 
     def __call__(self, text: str) -> np.ndarray:
+        ws = words(text)
         cache = self.cache
-        out = []
-        for w in words(text):
-            h = cache.get(w)
-            if h is None:
-                h = cache[w] = xxhash.xxh64_intdigest(w.encode())
-            out.append(h)
-        return np.array(out, dtype=np.uint64)
+        for w in set(ws).difference(cache):  # set operations and map() run at C speed
+            cache[w] = xxhash.xxh64_intdigest(w.encode())
+        return np.fromiter(map(cache.__getitem__, ws), dtype=np.uint64, count=len(ws))
 
 
 def ngram_hashes(word_hashes: np.ndarray, n: int) -> np.ndarray:

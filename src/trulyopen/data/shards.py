@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ _tok = None
 _eot: int = 0
 
 
-def _init(tokenizer_file: str, eot: str) -> None:
+def _init(tokenizer_file: str, eot: str, threads: bool = True) -> None:
     global _tok, _eot
+    if not threads:  # one thread per worker process: the processes already use every core
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
     _tok = Tokenizer.from_file(tokenizer_file)
@@ -39,7 +42,9 @@ def _init(tokenizer_file: str, eot: str) -> None:
 
 
 def _encode(texts: list[str]) -> list[list[int]]:
-    return [e.ids + [_eot] for e in _tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast skips character offsets, which we do not need (tokenizers >= 0.21)
+    encode = getattr(_tok, "encode_batch_fast", _tok.encode_batch)
+    return [e.ids + [_eot] for e in encode(texts, add_special_tokens=False)]
 
 
 def _chunks(corpus: Path):
@@ -122,7 +127,7 @@ def build_shards(
                 encoded = map(_encode, (texts for _, texts in chunks))
                 pool = None
             else:
-                pool = mp.get_context("spawn").Pool(workers, _init, (str(tokenizer_file), EOT))
+                pool = mp.get_context("spawn").Pool(workers, _init, (str(tokenizer_file), EOT, False))
                 encoded = pool.imap(_encode, (texts for _, texts in chunks))
             try:
                 for (ids, texts), token_lists in zip(chunks, encoded, strict=True):

@@ -40,6 +40,7 @@ class Problem:
     reason: str
     line: int | None = None
     row: int | None = None
+    nbytes: int = 0  # input bytes that went unused because of it, where known
 
     def __str__(self) -> str:
         where = (
@@ -92,16 +93,23 @@ def input_files(cfg: SourceConfig) -> list[Path]:
         return [root]
     include = _include(cfg) if cfg.type != "hf-disk" else ["**/*"]
     exclude = list(cfg.exclude)
-    if cfg.type == "python-stdlib":
-        exclude += ["site-packages/*", "dist-packages/*"]
+    # The standard library's folder also holds installed packages: never walk into them.
+    skip_dirs = (
+        {"__pycache__", "site-packages", "dist-packages"} if cfg.type == "python-stdlib" else {"__pycache__"}
+    )
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
+        prefix = os.path.relpath(dirpath, root)
+        prefix = "" if prefix == "." else prefix.replace(os.sep, "/") + "/"
         for name in filenames:
-            path = Path(dirpath) / name
-            rel = path.relative_to(root).as_posix()
-            if _matches(rel, include) and not _matches(rel, exclude) and path.is_file():
-                found.append(path)
+            rel = prefix + name
+            if (
+                _matches(rel, include)
+                and not _matches(rel, exclude)
+                and os.path.isfile(os.path.join(dirpath, name))
+            ):
+                found.append(root / rel)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -132,7 +140,7 @@ def _read_files(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[D
             continue
         text, reason = decode(data, policy)
         if text is None:
-            yield Problem(cfg.name, str(path), reason)
+            yield Problem(cfg.name, str(path), reason, nbytes=len(data))
             continue
         meta = {"path": rel, "replaced_bytes": True} if reason else {"path": rel}
         yield Document(f"{cfg.name}/{rel}", text, cfg.name, meta)
@@ -150,17 +158,18 @@ def _read_jsonl(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[D
         if lines[-1] == b"":  # the newline that ends the file does not open an empty record
             lines.pop()
         for lineno, raw in enumerate(lines, start=1):
+            where = {"line": lineno, "nbytes": len(raw) + 1}
             if not raw.strip():
-                yield Problem(cfg.name, str(path), "empty line", line=lineno)
+                yield Problem(cfg.name, str(path), "empty line", **where)
                 continue
             line, reason = decode(raw, policy)
             if line is None:
-                yield Problem(cfg.name, str(path), reason, line=lineno)
+                yield Problem(cfg.name, str(path), reason, **where)
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield Problem(cfg.name, str(path), f"invalid JSON: {e.msg}", line=lineno)
+                yield Problem(cfg.name, str(path), f"invalid JSON: {e.msg}", **where)
                 continue
             text = record.get(cfg.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
@@ -169,7 +178,7 @@ def _read_jsonl(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[D
                     if not isinstance(record, dict) or cfg.text_field not in record
                     else "not a string"
                 )
-                yield Problem(cfg.name, str(path), f"field '{cfg.text_field}' {what}", line=lineno)
+                yield Problem(cfg.name, str(path), f"field '{cfg.text_field}' {what}", **where)
                 continue
             yield Document(f"{cfg.name}/{rel}:{lineno}", text, cfg.name, {"path": rel, "line": lineno})
 
