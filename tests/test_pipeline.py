@@ -260,3 +260,29 @@ def test_reused_tokenizer(built, tmp_path):
     assert (run_dir / "tokenizer/tokenizer.json").read_bytes() == (
         built["run"] / "tokenizer/tokenizer.json"
     ).read_bytes()
+
+
+def test_quickstart_recipe_on_part_of_the_standard_library(tmp_path):
+    """The quickstart's own recipe and source, restricted to a few packages so it runs in seconds."""
+    quickstart = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    overrides = [
+        'data.sources.0.include=["json/*.py", "email/*.py", "textwrap.py"]',
+        "tokenizer.vocab_size=600",
+    ]
+    result = CliRunner().invoke(
+        app,
+        ["tokenizer", str(quickstart), "--run-dir", str(tmp_path), "--workers", "1"]
+        + [x for o in overrides for x in ("--set", o)],
+    )
+    assert result.exit_code == 0, result.output
+    assert [e["stage"] for e in Ledger(tmp_path).entries()] == ["data", "tokenizer"]
+    m = json.loads((tmp_path / "data/curation.json").read_text())
+    assert m["steps"][0]["docs_in"] > 20
+    assert m["steps"][1]["changed"].get("pii_email", 0) > 0  # author addresses in the email package
+    texts = [
+        json.loads(line)["text"] for line in (tmp_path / "data/corpus/train.jsonl").read_text().splitlines()
+    ]
+    assert any("<EMAIL>" in t for t in texts) and not any("@python.org" in t for t in texts)
+    if (Path(__file__).parent.parent / ".git").exists():  # run from a checkout: the commit is recorded
+        version = Ledger(tmp_path).last("data")["code_version"]
+        assert len(version["git_commit"]) == 40 and isinstance(version["git_dirty"], bool)
