@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trulyopen.data.ngrams import WordHasher, ngram_hashes
+from trulyopen.data.ngrams import ngram_hashes, word_hashes
 from trulyopen.data.sources import DataError
 
 
@@ -25,7 +25,6 @@ def eval_set_files(paths: list[Path]) -> list[Path]:
 
 def load_eval_ngrams(files: list[Path], text_field: str, n: int) -> dict[str, np.ndarray]:
     """Sorted unique n-gram hashes of every evaluation set, keyed by the set's file path."""
-    hasher = WordHasher()
     sets: dict[str, np.ndarray] = {}
     for path in files:
         grams = []
@@ -39,7 +38,7 @@ def load_eval_ngrams(files: list[Path], text_field: str, n: int) -> dict[str, np
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise DataError(f"{path}:{lineno}: evaluation record has no text field '{text_field}'")
-            grams.append(ngram_hashes(hasher(text), n))
+            grams.append(ngram_hashes(word_hashes(text), n))
         sets[str(path)] = np.unique(np.concatenate(grams)) if grams else np.empty(0, np.uint64)
     return sets
 
@@ -49,10 +48,9 @@ class Decontaminator:
 
     def __init__(self, eval_ngrams: dict[str, np.ndarray], n: int):
         self.eval_ngrams, self.n = eval_ngrams, n
-        self.hasher = WordHasher()
 
     def matches(self, text: str) -> list[str]:
         if not self.eval_ngrams:
             return []
-        grams = ngram_hashes(self.hasher(text), self.n)
+        grams = ngram_hashes(word_hashes(text), self.n)
         return [name for name, ref in self.eval_ngrams.items() if len(ref) and np.isin(grams, ref).any()]

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from trulyopen.data.ngrams import WordHasher, ngram_hashes
+from trulyopen.data.ngrams import ngram_hashes, word_hashes
 from trulyopen.recipe import DedupConfig
 
-BLOCK_ROWS = 1 << 15  # shingles hashed per numpy block: bounds memory at ~BLOCK_ROWS * P * 8 bytes
+BLOCK_ROWS = 1 << 12  # shingles per numpy block: BLOCK_ROWS * P * 8 bytes stay in the CPU cache
 EMPTY = np.iinfo(np.uint32).max
 _KEY_MULT = np.uint64(0x100000001B3)
 
@@ -58,11 +58,10 @@ class MinHasher:
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
         self.a, self.b = hash_functions(cfg.num_perm)
-        self.hasher = WordHasher()
 
     def shingles(self, text: str) -> np.ndarray:
-        """Distinct 32-bit shingle hashes of a text."""
-        return np.unique(ngram_hashes(self.hasher(text), self.cfg.shingle_size) >> np.uint64(32))
+        """32-bit shingle hashes of a text (repeats are harmless: the minimum is the same)."""
+        return ngram_hashes(word_hashes(text), self.cfg.shingle_size) >> np.uint64(32)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         sets = [self.shingles(t) for t in texts]
@@ -80,9 +79,9 @@ class MinHasher:
                 with np.errstate(over="ignore"):  # in place: one block-sized array, no temporaries
                     hashed = np.multiply(x[:, None], self.a)
                     hashed += self.b
-                hashed >>= np.uint64(32)
                 offsets = np.cumsum([0] + [len(sets[i]) for i in group[:-1]])
-                sig[group] = np.minimum.reduceat(hashed, offsets, axis=0)
+                # the shift is monotonic, so it can come after the minimum, on far fewer values
+                sig[group] = np.minimum.reduceat(hashed, offsets, axis=0) >> np.uint64(32)
             start = stop
         return sig
 
