@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from trulyopen.data.card import step_reasons
 from trulyopen.ledger import Ledger
 
 
@@ -41,14 +42,8 @@ def summarize(run_dir: Path, console: Console | None = None) -> None:
         for col in ("step", "docs in", "docs out", "MB out", "removed"):
             steps.add_column(col)
         for st in m["steps"]:
-            removed = ", ".join(f"{k}: {v}" for k, v in st["removed"].items())
-            steps.add_row(
-                st["step"],
-                f"{st['docs_in']:,}",
-                f"{st['docs_out']:,}",
-                f"{st['bytes_out'] / 1e6:.2f}",
-                removed,
-            )
+            mb_out = f"{st['bytes_out'] / 1e6:.2f}"
+            steps.add_row(st["step"], f"{st['docs_in']:,}", f"{st['docs_out']:,}", mb_out, step_reasons(st))
         console.print(steps)
         for name, s in m["splits"].items():
             tokens = f", {s['tokens']:,} tokens" if "tokens" in s else ""

@@ -80,6 +80,16 @@ def plot_lengths(doc_chars: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def step_reasons(step: dict[str, Any]) -> str:
+    """'reason: docs, ...' for what a step removed, then what it changed in kept documents."""
+    text = ", ".join(f"{k}: {v}" for k, v in step["removed"].items())
+    if step.get("changed"):
+        text += (
+            ("; " if text else "") + "changed: " + ", ".join(f"{k}: {v}" for k, v in step["changed"].items())
+        )
+    return text
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
@@ -111,9 +121,7 @@ def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) ->
         "|---|---|---|---|---|---|",
     ]
     for st in m["steps"]:
-        reasons = ", ".join(f"{k}: {v}" for k, v in st["removed"].items()) or "-"
-        if st.get("changed"):
-            reasons += "; changed: " + ", ".join(f"{k}: {v}" for k, v in st["changed"].items())
+        reasons = step_reasons(st) or "-"
         lines.append(
             f"| {st['step']} | {st['docs_in']:,} | {st['docs_out']:,} | {_mb(st['bytes_in'])} | "
             f"{_mb(st['bytes_out'])} | {reasons} |"
