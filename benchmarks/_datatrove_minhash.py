@@ -14,7 +14,8 @@ num_buckets=14, hashes_per_bucket=8 (112 permutations; datatrove's defaults: 64-
 Only stages 1-3 are timed; reading the JSONL, importing datatrove and loading spaCy are not.
 
 OUT.json gets the seconds per stage of every repeat, and, from the last repeat, each document's
-cluster id (-1: in no cluster) and the indices datatrove removes.
+cluster id (-1: in no cluster) and the indices datatrove removes; with --pairs, also the exact
+Jaccard similarity of the given document pairs on datatrove's shingles (computed untimed).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class WhitespaceTokenizer(WordTokenizer):
         return [(0, len(text))]
 
 
-def run_once(docs: list[Document], cfg: MinhashConfig, language, tmp: str) -> tuple[dict, list[int], list[int]]:
+def run_once(
+    docs: list[Document], cfg: MinhashConfig, language, tmp: str
+) -> tuple[dict, list[int], list[int]]:
     sigs, bkts, rem = f"{tmp}/sigs", f"{tmp}/buckets", f"{tmp}/remove"
     seconds = {}
     sig_step = MinhashDedupSignature(output_folder=sigs, config=cfg, language=language)
@@ -80,7 +83,9 @@ def run_once(docs: list[Document], cfg: MinhashConfig, language, tmp: str) -> tu
     seconds["buckets"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    MinhashDedupCluster(input_folder=bkts, output_folder=rem, config=cfg, save_cluster_id=True).run(world_size=1)
+    MinhashDedupCluster(input_folder=bkts, output_folder=rem, config=cfg, save_cluster_id=True).run(
+        world_size=1
+    )
     seconds["clusters"] = time.perf_counter() - t
 
     # With one signature rank the outputs are 000000.remove ('<I' document indices to drop) and
@@ -104,6 +109,11 @@ def main() -> None:
     ap.add_argument("--n-grams", type=int, default=5)
     ap.add_argument("--buckets", type=int, default=14)
     ap.add_argument("--hashes-per-bucket", type=int, default=8)
+    ap.add_argument(
+        "--pairs",
+        type=Path,
+        help="JSON [[i, j], ...]: report each pair's exact Jaccard on datatrove's shingles",
+    )
     args = ap.parse_args()
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
@@ -124,6 +134,14 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="dt_minhash_") as tmp:
             seconds, cluster, removed = run_once(docs, cfg, language, tmp)
         runs.append(seconds)
+    pair_jaccard = None
+    if args.pairs:  # not timed: exact similarity of the given pairs on datatrove's own shingles
+        with tempfile.TemporaryDirectory(prefix="dt_minhash_") as tmp:
+            step = MinhashDedupSignature(output_folder=tmp, config=cfg, language=language)
+            pair_jaccard = [
+                jaccard(*(set(step.get_shingles(docs[k].text).ravel().tolist()) for k in (i, j)))
+                for i, j in json.loads(args.pairs.read_text())
+            ]
     import datatrove  # for the version only
 
     result = {
@@ -136,8 +154,13 @@ def main() -> None:
         "runs": runs,
         "cluster": cluster,
         "removed": removed,
+        "pair_jaccard": pair_jaccard,
     }
     args.out.write_text(json.dumps(result))
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
 
 
 def _version(dist: str) -> str | None:

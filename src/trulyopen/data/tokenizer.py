@@ -9,7 +9,9 @@ chat roles and a chat template, so `transformers.AutoTokenizer.from_pretrained(d
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,7 @@ def train_tokenizer(texts: Iterator[str], cfg: TokenizerConfig):
         min_frequency=cfg.min_frequency,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=sys.stderr.isatty() and os.environ.get("TRULYOPEN_QUIET") != "1",
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
