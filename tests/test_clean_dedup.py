@@ -82,3 +82,33 @@ def test_decontamination_matches_only_overlapping_sets(tmp_path):
     d = Decontaminator(load_eval_ngrams([hit, miss], "text", 13), 13)
     assert d.matches(doc) == [str(hit)]
     assert d.matches(make_doc(random.Random(9))) == []
+
+
+def test_signature_of_a_long_document_equals_the_direct_minimum():
+    """A text with more shingles than one block is cut into pieces; the minimum must not change."""
+    from trulyopen.data import dedup
+
+    rng = random.Random(11)
+    long_doc = make_doc(rng, lines=2000)  # ~16k words, several blocks
+    short = make_doc(rng, lines=3)
+    mh = MinHasher(DedupConfig())
+    x = mh.shingles(long_doc)
+    assert len(x) > 2 * dedup.BLOCK_ROWS
+    with np.errstate(over="ignore"):
+        direct = ((x[:, None] * mh.a + mh.b) >> np.uint64(32)).min(axis=0).astype(np.uint32)
+    sig = mh.signatures([short, long_doc, short])
+    assert (sig[1] == direct).all() and (sig[0] == sig[2]).all()
+
+
+def test_a_third_document_in_the_bucket_does_not_hide_a_pair():
+    a, b, c = [1, 1, 5, 6, 9, 9], [1, 1, 2, 2, 3, 3], [1, 1, 5, 7, 9, 8]  # b sorts between a and c
+    sig = np.array([a, b, c], dtype=np.uint32)
+    assert list(lsh_clusters(sig, bands=3, threshold=0.6)) == [0, 1, 0]
+
+
+def test_words_follow_re_and_numbers_collapse():
+    from trulyopen.data.ngrams import word_hashes
+
+    h = word_hashes("Foo bar_baz, FOO! ünï 42 x42 x7 v3.11 😀 𝐀b\u00a0word")
+    assert len(h) == 11  # foo bar_baz foo ünï 0 x0 x0 v0 0 𝐀b word
+    assert h[0] == h[2] and h[5] == h[6] and h[4] == h[8] and len(set(h.tolist())) == 8

@@ -28,6 +28,7 @@ from trulyopen.recipe import DedupConfig
 BLOCK_ROWS = 1 << 12  # shingles per numpy block: BLOCK_ROWS * P * 8 bytes stay in the CPU cache
 EMPTY = np.iinfo(np.uint32).max
 _KEY_MULT = np.uint64(0x100000001B3)
+MAX_PAIRWISE_BUCKET = 64  # buckets up to this size verify every pair of members
 
 
 def content_hash(text: str) -> str:
@@ -64,26 +65,34 @@ class MinHasher:
         return ngram_hashes(word_hashes(text), self.cfg.shingle_size) >> np.uint64(32)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
-        sets = [self.shingles(t) for t in texts]
-        sig = np.full((len(texts), self.cfg.num_perm), EMPTY, dtype=np.uint32)
-        # Process documents in groups whose shingles fit one block, all hash functions at once.
+        """One row per text: for each hash function, the smallest hash of the text's shingles.
+
+        Shingles go through all hash functions at once in blocks of at most BLOCK_ROWS rows: short
+        texts share a block and long ones are cut into several, so memory stays bounded.
+        """
+        pieces = []  # (text index, at most BLOCK_ROWS of its shingles)
+        for i, text in enumerate(texts):
+            sh = self.shingles(text)
+            pieces.extend((i, sh[k : k + BLOCK_ROWS]) for k in range(0, len(sh), BLOCK_ROWS))
+        mins = np.full((len(texts), self.cfg.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+        block = np.empty((BLOCK_ROWS, self.cfg.num_perm), dtype=np.uint64)
         start = 0
-        while start < len(sets):
+        while start < len(pieces):
             stop, rows = start, 0
-            while stop < len(sets) and (rows == 0 or rows + len(sets[stop]) <= BLOCK_ROWS):
-                rows += len(sets[stop])
+            while stop < len(pieces) and rows + len(pieces[stop][1]) <= BLOCK_ROWS:
+                rows += len(pieces[stop][1])
                 stop += 1
-            group = [i for i in range(start, stop) if len(sets[i])]
-            if group:
-                x = np.concatenate([sets[i] for i in group])
-                with np.errstate(over="ignore"):  # in place: one block-sized array, no temporaries
-                    hashed = np.multiply(x[:, None], self.a)
-                    hashed += self.b
-                offsets = np.cumsum([0] + [len(sets[i]) for i in group[:-1]])
-                # the shift is monotonic, so it can come after the minimum, on far fewer values
-                sig[group] = np.minimum.reduceat(hashed, offsets, axis=0) >> np.uint64(32)
+            owners = [i for i, _ in pieces[start:stop]]  # distinct: a full piece fills a block alone
+            hashed = block[:rows]
+            with np.errstate(over="ignore"):  # multiply-shift hashing wraps modulo 2^64 on purpose
+                np.multiply(np.concatenate([sh for _, sh in pieces[start:stop]])[:, None], self.a, out=hashed)
+                hashed += self.b
+            offsets = np.cumsum([0] + [len(sh) for _, sh in pieces[start : stop - 1]])
+            mins[owners] = np.minimum(mins[owners], np.minimum.reduceat(hashed, offsets, axis=0))
             start = stop
-        return sig
+        # The shift is monotonic, so taking it after the minimum gives the same values for less work;
+        # a text without shingles keeps the maximum, which becomes EMPTY.
+        return (mins >> np.uint64(32)).astype(np.uint32)
 
 
 def _find(parent: np.ndarray, i: int) -> int:
@@ -91,6 +100,18 @@ def _find(parent: np.ndarray, i: int) -> int:
         parent[i] = parent[parent[i]]
         i = parent[i]
     return i
+
+
+def _bucket_pairs(members: np.ndarray) -> np.ndarray:
+    """Candidate pairs of one LSH bucket: all pairs, or for a huge bucket (boilerplate) each member
+    with the first and with its neighbour, so the work stays linear."""
+    m = len(members)
+    if m <= MAX_PAIRWISE_BUCKET:
+        i, j = np.triu_indices(m, 1)
+    else:
+        i = np.r_[np.zeros(m - 1, dtype=np.int64), np.arange(1, m - 1)]
+        j = np.r_[np.arange(1, m), np.arange(2, m)]
+    return np.stack([members[i], members[j]], axis=1)
 
 
 def lsh_clusters(sig: np.ndarray, bands: int, threshold: float) -> np.ndarray:
@@ -101,8 +122,7 @@ def lsh_clusters(sig: np.ndarray, bands: int, threshold: float) -> np.ndarray:
     n, perm = sig.shape
     rows = perm // bands
     parent = np.arange(n)
-    has_shingles = sig[:, 0] != EMPTY
-    idx = np.flatnonzero(has_shingles)
+    idx = np.flatnonzero((sig != EMPTY).any(axis=1))
     pairs = []
     for b in range(bands):
         band = sig[idx, b * rows : (b + 1) * rows].astype(np.uint64)
@@ -112,12 +132,10 @@ def lsh_clusters(sig: np.ndarray, bands: int, threshold: float) -> np.ndarray:
                 keys = keys * _KEY_MULT + band[:, r]
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
-        same = sorted_keys[1:] == sorted_keys[:-1]
-        if not same.any():
-            continue
-        # Candidate pairs: each member of a bucket with the next one (buckets are sorted runs).
-        left, right = idx[order[:-1][same]], idx[order[1:][same]]
-        pairs.append(np.stack([left, right], axis=1))
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        sizes = np.diff(np.r_[starts, len(keys)])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+            pairs.append(_bucket_pairs(idx[order[start : start + size]]))
     if pairs:
         cand = np.unique(np.concatenate(pairs), axis=0)
         similar = (sig[cand[:, 0]] == sig[cand[:, 1]]).mean(axis=1) >= threshold

@@ -1,19 +1,22 @@
-"""Word n-gram hashing shared by near-duplicate detection and decontamination.
+r"""Word n-gram hashing shared by near-duplicate detection and decontamination.
 
 A text becomes an array of 64-bit word hashes, and n-gram hashes are computed for all positions at
-once; nothing loops over words in Python. Words are runs of ASCII letters, digits and underscores
-or of non-ASCII characters, in the lower-cased UTF-8 bytes: punctuation and whitespace do not
-separate near duplicates.
+once; nothing loops over words in Python. Words are what `\w+` matches in the lower-cased text
+(letters, digits, underscores), except that every run of digits counts as the number `0`, as in
+datatrove and Dolma: texts that differ only in numbers (versions, constants, line numbers) share
+their shingles.
 
-Each word's hash is a polynomial hash of its bytes, taken from prefix sums over the whole text:
+Each word's hash is a polynomial hash of its code points, taken from prefix sums over the text:
 
-    S[i] = sum_{k<i} byte[k] * P^k            (mod 2^64)
+    S[i] = sum_{k<i} cp[k] * P^k            (mod 2^64)
     hash(word at [s, e)) = (S[e] - S[s]) * P^-s   (P is odd, so P^-s exists mod 2^64)
 
 and a splitmix64 finaliser spreads the bits. The same word gives the same hash wherever it stands.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -22,14 +25,38 @@ _P_INV = pow(_P, -1, 2**64)
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # golden-ratio constant: a good odd multiplier
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
-
-WORD_BYTE = np.zeros(256, dtype=bool)
-for _lo, _hi in ((ord("0"), ord("9")), (ord("a"), ord("z")), (ord("A"), ord("Z")), (128, 255)):
-    WORD_BYTE[_lo : _hi + 1] = True
-WORD_BYTE[ord("_")] = True
+_ZERO = ord("0")
 
 _powers = np.ones(1, dtype=np.uint64)
 _inverse_powers = np.ones(1, dtype=np.uint64)
+
+
+BMP = 0x10000
+
+
+WORD, DIGIT = 1, 2  # bits of a character's class
+
+
+def _char_class(c: str) -> int:
+    """As `re` sees it: \\w (letters, digits, underscore) and \\d (decimal digits)."""
+    return (WORD if c.isalnum() or c == "_" else 0) | (DIGIT if c.isdecimal() else 0)
+
+
+@functools.cache
+def _bmp_classes() -> np.ndarray:
+    """The class of every code point of the Basic Multilingual Plane, built once per process."""
+    return np.array([_char_class(chr(cp)) for cp in range(BMP)], dtype=np.uint8)
+
+
+def _classes(cps: np.ndarray) -> np.ndarray:
+    """The class of each code point; the rare ones beyond the BMP are looked up one by one."""
+    table = _bmp_classes()
+    if cps.max() < BMP:
+        return table[cps]
+    classes = table[np.minimum(cps, BMP - 1)]
+    for cp in np.unique(cps[cps >= BMP]):
+        classes[cps == cp] = _char_class(chr(cp))
+    return classes
 
 
 def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +84,20 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def word_hashes(text: str) -> np.ndarray:
     """64-bit hash of every word of `text`, in order."""
-    data = np.frombuffer(text.lower().encode("utf-8"), dtype=np.uint8)
-    if not len(data):
+    cps = np.frombuffer(text.lower().encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    if not len(cps):
         return np.empty(0, dtype=np.uint64)
-    edges = np.diff(WORD_BYTE[data].astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    classes = _classes(cps)
+    is_digit = (classes & DIGIT).astype(bool)
+    if is_digit.any():  # every run of digits becomes a single "0"
+        keep = ~(is_digit & np.concatenate([[False], is_digit[:-1]]))
+        cps, classes = np.where(is_digit, np.uint32(_ZERO), cps)[keep], classes[keep]
+    edges = np.diff((classes & WORD).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    powers, inverse = _power_tables(len(data))
+    powers, inverse = _power_tables(len(cps))
     with np.errstate(over="ignore"):
-        prefix = np.zeros(len(data) + 1, dtype=np.uint64)
-        np.cumsum(data * powers[: len(data)], out=prefix[1:])
+        prefix = np.zeros(len(cps) + 1, dtype=np.uint64)
+        np.cumsum(cps * powers[: len(cps)], out=prefix[1:])
         return _mix((prefix[ends] - prefix[starts]) * inverse[starts])
 
 
