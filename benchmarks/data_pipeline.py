@@ -174,17 +174,8 @@ def plant(texts: list[str], n: int, seed: int) -> tuple[list[str], list[tuple[in
 
 
 def our_words() -> str:
-    """How trulyopen splits words for shingles, read from the code being measured."""
-    from trulyopen.data import ngrams
-
-    if hasattr(ngrams, "WORD"):
-        return f"`{ngrams.WORD.pattern}` runs of the lower-cased text (trulyopen.data.ngrams.words)"
-    if hasattr(ngrams, "WORD_BYTE"):
-        return (
-            "runs of ASCII letters, digits, '_' and non-ASCII characters of the lower-cased text "
-            "(trulyopen.data.ngrams.word_hashes)"
-        )
-    return "as defined in trulyopen.data.ngrams"
+    """How trulyopen splits words for shingles (see trulyopen.data.ngrams)."""
+    return "runs of letters and digits of the lower-cased text, digit runs as '0' (trulyopen.data.ngrams)"
 
 
 def ours(texts: list[str], threshold: float, repeat: int) -> dict:
@@ -473,7 +464,7 @@ def main() -> None:
         help=f"part 2's verification threshold T (default {PART2_THRESHOLD}; part 1 keeps the recipe's)",
     )
     ap.add_argument(
-        "--plants", type=int, default=None, help="planted near duplicates (default 100; 20 with --quick)"
+        "--plants", type=int, default=None, help="planted near duplicates (default 300; 20 with --quick)"
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -491,7 +482,7 @@ def main() -> None:
     ap.add_argument("--skip-datatrove", action="store_true", help="part 2 without the datatrove comparison")
     ap.add_argument("--verbose", action="store_true", help="show the pipeline's progress lines")
     args = ap.parse_args()
-    args.plants = args.plants if args.plants is not None else (20 if args.quick else 100)
+    args.plants = args.plants if args.plants is not None else (20 if args.quick else 300)
     args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     if not args.verbose:
         os.environ["TRULYOPEN_QUIET"] = "1"

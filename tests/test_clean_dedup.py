@@ -106,9 +106,15 @@ def test_a_third_document_in_the_bucket_does_not_hide_a_pair():
     assert list(lsh_clusters(sig, bands=3, threshold=0.6)) == [0, 1, 0]
 
 
-def test_words_follow_re_and_numbers_collapse():
+def test_words_are_letters_and_digits_and_numbers_collapse():
+    import re
+
     from trulyopen.data.ngrams import word_hashes
 
-    h = word_hashes("Foo bar_baz, FOO! ünï 42 x42 x7 v3.11 😀 𝐀b\u00a0word")
-    assert len(h) == 11  # foo bar_baz foo ünï 0 x0 x0 v0 0 𝐀b word
-    assert h[0] == h[2] and h[5] == h[6] and h[4] == h[8] and len(set(h.tolist())) == 8
+    text = "Foo bar_baz, FOO! ünï 42 x42 x7 v3.11 😀 𝐀b\u00a0word"
+    expected = ["foo", "bar", "baz", "foo", "ünï", "0", "x0", "x0", "v0", "0", "𝐀b", "word"]
+    assert [re.sub(r"\d+", "0", w) for w in re.findall(r"[^\W_]+", text.lower())] == expected
+    h = word_hashes(text)
+    assert len(h) == len(expected)
+    assert len(set(h.tolist())) == len(set(expected))
+    assert h[0] == h[3] and h[6] == h[7] and h[5] == h[9] and h[1] != h[2]

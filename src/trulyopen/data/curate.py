@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from trulyopen.data.decontam import Decontaminator, eval_set_files, load_eval_ng
 from trulyopen.data.dedup import MinHasher, content_hash, exact_duplicates, lsh_clusters
 from trulyopen.data.sources import DataError, Document, Problem, read_source
 from trulyopen.files import atomic_open, write_json
+from trulyopen.parallel import ordered_map
 from trulyopen.progress import Progress
 from trulyopen.recipe import DataConfig
 
@@ -101,21 +101,9 @@ def _analyse_all(docs: list[Document], cfg: DataConfig, eval_ngrams: dict, worke
     chunks = [[d.text for d in docs[i : i + CHUNK_DOCS]] for i in range(0, len(docs), CHUNK_DOCS)]
     results: list[Analysis] = []
     with Progress("curate", len(docs)) as bar:
-        if workers <= 1:
-            _init(cfg, eval_ngrams)
-            parts = map(_analyse, chunks)
-            pool = None
-        else:
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init, initargs=(cfg, eval_ngrams))
-            parts = pool.imap(_analyse, chunks)
-        try:
-            for part in parts:
-                results.extend(part)
-                bar.update(len(part), sum(a.nbytes for a in part))
-        finally:
-            if pool is not None:
-                pool.close()
-                pool.join()
+        for part in ordered_map(_analyse, chunks, workers, _init, (cfg, eval_ngrams)):
+            results.extend(part)
+            bar.update(len(part), sum(a.nbytes for a in part))
     return results
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from trulyopen.files import atomic_open, sha256_file, write_json
+from trulyopen.parallel import ordered_map
 from trulyopen.progress import Progress
 
 CHUNK_DOCS = 64
@@ -33,7 +33,7 @@ _eot: int = 0
 
 def _init(tokenizer_file: str, eot: str, threads: bool = True) -> None:
     global _tok, _eot
-    if not threads:  # one thread per worker process: the processes already use every core
+    if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from tokenizers import Tokenizer
 
@@ -122,22 +122,13 @@ def build_shards(
         chunks = list(_chunks(corpus_dir / f"{split}.jsonl"))
         n_docs = sum(len(ids) for ids, _ in chunks)
         with Progress(f"shards {split}", n_docs) as bar:
-            if workers <= 1:
-                _init(str(tokenizer_file), EOT)
-                encoded = map(_encode, (texts for _, texts in chunks))
-                pool = None
-            else:
-                pool = mp.get_context("spawn").Pool(workers, _init, (str(tokenizer_file), EOT, False))
-                encoded = pool.imap(_encode, (texts for _, texts in chunks))
-            try:
-                for (ids, texts), token_lists in zip(chunks, encoded, strict=True):
-                    for doc_id, toks in zip(ids, token_lists, strict=True):
-                        writer.add(doc_id, toks)
-                    bar.update(len(ids), sum(len(t.encode()) for t in texts))
-            finally:
-                if pool is not None:
-                    pool.close()
-                    pool.join()
+            # one tokenizer thread per process when the processes already use every core
+            init_args = (str(tokenizer_file), EOT, workers <= 1)
+            encoded = ordered_map(_encode, (texts for _, texts in chunks), workers, _init, init_args)
+            for (ids, texts), token_lists in zip(chunks, encoded, strict=True):
+                for doc_id, toks in zip(ids, token_lists, strict=True):
+                    writer.add(doc_id, toks)
+                bar.update(len(ids), sum(len(t.encode()) for t in texts))
         writer.flush()
         splits[split] = {
             "docs": sum(s["docs"] for s in writer.shards),
