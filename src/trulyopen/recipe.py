@@ -122,6 +122,7 @@ class DedupConfig(Section):
         le=1,
         description="Estimated Jaccard similarity at or above which two LSH candidates are duplicates.",
     )
+    seed: int = Field(default=1, ge=0, description="Seed of the MinHash hash functions.")
 
     @model_validator(mode="after")
     def _bands_divide(self) -> DedupConfig:

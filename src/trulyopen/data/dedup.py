@@ -58,7 +58,7 @@ class MinHasher:
 
     def __init__(self, cfg: DedupConfig):
         self.cfg = cfg
-        self.a, self.b = hash_functions(cfg.num_perm)
+        self.a, self.b = hash_functions(cfg.num_perm, cfg.seed)
 
     def shingles(self, text: str) -> np.ndarray:
         """32-bit shingle hashes of a text (repeats are harmless: the minimum is the same)."""
