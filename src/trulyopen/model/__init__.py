@@ -1,0 +1,1 @@
+"""Models: architecture presets, building from `transformers` configs, Hugging Face export."""
