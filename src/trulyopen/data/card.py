@@ -68,7 +68,7 @@ def plot_lengths(doc_chars: list[int], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     lengths = np.maximum(np.asarray(doc_chars, dtype=float), 1)
-    bins = np.logspace(0, np.log10(lengths.max() + 1), 40)
+    bins = np.logspace(np.log10(lengths.min()), np.log10(lengths.max() + 1), 40)
     ax.hist(lengths, bins=bins, color="#3b6ea5")
     ax.set_xscale("log")
     ax.set_xlabel("document length (characters)")
