@@ -1,0 +1,1 @@
+"""Training: the deterministic loader, the loop, objectives, checkpoints, distributed setup."""
