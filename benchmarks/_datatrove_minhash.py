@@ -4,13 +4,15 @@ Not a trulyopen module and not a trulyopen dependency: `benchmarks/data_pipeline
 separate interpreter that has datatrove installed (`pip install 'datatrove[processing]' orjson spacy`):
 
     .venv-bench/bin/python benchmarks/_datatrove_minhash.py DOCS.jsonl OUT.json \
-        --tokenizer spacy|whitespace [--repeat N]
+        --tokenizer spacy|whitespace [--repeat N] [--seed S]
 
 DOCS.jsonl holds one {"text": ...} per line; the document's index is its line number (from 0).
 It runs datatrove's stages 1-3 (signatures, buckets, clusters) in this process with one worker,
 calling each step's `run()` directly as LocalPipelineExecutor would with tasks=1 (stage 2 once per
 bucket, as datatrove requires world_size to be a multiple of num_buckets), with n_grams=5,
-num_buckets=14, hashes_per_bucket=8 (112 permutations; datatrove's defaults: 64-bit xxhash, seed 1).
+num_buckets=14, hashes_per_bucket=8 (112 permutations; datatrove's default 64-bit xxhash) and
+--seed (default 1, datatrove's default), which seeds the permutations' parameters (MinhashConfig.seed);
+the shingles' hashes do not depend on it.
 Only stages 1-3 are timed; reading the JSONL, importing datatrove and loading spaCy are not.
 
 OUT.json gets the seconds per stage of every repeat, and, from the last repeat, each document's
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--n-grams", type=int, default=5)
     ap.add_argument("--buckets", type=int, default=14)
     ap.add_argument("--hashes-per-bucket", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=1, help="MinhashConfig.seed (default 1, datatrove's)")
     ap.add_argument(
         "--pairs",
         type=Path,
@@ -124,7 +127,7 @@ def main() -> None:
         n_grams=args.n_grams,
         num_buckets=args.buckets,
         hashes_per_bucket=args.hashes_per_bucket,
-        seed=1,
+        seed=args.seed,
         hash_config=HashConfig(precision=64, hash_fc="xxhash"),
     )
     # "eng" is what MinhashDedupSignature uses when no language is given: spacy.blank("en").
@@ -149,6 +152,7 @@ def main() -> None:
         "spacy": _version("spacy"),
         "python": sys.version.split()[0],
         "tokenizer": args.tokenizer,
+        "seed": args.seed,
         "config": str(cfg),
         "docs": len(docs),
         "runs": runs,
