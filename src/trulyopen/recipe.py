@@ -195,6 +195,100 @@ class ShardsConfig(Section):
     )
 
 
+# ----------------------------------------------------------------------------- model and pretraining
+
+
+class ModelConfig(Section):
+    arch: str = Field(
+        default="llama",
+        description="A transformers model type: llama, qwen3, olmo2, qwen3_moe, deepseek_v3, or any other.",
+    )
+    size: str | None = Field(
+        default="quickstart",
+        description="Size preset: tiny, quickstart, 30m, 150m, 1b, 7b; null to give every dimension below.",
+    )
+    hidden_size: int | None = Field(default=None, ge=1, description="Overrides the preset's hidden size.")
+    num_layers: int | None = Field(default=None, ge=1, description="Overrides the preset's number of layers.")
+    num_heads: int | None = Field(default=None, ge=1, description="Overrides the preset's attention heads.")
+    num_kv_heads: int | None = Field(default=None, ge=1, description="Overrides the key-value heads (GQA).")
+    intermediate_size: int | None = Field(default=None, ge=1, description="Overrides the MLP width.")
+    num_experts: int | None = Field(default=None, ge=1, description="Experts per MoE layer (MoE families).")
+    experts_per_token: int | None = Field(default=None, ge=1, description="Experts each token uses (MoE).")
+    init_from: str | None = Field(
+        default=None,
+        description="Continue from this Hugging Face checkpoint: a local directory or a hub name.",
+    )
+    config_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Extra fields passed to the transformers config as they are."
+    )
+
+    def dim_overrides(self) -> dict[str, int | None]:
+        return {
+            "hidden": self.hidden_size,
+            "layers": self.num_layers,
+            "heads": self.num_heads,
+            "kv_heads": self.num_kv_heads,
+            "intermediate": self.intermediate_size,
+            "experts": self.num_experts,
+            "experts_per_token": self.experts_per_token,
+        }
+
+
+class PretrainConfig(Section):
+    seq_len: int = Field(default=256, ge=8, description="Tokens per training sequence.")
+    global_batch_tokens: int = Field(
+        default=8192,
+        ge=8,
+        description="Tokens per optimizer step over all processes (a multiple of seq_len).",
+    )
+    micro_batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass per process.")
+    max_steps: int = Field(default=200, ge=1, description="Optimizer steps to train.")
+    lr: float = Field(default=3e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Final learning rate as a share of the peak."
+    )
+    warmup_steps: int = Field(default=20, ge=0, description="Steps of linear warmup.")
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        default="cosine", description="Decay after warmup: cosine, warmup-stable-decay (wsd) or constant."
+    )
+    decay_fraction: float = Field(default=0.2, gt=0, le=1, description="wsd: share of steps spent decaying.")
+    weight_decay: float = Field(
+        default=0.1, ge=0, description="AdamW weight decay (not on norms and biases)."
+    )
+    beta1: float = Field(default=0.9, ge=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(default=0.95, ge=0, lt=1, description="AdamW beta2.")
+    grad_clip: float | None = Field(
+        default=1.0, gt=0, description="Clip the gradient norm to this; null: off."
+    )
+    z_loss: float = Field(
+        default=0.0, ge=0, description="Weight of the z-loss (log-sum-exp of logits squared)."
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto",
+        description="Matmul precision: auto is bf16 on GPUs and on CPUs with AMX or AVX-512 BF16, else fp32.",
+    )
+    compile: bool = Field(default=False, description="Compile the model with torch.compile.")
+    eval_every: int = Field(default=50, ge=1, description="Validation bits-per-byte every this many steps.")
+    eval_sequences: int = Field(default=16, ge=1, description="Validation sequences per evaluation.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Write a checkpoint every this many steps.")
+    keep_every: int = Field(
+        default=1, ge=1, description="Keep every k-th checkpoint (1 keeps all); the newest is always kept."
+    )
+    seed: int = Field(default=0, description="Seed of the weights' initialisation and of the data order.")
+    on_nan: Literal["stop", "skip"] = Field(
+        default="stop", description="A NaN or infinite loss stops the run, or skips that step."
+    )
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> PretrainConfig:
+        if self.global_batch_tokens % self.seq_len:
+            raise ValueError(
+                f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
+                f"seq_len ({self.seq_len})"
+            )
+        return self
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -210,6 +304,8 @@ class Recipe(Section):
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer stage.")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="The shards stage.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The model to pretrain.")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretraining stage.")
 
     def resolve_paths(self, base: Path) -> None:
         """Make every relative path absolute against `base` (the recipe's directory)."""

@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, multiple choice, generation tasks, contamination."""

@@ -1,0 +1,260 @@
+"""The pretraining loop, readable top to bottom.
+
+    build the model (preset or Hugging Face checkpoint) ─► resume from the newest checkpoint, if any
+    for each step:
+        learning rate from the schedule (a function of the step)
+        for each micro-batch of this step's global batch:   (gradient accumulation)
+            forward under autocast, cross-entropy (+ z-loss), backward
+        clip the gradient norm; skip or stop on a NaN loss; optimizer step
+        metrics line; validation bits-per-byte every eval_every; checkpoint every checkpoint_every
+
+The batch of a step comes from `BatchPlan`, the schedule from the step, the state from the
+checkpoint: so a run killed at any point and resumed ends with the same bits as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from trulyopen.evaluate.bpb import bits_per_byte, token_bytes
+from trulyopen.files import atomic_open
+from trulyopen.ledger import Ledger, code_version, config_hash, file_record
+from trulyopen.model.build import count_params, flops_per_token, from_preset, from_pretrained
+from trulyopen.model.presets import resolve_dims
+from trulyopen.progress import Progress
+from trulyopen.recipe import ModelConfig, PretrainConfig
+from trulyopen.train import checkpoint
+from trulyopen.train.loader import BatchPlan, DataMismatchError, TokenStream
+from trulyopen.train.schedule import learning_rate
+
+
+class TrainingError(Exception):
+    """Training cannot go on (a NaN loss, say); the message names the step and the last checkpoint."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX-512 BF16: without them a bf16 matmul on the CPU is much slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> torch.nn.Module:
+    if model_cfg.init_from:
+        return from_pretrained(model_cfg.init_from, vocab)
+    dims = resolve_dims(model_cfg.size, model_cfg.dim_overrides())
+    return from_preset(model_cfg.arch, dims, vocab, seq_len, seed, model_cfg.config_overrides)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases); fused where torch has it."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, cross-entropy alone), both means over tokens; logits in fp32 for stability."""
+    logits = logits.float().flatten(0, 1)
+    ce = F.cross_entropy(logits, targets.flatten())
+    if z_loss:
+        return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean(), ce
+    return ce, ce
+
+
+@dataclass
+class Paths:
+    run_dir: Path
+    shards: Path
+    tokenizer: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints" / "pretrain"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "pretrain" / "metrics.jsonl"
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, drop metric lines past the checkpoint's step: they will be written again."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    with atomic_open(path) as f:
+        f.write("".join(ln + "\n" for ln in lines))
+
+
+def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths) -> Path:
+    """Train, checkpointing as it goes; return the final checkpoint's directory."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = choose_dtype(cfg.precision, device)
+    stream = TokenStream(paths.shards, "train")
+    val = TokenStream(paths.shards, "val")
+    batch_seqs = cfg.global_batch_tokens // cfg.seq_len
+    plan = BatchPlan(stream, cfg.seq_len, batch_seqs, cfg.seed)
+    nbytes = token_bytes(paths.tokenizer / "tokenizer.json")
+
+    model = build_model(model_cfg, stream.vocab_size, cfg.seq_len, cfg.seed).to(device)
+    params = count_params(model)
+    fpt = flops_per_token(model, cfg.seq_len)
+    active = params.active_non_embedding
+    moe = f", {active / 1e6:.2f}M active per token" if active < params.non_embedding else ""
+    print(
+        f"pretrain: {model.config.model_type}, {params.total / 1e6:.2f}M parameters "
+        f"({params.embedding / 1e6:.2f}M embedding, {params.non_embedding / 1e6:.2f}M non-embedding{moe}), "
+        f"{fpt / 1e6:.1f} MFLOPs/token, {dtype_name(dtype)}, "
+        f"{cfg.max_steps} steps of {cfg.global_batch_tokens:,} tokens"
+    )
+    optimizer = make_optimizer(model, cfg)
+    train_model = torch.compile(model) if cfg.compile else model
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if dtype == torch.bfloat16
+        else contextlib.nullcontext
+    )
+    ledger = Ledger(paths.run_dir)
+    chash = config_hash(cfg)
+
+    # Resume from the newest complete checkpoint, if this run has one.
+    start = 0
+    last_ckpt = checkpoint.newest(paths.checkpoints)
+    if last_ckpt is not None:
+        state = checkpoint.load(last_ckpt, model, optimizer)
+        if state["data_fingerprint"] != stream.fingerprint:
+            raise DataMismatchError(
+                f"{last_ckpt}: trained on data {state['data_fingerprint'][:16]}, but the run's shards are "
+                f"{stream.fingerprint[:16]}; use a new run directory (--run-dir) or --force pretrain"
+            )
+        start = state["step"]
+        print(f"pretrain: resuming from {last_ckpt.name} (step {start})")
+    _keep_metrics_until(paths.metrics, start)
+    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(step: int) -> Path:
+        state = {
+            "tokens_seen": step * cfg.global_batch_tokens,
+            "data_fingerprint": stream.fingerprint,
+            "config_hash": chash,
+            "code_version": code_version(),
+            "seed": cfg.seed,
+        }
+        path = checkpoint.save(paths.checkpoints, step, model, optimizer, state)
+        files = sorted(path.iterdir())
+        ledger.append(
+            {
+                "stage": "pretrain/checkpoint",
+                "step": step,
+                "config_hash": chash,
+                "outputs": [file_record(f, paths.run_dir) for f in files],
+            }
+        )
+        checkpoint.thin(paths.checkpoints, cfg.checkpoint_every * cfg.keep_every)
+        return path
+
+    def validate() -> float:
+        n = min(cfg.eval_sequences, len(val) // (cfg.seq_len + 1))
+        L = cfg.seq_len + 1
+        rows = np.stack([val.read(k * L, (k + 1) * L) for k in range(n)])
+        batches = [rows[i : i + cfg.micro_batch_size] for i in range(0, n, cfg.micro_batch_size)]
+        return bits_per_byte(model, batches, nbytes, autocast)
+
+    model.train()
+    last_good = last_ckpt
+    with (
+        open(paths.metrics, "a", encoding="utf-8") as metrics,
+        Progress("pretrain", cfg.max_steps - start, "steps") as bar,
+    ):
+        for step in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = learning_rate(
+                step,
+                cfg.max_steps,
+                cfg.lr,
+                cfg.warmup_steps,
+                cfg.schedule,
+                cfg.min_lr_ratio,
+                cfg.decay_fraction,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = torch.from_numpy(plan.batch_tokens(step))
+            loss_sum = torch.zeros(())
+            for micro in rows.split(cfg.micro_batch_size):
+                x, y = micro[:, :-1].to(device), micro[:, 1:].to(device)
+                with autocast():
+                    logits = train_model(input_ids=x).logits
+                loss, ce = lm_loss(logits, y, cfg.z_loss)
+                (loss * len(micro) / len(rows)).backward()
+                loss_sum += ce.detach() * len(micro) / len(rows)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if cfg.grad_clip
+                else torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            )
+            train_loss = float(loss_sum)
+            if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                what = f"loss {train_loss}, gradient norm {float(grad_norm)}"
+                if cfg.on_nan == "stop":
+                    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint yet"
+                    raise TrainingError(f"pretrain: not finite at step {step + 1} ({what}); {where}")
+                print(f"pretrain: step {step + 1}: {what}: step skipped (pretrain.on_nan = skip)")
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            record = {
+                "step": step + 1,
+                "loss": round(train_loss, 6),
+                "lr": lr,
+                "grad_norm": round(float(grad_norm), 6),
+                "tokens_seen": (step + 1) * cfg.global_batch_tokens,
+                "tokens_per_s": round(cfg.global_batch_tokens / seconds, 1),
+                "flops_per_s": round(fpt * cfg.global_batch_tokens / seconds),
+                "peak_memory_mb": round(peak_memory_mb(device), 1),
+            }
+            done = step + 1
+            if done % cfg.eval_every == 0 or done == cfg.max_steps:
+                record["val_bpb"] = round(validate(), 6)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.update(1)
+            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+                last_good = save(done)
+    return checkpoint.path_for(paths.checkpoints, cfg.max_steps)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16 autocast", torch.float32: "fp32"}[dtype]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux

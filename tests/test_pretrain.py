@@ -1,0 +1,113 @@
+"""Pretraining on a tiny model: the loss falls, and a killed run resumes to identical bits."""
+
+import json
+
+import pytest
+
+from trulyopen import pipeline
+from trulyopen.recipe import ModelConfig, PretrainConfig, load_recipe
+from trulyopen.train import checkpoint
+from trulyopen.train.pretrain import Paths, TrainingError, pretrain
+
+from .conftest import build_corpus, write_recipe
+
+
+@pytest.fixture(scope="module")
+def data_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    recipe = write_recipe(tmp, build_corpus(tmp), shards__shard_tokens=100_000)
+    return pipeline.run(load_recipe(recipe), tmp / "run", workers=1)
+
+
+TINY = ModelConfig(arch="llama", size="tiny")
+
+
+def _cfg(**kw) -> PretrainConfig:
+    base = dict(
+        seq_len=64,
+        global_batch_tokens=512,
+        micro_batch_size=4,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_every=6,
+        eval_sequences=4,
+        checkpoint_every=4,
+        precision="fp32",
+    )
+    return PretrainConfig(**{**base, **kw})
+
+
+def _paths(data_run, run_dir) -> Paths:
+    return Paths(run_dir, data_run / "data" / "shards", data_run / "tokenizer")
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_checkpoints_are_kept(data_run, tmp_path):
+    final = pretrain(_cfg(max_steps=40, checkpoint_every=10, eval_every=20), TINY, _paths(data_run, tmp_path))
+    m = _metrics(tmp_path)
+    assert [r["step"] for r in m] == list(range(1, 41))
+    assert sum(r["loss"] for r in m[-5:]) / 5 < sum(r["loss"] for r in m[:5]) / 5 - 1.0
+    assert m[19]["val_bpb"] > m[39]["val_bpb"] > 0
+    kept = [p.name for p in checkpoint.complete(tmp_path / "checkpoints" / "pretrain")]
+    assert kept == ["step_000010", "step_000020", "step_000030", "step_000040"] and final.name == kept[-1]
+
+
+def test_killed_run_resumes_to_identical_bits(data_run, tmp_path, monkeypatch):
+    whole = pretrain(_cfg(), TINY, _paths(data_run, tmp_path / "whole"))
+    # a run that dies after its step-8 checkpoint, part-way through step 10
+    import trulyopen.train.pretrain as loop
+
+    real = loop.learning_rate
+
+    def dying(step, *a):
+        if step == 9:
+            raise KeyboardInterrupt("killed")
+        return real(step, *a)
+
+    monkeypatch.setattr(loop, "learning_rate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(), TINY, _paths(data_run, tmp_path / "killed"))
+    monkeypatch.setattr(loop, "learning_rate", real)
+    resumed = pretrain(_cfg(), TINY, _paths(data_run, tmp_path / "killed"))
+    assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert (resumed / "optimizer.pt").read_bytes() == (whole / "optimizer.pt").read_bytes()
+    assert [r["loss"] for r in _metrics(tmp_path / "killed")] == [
+        r["loss"] for r in _metrics(tmp_path / "whole")
+    ]
+
+
+def _poison_step(monkeypatch, bad_step: int):
+    """Make the loss of one step NaN (counting the calls of lm_loss: one per micro-batch)."""
+    import trulyopen.train.pretrain as loop
+
+    real, calls = loop.lm_loss, {"n": 0}
+    micro_per_step = 2  # 512 tokens / 64 per sequence / 4 sequences per micro-batch
+
+    def poisoned(logits, targets, z):
+        calls["n"] += 1
+        loss, ce = real(logits, targets, z)
+        if (calls["n"] - 1) // micro_per_step == bad_step - 1:
+            return loss * float("nan"), ce * float("nan")
+        return loss, ce
+
+    monkeypatch.setattr(loop, "lm_loss", poisoned)
+
+
+def test_nan_loss_stops_and_names_the_last_checkpoint(data_run, tmp_path, monkeypatch):
+    _poison_step(monkeypatch, 6)
+    with pytest.raises(
+        TrainingError, match=r"not finite at step 6 \(loss nan.*last good checkpoint is .*step_000004"
+    ):
+        pretrain(_cfg(), TINY, _paths(data_run, tmp_path))
+    assert [p.name for p in checkpoint.complete(tmp_path / "checkpoints" / "pretrain")] == ["step_000004"]
+
+
+def test_nan_loss_can_skip_the_step(data_run, tmp_path, monkeypatch, capsys):
+    _poison_step(monkeypatch, 6)
+    pretrain(_cfg(on_nan="skip"), TINY, _paths(data_run, tmp_path))
+    assert "step 6: loss nan" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
