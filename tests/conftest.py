@@ -84,6 +84,18 @@ def write_recipe(tmp: Path, corpus: dict, **extra) -> Path:
         },
         "tokenizer": {"vocab_size": 400},
         "shards": {"shard_tokens": 2000},
+        "model": {"arch": "llama", "size": "tiny"},
+        "pretrain": {
+            "seq_len": 64,
+            "global_batch_tokens": 512,
+            "micro_batch_size": 4,
+            "max_steps": 4,
+            "warmup_steps": 1,
+            "eval_every": 4,
+            "eval_sequences": 4,
+            "checkpoint_every": 2,
+            "precision": "fp32",
+        },
     }
     for dotted, value in extra.items():
         node = recipe

@@ -6,8 +6,8 @@ import pytest
 
 from trulyopen import pipeline
 from trulyopen.recipe import ModelConfig, PretrainConfig, load_recipe
-from trulyopen.train import checkpoint
-from trulyopen.train.pretrain import Paths, TrainingError, pretrain
+from trulyopen.train import TrainingError, checkpoint
+from trulyopen.train.pretrain import Paths, pretrain
 
 from .conftest import build_corpus, write_recipe
 
@@ -111,3 +111,25 @@ def test_nan_loss_can_skip_the_step(data_run, tmp_path, monkeypatch, capsys):
     pretrain(_cfg(on_nan="skip"), TINY, _paths(data_run, tmp_path))
     assert "step 6: loss nan" in capsys.readouterr().out
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12]
+
+
+def test_pipeline_pretrains_and_export_loads_in_transformers(data_run, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from trulyopen.cli import app
+
+    final = data_run / "checkpoints" / "pretrain" / "step_000004"
+    assert (final / "model.safetensors").exists()
+    result = CliRunner().invoke(app, ["export", str(final), "--out", str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ours = checkpoint.load_for_inference(final)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ids = torch.tensor([tok.encode("def alphax_0(betay, gammaz):\n    return")])
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert theirs.generation_config.eos_token_id == tok.eos_token_id
+    bad = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "not a trulyopen checkpoint" in bad.output

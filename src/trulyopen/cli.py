@@ -10,7 +10,10 @@ import typer
 
 from trulyopen import pipeline
 from trulyopen.data.sources import DataError
+from trulyopen.model.presets import ModelSpecError
 from trulyopen.recipe import RecipeError, load_recipe
+from trulyopen.train import TrainingError
+from trulyopen.train.loader import DataMismatchError
 
 app = typer.Typer(
     help="trulyopen: from raw text to a released language model in which every artifact is verifiable.",
@@ -43,7 +46,7 @@ def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) ->
     except RecipeError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, TrainingError, DataMismatchError, ModelSpecError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     return out
@@ -87,6 +90,39 @@ def tokenizer(
     """Curate the data (if needed) and train or reuse the tokenizer."""
     out = _run(recipe, set, run_dir, force, workers, until="tokenizer")
     typer.echo(f"tokenizer: {out}/tokenizer")
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeArg,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
+    """Pretrain the model on the run's shards (running the data stages first if needed)."""
+    _run(recipe, set, run_dir, force, workers, until="pretrain")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint directory, e.g. runs/x/checkpoints/pretrain/step_000060.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the Hugging Face model directory.")],
+):
+    """Write a checkpoint in the Hugging Face format (config, safetensors, tokenizer, generation config)."""
+    from trulyopen.model.export import export_hf
+    from trulyopen.train.checkpoint import load_for_inference
+
+    try:
+        model = load_for_inference(checkpoint)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    tokenizer = checkpoint.resolve().parents[2] / "tokenizer"  # <run>/checkpoints/<stage>/step_N
+    export_hf(model, tokenizer if (tokenizer / "tokenizer.json").exists() else None, out)
+    typer.echo(f"exported {checkpoint} to {out}")
 
 
 @app.command()

@@ -19,7 +19,7 @@ def summarize(run_dir: Path, console: Console | None = None) -> None:
         raise FileNotFoundError(
             f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory (or nothing ran yet)"
         )
-    latest = {e["stage"]: e for e in entries}
+    latest = {e["stage"]: e for e in entries if "/" not in e["stage"]}  # not the per-checkpoint lines
     table = Table(title=f"run {run_dir}")
     for col in ("stage", "finished", "seconds", "inputs", "outputs", "output size"):
         table.add_column(col)
@@ -52,3 +52,15 @@ def summarize(run_dir: Path, console: Console | None = None) -> None:
         m = json.loads(manifest.read_text())
         vocab, fingerprint = m["tokenizer"]["vocab_size"], m["shards"]["fingerprint"]
         console.print(f"tokenizer: vocabulary {vocab:,}; shards fingerprint {fingerprint}")
+    metrics = run_dir / "pretrain" / "metrics.jsonl"
+    if metrics.exists():
+        lines = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+        checkpoints = sum(1 for e in entries if e["stage"] == "pretrain/checkpoint")
+        if lines:
+            last = lines[-1]
+            bpb = [r["val_bpb"] for r in lines if "val_bpb" in r]
+            console.print(
+                f"pretrain: step {last['step']}, {last['tokens_seen']:,} tokens, loss {last['loss']:.3f}"
+                + (f", val bits/byte {bpb[-1]:.3f}" if bpb else "")
+                + f", {checkpoints} checkpoints written"
+            )

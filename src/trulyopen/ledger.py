@@ -27,9 +27,9 @@ from trulyopen.files import atomic_open, sha256_file
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def config_hash(section: BaseModel) -> str:
-    """sha256 of a recipe section's canonical JSON: equal configs give equal hashes."""
-    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+def config_hash(*sections: BaseModel) -> str:
+    """sha256 of recipe sections' canonical JSON: equal configs give equal hashes."""
+    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -28,7 +28,7 @@ from trulyopen.ledger import Ledger, code_version, config_hash, file_record, mac
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
 
 # Stages later issues add; `run` names them so a user knows what is still to come.
-NOT_YET_AVAILABLE = ["pretrain", "finetune", "eval", "release"]
+NOT_YET_AVAILABLE = ["finetune", "eval", "release"]
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Context:
     recipe: Recipe
     run_dir: Path
     workers: int
+    fresh: bool = False  # the stage was forced: start over instead of resuming
 
     @property
     def data(self) -> Path:
@@ -45,7 +46,7 @@ class Context:
 @dataclass
 class Stage:
     name: str
-    section: Callable[[Recipe], BaseModel]
+    sections: Callable[[Recipe], tuple[BaseModel, ...]]  # the parts of the recipe the stage depends on
     inputs: Callable[[Context], list[Path]]
     run: Callable[[Context, list[dict]], list[Path]]  # gets input records, returns output paths
 
@@ -124,10 +125,28 @@ def _shards_run(ctx: Context, records: list[dict]) -> list[Path]:
     return files + [ctx.data / n for n in ("manifest.json", "DATACARD.md", "doc_lengths.png")]
 
 
+def _pretrain_inputs(ctx: Context) -> list[Path]:
+    shards_dir = ctx.data / "shards"
+    return [
+        ctx.run_dir / "tokenizer" / "tokenizer.json",
+        *sorted(p for p in shards_dir.iterdir() if p.is_file()),
+    ]
+
+
+def _pretrain_run(ctx: Context, records: list[dict]) -> list[Path]:
+    from trulyopen.train.pretrain import Paths, pretrain
+
+    paths = Paths(ctx.run_dir, ctx.data / "shards", ctx.run_dir / "tokenizer")
+    final = pretrain(ctx.recipe.pretrain, ctx.recipe.model, paths, fresh=ctx.fresh)
+    print(f"pretrain: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
+    return [*sorted(final.iterdir()), paths.metrics]
+
+
 STAGES = [
-    Stage("data", lambda r: r.data, _data_inputs, _data_run),
-    Stage("tokenizer", lambda r: r.tokenizer, _tokenizer_inputs, _tokenizer_run),
-    Stage("shards", lambda r: r.shards, _shards_inputs, _shards_run),
+    Stage("data", lambda r: (r.data,), _data_inputs, _data_run),
+    Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
+    Stage("shards", lambda r: (r.shards,), _shards_inputs, _shards_run),
+    Stage("pretrain", lambda r: (r.model, r.pretrain), _pretrain_inputs, _pretrain_run),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -186,10 +205,13 @@ def run(
     for stage in STAGES:
         forcing = forcing or stage.name in force
         inputs = [file_record(p, run_dir) for p in stage.inputs(ctx)]
-        chash = config_hash(stage.section(recipe))
+        chash = config_hash(*stage.sections(recipe))
         if not forcing and _up_to_date(ledger.last(stage.name), chash, inputs, run_dir):
             print(f"{stage.name}: up to date, skipped (--force {stage.name} redoes it)")
         else:
+            # A stage that finished before and is out of date starts over; one that was
+            # interrupted (no ledger entry yet) may resume from where it stopped.
+            ctx.fresh = forcing or ledger.last(stage.name) is not None
             started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
             outputs = stage.run(ctx, inputs)
             ledger.append(

@@ -1,6 +1,7 @@
 """Checkpoints: everything a run needs to continue to the same bits, written atomically.
 
     checkpoints/<stage>/step_000050/
+        config.json         the transformers config: the model can be rebuilt from the checkpoint alone
         model.safetensors   weights (fp32 master copy)
         optimizer.pt        optimizer state (tensors and numbers only: loaded with weights_only=True)
         rng.pt              torch RNG states
@@ -56,6 +57,7 @@ def save(
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    model.config.to_json_file(str(tmp / "config.json"))
     save_model(model, str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
@@ -79,3 +81,16 @@ def thin(root: Path, keep_multiple: int) -> None:
     for p in complete(root)[:-1]:
         if step_of(p) % keep_multiple:
             shutil.rmtree(p)
+
+
+def load_for_inference(path: Path) -> torch.nn.Module:
+    """The model of checkpoint `path`, rebuilt from its own config.json, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path}: not a trulyopen checkpoint (needs config.json and model.safetensors)"
+        )
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    load_model(model, str(path / "model.safetensors"))
+    return model.eval()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +33,9 @@ from trulyopen.model.build import count_params, flops_per_token, from_preset, fr
 from trulyopen.model.presets import resolve_dims
 from trulyopen.progress import Progress
 from trulyopen.recipe import ModelConfig, PretrainConfig
-from trulyopen.train import checkpoint
+from trulyopen.train import TrainingError, checkpoint
 from trulyopen.train.loader import BatchPlan, DataMismatchError, TokenStream
 from trulyopen.train.schedule import learning_rate
-
-
-class TrainingError(Exception):
-    """Training cannot go on (a NaN loss, say); the message names the step and the last checkpoint."""
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -108,8 +105,14 @@ def _keep_metrics_until(path: Path, step: int) -> None:
         f.write("".join(ln + "\n" for ln in lines))
 
 
-def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths) -> Path:
-    """Train, checkpointing as it goes; return the final checkpoint's directory."""
+def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: bool = False) -> Path:
+    """Train, checkpointing as it goes; return the final checkpoint's directory.
+
+    The run resumes from its newest checkpoint unless `fresh`, which deletes its checkpoints first.
+    """
+    if fresh:
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        paths.metrics.unlink(missing_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = choose_dtype(cfg.precision, device)
     stream = TokenStream(paths.shards, "train")
@@ -137,13 +140,18 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths) -> Path:
         else contextlib.nullcontext
     )
     ledger = Ledger(paths.run_dir)
-    chash = config_hash(cfg)
+    chash = config_hash(model_cfg, cfg)
 
     # Resume from the newest complete checkpoint, if this run has one.
     start = 0
     last_ckpt = checkpoint.newest(paths.checkpoints)
     if last_ckpt is not None:
         state = checkpoint.load(last_ckpt, model, optimizer)
+        if state["config_hash"] != chash:
+            raise TrainingError(
+                f"{last_ckpt}: made with another pretrain config; to start over with this one, "
+                "use --force pretrain (its checkpoints are then deleted) or a new --run-dir"
+            )
         if state["data_fingerprint"] != stream.fingerprint:
             raise DataMismatchError(
                 f"{last_ckpt}: trained on data {state['data_fingerprint'][:16]}, but the run's shards are "
