@@ -133,3 +133,19 @@ def test_pipeline_pretrains_and_export_loads_in_transformers(data_run, tmp_path)
     assert theirs.generation_config.eos_token_id == tok.eos_token_id
     bad = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a trulyopen checkpoint" in bad.output
+
+
+def test_inspect_batch_names_the_documents_of_a_step(data_run):
+    from typer.testing import CliRunner
+
+    from trulyopen.cli import app
+    from trulyopen.train.loader import BatchPlan, TokenStream
+
+    result = CliRunner().invoke(app, ["inspect", "batch", str(data_run), "--step", "2"])
+    assert result.exit_code == 0, result.output
+    plan = BatchPlan(TokenStream(data_run / "data" / "shards", "train"), 64, 512 // 64, seed=0)
+    expected = {doc_id for row in plan.batch_documents(1) for doc_id, _, _ in row}
+    shown = {line.split("] ")[1].split(":")[0] for line in result.output.splitlines() if "] " in line}
+    assert shown == expected and len(result.output.splitlines()) > 8
+    bad = CliRunner().invoke(app, ["inspect", "batch", str(data_run), "--step", "99"])
+    assert bad.exit_code == 2 and "steps 1 to 4" in bad.output

@@ -126,13 +126,25 @@ def export(
 
 
 @app.command()
-def inspect(run_dir: Annotated[Path, typer.Argument(help="A run directory, e.g. runs/quickstart.")]):
-    """Summarise a run directory: stages done, sizes, document and token counts."""
-    from trulyopen.inspect_run import summarize
+def inspect(
+    target: Annotated[str, typer.Argument(help="A run directory, or `batch` followed by a run directory.")],
+    run_dir: Annotated[Path | None, typer.Argument(help="With `batch`: the run directory.")] = None,
+    step: Annotated[
+        int | None, typer.Option("--step", help="With `batch`: the training step (1-based).")
+    ] = None,
+):
+    """Summarise a run directory (`inspect RUN_DIR`), or show the documents of one training batch
+    (`inspect batch RUN_DIR --step N`)."""
+    from trulyopen.inspect_run import show_batch, summarize
 
     try:
-        summarize(run_dir)
-    except FileNotFoundError as e:
+        if target == "batch":
+            if run_dir is None or step is None:
+                raise typer.BadParameter("usage: trulyopen inspect batch RUN_DIR --step N")
+            show_batch(run_dir, step)
+        else:
+            summarize(Path(target))
+    except (FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
 

@@ -64,3 +64,34 @@ def summarize(run_dir: Path, console: Console | None = None) -> None:
                 + (f", val bits/byte {bpb[-1]:.3f}" if bpb else "")
                 + f", {checkpoints} checkpoints written"
             )
+
+
+def show_batch(run_dir: Path, step: int, console: Console | None = None, excerpt: int = 70) -> None:
+    """Print the documents (id and a text excerpt) of each row of the global batch of `step`."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    from trulyopen.recipe import Recipe
+    from trulyopen.train.loader import BatchPlan, TokenStream
+
+    console = console or Console()
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.exists():
+        raise FileNotFoundError(f"{run_dir}: no recipe.yaml, so not a trulyopen run directory")
+    cfg = Recipe.model_validate(yaml.safe_load(recipe_file.read_text())).pretrain
+    if step < 1 or step > cfg.max_steps:
+        raise ValueError(f"--step {step}: the run has steps 1 to {cfg.max_steps}")
+    stream = TokenStream(run_dir / "data" / "shards", "train")
+    plan = BatchPlan(stream, cfg.seq_len, cfg.global_batch_tokens // cfg.seq_len, cfg.seed)
+    tok = Tokenizer.from_file(str(run_dir / "tokenizer" / "tokenizer.json"))
+    rows, docs = plan.batch_tokens(step - 1), plan.batch_documents(step - 1)
+    console.print(
+        f"step {step}: {len(rows)} sequences of {cfg.seq_len + 1} tokens, data {stream.fingerprint[:16]}"
+    )
+    for r, (tokens, row_docs) in enumerate(zip(rows, docs, strict=True)):
+        for doc_id, start, end in row_docs:
+            text = tok.decode(tokens[start:end].tolist(), skip_special_tokens=True)
+            text = " ".join(text.split())[:excerpt]
+            console.print(
+                f"  row {r:3d} [{start:5d}:{end:5d}] {doc_id}: {text!r}", highlight=False, soft_wrap=True
+            )
