@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from trulyopen.files import write_json
+from trulyopen.train.distributed import World, barrier, full_state, load_full_state
 
 PREFIX = "step_"
 
@@ -49,30 +50,61 @@ def newest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """{name: name it shares its tensor with} for tied weights (e.g. lm_head -> embed_tokens)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            tied[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return tied
+
+
 def save(
-    root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    root: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    world: World | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` and return its directory."""
+    """Write checkpoint `step` under `root` and return its directory. Every rank must call it
+    (gathering sharded state is collective); rank 0 writes."""
+    world = world or World()
+    model_sd, optim_sd = full_state(model, optimizer)
     final = path_for(root, step)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.config.to_json_file(str(tmp / "config.json"))
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
-    write_json(tmp / "state.json", {**state, "step": step})  # last: its presence marks a whole checkpoint
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if world.main:
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model.config.to_json_file(str(tmp / "config.json"))
+        tied = _tied_names(model)
+        save_file(
+            {k: v.contiguous() for k, v in model_sd.items() if k not in tied}, str(tmp / "model.safetensors")
+        )
+        # tuples come back as lists after a load: store lists, so a resumed run writes the same bytes
+        for group in optim_sd["param_groups"]:
+            group.update({k: list(v) for k, v in group.items() if isinstance(v, tuple)})
+        torch.save(optim_sd, tmp / "optimizer.pt")
+        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+        write_json(tmp / "state.json", {**state, "step": step})  # last: its presence marks a whole checkpoint
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier(world)
     return final
 
 
-def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    """Load weights (and optimizer and RNG state) from `path`; return its state.json."""
-    load_model(model, str(path / "model.safetensors"))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load weights, optimizer and RNG state from `path` into a (possibly sharded) model; every rank
+    calls it. Returns the checkpoint's state.json."""
+    model_sd = load_file(str(path / "model.safetensors"))
+    for name, source in _tied_names(model).items():
+        model_sd[name] = model_sd[source]
+    optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
+    load_full_state(model, optimizer, model_sd, optim_sd)
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
     return json.loads((path / "state.json").read_text())
 
 
