@@ -29,7 +29,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def config_hash(*sections: BaseModel) -> str:
     """sha256 of recipe sections' canonical JSON: equal configs give equal hashes."""
-    blob = json.dumps([s.model_dump(mode="json") for s in sections], sort_keys=True, separators=(",", ":"))
+    dumps = [s.model_dump(mode="json", exclude=set(getattr(s, "not_hashed", ()))) for s in sections]
+    blob = json.dumps(dumps, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

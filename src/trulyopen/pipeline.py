@@ -49,6 +49,7 @@ class Stage:
     sections: Callable[[Recipe], tuple[BaseModel, ...]]  # the parts of the recipe the stage depends on
     inputs: Callable[[Context], list[Path]]
     run: Callable[[Context, list[dict]], list[Path]]  # gets input records, returns output paths
+    distributed: bool = False  # under torchrun every process runs it; other stages run on rank 0 only
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -138,7 +139,8 @@ def _pretrain_run(ctx: Context, records: list[dict]) -> list[Path]:
 
     paths = Paths(ctx.run_dir, ctx.data / "shards", ctx.run_dir / "tokenizer")
     final = pretrain(ctx.recipe.pretrain, ctx.recipe.model, paths, fresh=ctx.fresh)
-    print(f"pretrain: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pretrain: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
     return [*sorted(final.iterdir()), paths.metrics]
 
 
@@ -146,7 +148,7 @@ STAGES = [
     Stage("data", lambda r: (r.data,), _data_inputs, _data_run),
     Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
     Stage("shards", lambda r: (r.shards,), _shards_inputs, _shards_run),
-    Stage("pretrain", lambda r: (r.model, r.pretrain), _pretrain_inputs, _pretrain_run),
+    Stage("pretrain", lambda r: (r.model, r.pretrain), _pretrain_inputs, _pretrain_run, distributed=True),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -180,6 +182,19 @@ def _up_to_date(last: dict | None, chash: str, inputs: list[dict], run_dir: Path
     )
 
 
+def _world():
+    """This process's place among torchrun's processes (a world of one without torchrun)."""
+    from trulyopen.train.distributed import World, init
+
+    return init() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else World()
+
+
+def _barrier(world) -> None:
+    from trulyopen.train.distributed import barrier
+
+    barrier(world)
+
+
 def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
 
@@ -196,24 +211,34 @@ def run(
     if unknown:
         raise RecipeError(f"--force {unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    world = _world()
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
     workers = workers or recipe.workers or os.cpu_count() or 1
     ctx = Context(recipe, run_dir, workers)
     ledger = Ledger(run_dir)
     forcing = False
     for stage in STAGES:
         forcing = forcing or stage.name in force
+        if not (world.main or stage.distributed):  # wait for rank 0 to do it
+            _barrier(world)
+            if stage.name == until:
+                break
+            continue
         inputs = [file_record(p, run_dir) for p in stage.inputs(ctx)]
         chash = config_hash(*stage.sections(recipe))
-        if not forcing and _up_to_date(ledger.last(stage.name), chash, inputs, run_dir):
-            print(f"{stage.name}: up to date, skipped (--force {stage.name} redoes it)")
+        skipped = not forcing and _up_to_date(ledger.last(stage.name), chash, inputs, run_dir)
+        if skipped:
+            if world.main:
+                print(f"{stage.name}: up to date, skipped (--force {stage.name} redoes it)")
         else:
             # A stage that finished before and is out of date starts over; one that was
             # interrupted (no ledger entry yet) may resume from where it stopped.
             ctx.fresh = forcing or ledger.last(stage.name) is not None
             started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
             outputs = stage.run(ctx, inputs)
+        if world.main and not skipped:
             ledger.append(
                 {
                     "stage": stage.name,
@@ -225,8 +250,10 @@ def run(
                     "ended": datetime.now(UTC).isoformat(timespec="seconds"),
                     "seconds": round(time.perf_counter() - t0, 3),
                     "machine": machine_summary(),
+                    "world_size": world.size,
                 }
             )
+        _barrier(world)
         if stage.name == until:
             break
     return run_dir

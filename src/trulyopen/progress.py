@@ -12,10 +12,17 @@ import time
 
 
 class Progress:
-    def __init__(self, label: str, total: int | None, unit: str = "docs", interval: float | None = None):
+    def __init__(
+        self,
+        label: str,
+        total: int | None,
+        unit: str = "docs",
+        interval: float | None = None,
+        quiet: bool = False,
+    ):
         self.label, self.total, self.unit = label, total, unit
         self.tty = sys.stderr.isatty()
-        self.quiet = os.environ.get("TRULYOPEN_QUIET") == "1"
+        self.quiet = quiet or os.environ.get("TRULYOPEN_QUIET") == "1"
         self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
         self.done = 0
         self.nbytes = 0

@@ -12,7 +12,7 @@ was expected; the CLI turns it into exit code 2.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +26,8 @@ class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, values are checked on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Fields that change how a stage runs but not what it makes; they are left out of its config hash.
+    not_hashed: ClassVar[frozenset[str]] = frozenset()
 
 
 # ----------------------------------------------------------------------------- data
@@ -235,6 +237,7 @@ class ModelConfig(Section):
 
 
 class PretrainConfig(Section):
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"distributed"})  # DDP, FSDP or one process: same run
     seq_len: int = Field(default=256, ge=8, description="Tokens per training sequence.")
     global_batch_tokens: int = Field(
         default=8192,
@@ -275,6 +278,10 @@ class PretrainConfig(Section):
         default=1, ge=1, description="Keep every k-th checkpoint (1 keeps all); the newest is always kept."
     )
     seed: int = Field(default=0, description="Seed of the weights' initialisation and of the data order.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="Under torchrun: ddp (each process holds the model) or fsdp (FSDP2, sharded).",
+    )
     on_nan: Literal["stop", "skip"] = Field(
         default="stop", description="A NaN or infinite loss stops the run, or skips that step."
     )

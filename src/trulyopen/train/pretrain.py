@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from trulyopen.model.build import count_params, flops_per_token, from_preset, fr
 from trulyopen.model.presets import resolve_dims
 from trulyopen.progress import Progress
 from trulyopen.recipe import ModelConfig, PretrainConfig
-from trulyopen.train import TrainingError, checkpoint
+from trulyopen.train import TrainingError, checkpoint, distributed
 from trulyopen.train.loader import BatchPlan, DataMismatchError, TokenStream
 from trulyopen.train.schedule import learning_rate
 
@@ -110,14 +111,22 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
 
     The run resumes from its newest checkpoint unless `fresh`, which deletes its checkpoints first.
     """
-    if fresh:
+    world = distributed.init()
+    if fresh and world.main:
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
         paths.metrics.unlink(missing_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    distributed.barrier(world)
+    device = world.device
+    say = print if world.main else (lambda *a, **k: None)
     dtype = choose_dtype(cfg.precision, device)
     stream = TokenStream(paths.shards, "train")
     val = TokenStream(paths.shards, "val")
     batch_seqs = cfg.global_batch_tokens // cfg.seq_len
+    if batch_seqs % world.size:
+        raise TrainingError(
+            f"pretrain.global_batch_tokens: {batch_seqs} sequences per step do not split evenly over "
+            f"{world.size} processes"
+        )
     plan = BatchPlan(stream, cfg.seq_len, batch_seqs, cfg.seed)
     nbytes = token_bytes(paths.tokenizer / "tokenizer.json")
 
@@ -126,14 +135,18 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
     fpt = flops_per_token(model, cfg.seq_len)
     active = params.active_non_embedding
     moe = f", {active / 1e6:.2f}M active per token" if active < params.non_embedding else ""
-    print(
+    say(
         f"pretrain: {model.config.model_type}, {params.total / 1e6:.2f}M parameters "
         f"({params.embedding / 1e6:.2f}M embedding, {params.non_embedding / 1e6:.2f}M non-embedding{moe}), "
         f"{fpt / 1e6:.1f} MFLOPs/token, {dtype_name(dtype)}, "
         f"{cfg.max_steps} steps of {cfg.global_batch_tokens:,} tokens"
+        + (f", {world.size} processes ({cfg.distributed})" if world.size > 1 else "")
     )
+    train_model = distributed.wrap(
+        model, cfg.distributed, world
+    )  # before the optimizer: FSDP2 shards in place
     optimizer = make_optimizer(model, cfg)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(train_model) if cfg.compile else train_model
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
         if dtype == torch.bfloat16
@@ -158,9 +171,10 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
                 f"{stream.fingerprint[:16]}; use a new run directory (--run-dir) or --force pretrain"
             )
         start = state["step"]
-        print(f"pretrain: resuming from {last_ckpt.name} (step {start})")
-    _keep_metrics_until(paths.metrics, start)
-    paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+        say(f"pretrain: resuming from {last_ckpt.name} (step {start})")
+    if world.main:
+        _keep_metrics_until(paths.metrics, start)
+        paths.metrics.parent.mkdir(parents=True, exist_ok=True)
 
     def save(step: int) -> Path:
         state = {
@@ -170,17 +184,19 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
             "code_version": code_version(),
             "seed": cfg.seed,
         }
-        path = checkpoint.save(paths.checkpoints, step, model, optimizer, state)
-        files = sorted(path.iterdir())
-        ledger.append(
-            {
-                "stage": "pretrain/checkpoint",
-                "step": step,
-                "config_hash": chash,
-                "outputs": [file_record(f, paths.run_dir) for f in files],
-            }
-        )
-        checkpoint.thin(paths.checkpoints, cfg.checkpoint_every * cfg.keep_every)
+        path = checkpoint.save(paths.checkpoints, step, model, optimizer, state, world)
+        if world.main:
+            files = sorted(path.iterdir())
+            ledger.append(
+                {
+                    "stage": "pretrain/checkpoint",
+                    "step": step,
+                    "config_hash": chash,
+                    "outputs": [file_record(f, paths.run_dir) for f in files],
+                }
+            )
+            checkpoint.thin(paths.checkpoints, cfg.checkpoint_every * cfg.keep_every)
+        distributed.barrier(world)
         return path
 
     def validate() -> float:
@@ -188,13 +204,13 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
         L = cfg.seq_len + 1
         rows = np.stack([val.read(k * L, (k + 1) * L) for k in range(n)])
         batches = [rows[i : i + cfg.micro_batch_size] for i in range(0, n, cfg.micro_batch_size)]
-        return bits_per_byte(model, batches, nbytes, autocast)
+        return bits_per_byte(train_model, batches, nbytes, autocast)  # every rank: FSDP needs all
 
     model.train()
     last_good = last_ckpt
     with (
-        open(paths.metrics, "a", encoding="utf-8") as metrics,
-        Progress("pretrain", cfg.max_steps - start, "steps") as bar,
+        open(paths.metrics if world.main else os.devnull, "a", encoding="utf-8") as metrics,
+        Progress("pretrain", cfg.max_steps - start, "steps", quiet=not world.main) as bar,
     ):
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
@@ -209,20 +225,24 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            rows = torch.from_numpy(plan.batch_tokens(step))
-            loss_sum = torch.zeros(())
+            rows = torch.from_numpy(plan.batch_tokens(step, world.rank, world.size))  # this rank's share
+            loss_sum = torch.zeros((), device=device)
             for micro in rows.split(cfg.micro_batch_size):
                 x, y = micro[:, :-1].to(device), micro[:, 1:].to(device)
                 with autocast():
                     logits = train_model(input_ids=x).logits
                 loss, ce = lm_loss(logits, y, cfg.z_loss)
+                # weights make the gradient the mean over this rank's rows; DDP/FSDP average the ranks
                 (loss * len(micro) / len(rows)).backward()
                 loss_sum += ce.detach() * len(micro) / len(rows)
+            loss_sum = distributed.mean(loss_sum, world)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 if cfg.grad_clip
                 else torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             )
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2 gives a DTensor
+                grad_norm = grad_norm.full_tensor()
             train_loss = float(loss_sum)
             if not math.isfinite(train_loss) or not math.isfinite(float(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -230,7 +250,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
                 if cfg.on_nan == "stop":
                     where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint yet"
                     raise TrainingError(f"pretrain: not finite at step {step + 1} ({what}); {where}")
-                print(f"pretrain: step {step + 1}: {what}: step skipped (pretrain.on_nan = skip)")
+                say(f"pretrain: step {step + 1}: {what}: step skipped (pretrain.on_nan = skip)")
                 continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
