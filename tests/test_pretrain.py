@@ -149,3 +149,53 @@ def test_inspect_batch_names_the_documents_of_a_step(data_run):
     assert shown == expected and len(result.output.splitlines()) > 8
     bad = CliRunner().invoke(app, ["inspect", "batch", str(data_run), "--step", "99"])
     assert bad.exit_code == 2 and "steps 1 to 4" in bad.output
+
+
+def test_full_disk_while_checkpointing_keeps_the_last_checkpoint(data_run, tmp_path, monkeypatch):
+    import errno
+
+    import torch
+
+    real = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the second checkpoint's optimizer.pt (each writes optimizer.pt, rng.pt)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(
+        TrainingError, match=r"step_000008: No space left on device; the last complete .*step_000004"
+    ):
+        pretrain(_cfg(), TINY, _paths(data_run, tmp_path))
+    root = tmp_path / "checkpoints" / "pretrain"
+    assert [p.name for p in root.iterdir()] == ["step_000004"]  # no half-written directory left
+    monkeypatch.setattr(torch, "save", real)
+    assert pretrain(_cfg(), TINY, _paths(data_run, tmp_path)).name == "step_000012"  # resumes from step 4
+
+
+def test_continue_from_a_hugging_face_checkpoint(data_run, tmp_path):
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.export import export_hf
+    from trulyopen.model.presets import SIZES, ModelSpecError
+
+    base = from_preset("qwen3", SIZES["tiny"], vocab=400, max_len=64, seed=7)
+    export_hf(base, data_run / "tokenizer", tmp_path / "base")
+    cfg = ModelConfig(init_from=str(tmp_path / "base"))
+    pretrain(_cfg(max_steps=2, checkpoint_every=2, eval_every=2), cfg, _paths(data_run, tmp_path / "run"))
+    state = json.loads((tmp_path / "run/checkpoints/pretrain/step_000002/config.json").read_text())
+    assert state["model_type"] == "qwen3"
+    with pytest.raises(ModelSpecError, match=r"pretrain.seq_len \(128\) is beyond the 64 positions"):
+        pretrain(_cfg(seq_len=128, global_batch_tokens=512), cfg, _paths(data_run, tmp_path / "long"))
+
+
+def test_checkpoint_smaller_than_the_tokenizer_is_named(data_run, tmp_path):
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.export import export_hf
+    from trulyopen.model.presets import SIZES, ModelSpecError
+
+    export_hf(from_preset("llama", SIZES["tiny"], vocab=300, max_len=64), None, tmp_path / "small")
+    with pytest.raises(ModelSpecError, match="has 300 token embeddings but the tokenizer has 400 tokens"):
+        pretrain(_cfg(), ModelConfig(init_from=str(tmp_path / "small")), _paths(data_run, tmp_path / "run"))

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file
 
 from trulyopen.files import write_json
+from trulyopen.train import TrainingError
 from trulyopen.train.distributed import World, barrier, full_state, load_full_state
 
 PREFIX = "step_"
@@ -77,23 +78,35 @@ def save(
     final = path_for(root, step)
     if world.main:
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.config.to_json_file(str(tmp / "config.json"))
-        tied = _tied_names(model)
-        save_file(
-            {k: v.contiguous() for k, v in model_sd.items() if k not in tied}, str(tmp / "model.safetensors")
-        )
-        # tuples come back as lists after a load: store lists, so a resumed run writes the same bytes
-        for group in optim_sd["param_groups"]:
-            group.update({k: list(v) for k, v in group.items() if isinstance(v, tuple)})
-        torch.save(optim_sd, tmp / "optimizer.pt")
-        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
-        write_json(tmp / "state.json", {**state, "step": step})  # last: its presence marks a whole checkpoint
+        try:
+            _write(tmp, model, model_sd, optim_sd, {**state, "step": step})
+        except OSError as e:  # a full disk, say: the last complete checkpoint stays as it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = newest(root)
+            raise TrainingError(
+                f"could not write checkpoint {final}: {e.strerror or e}; "
+                + (f"the last complete checkpoint is {last}" if last else "no complete checkpoint yet")
+            ) from None
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     barrier(world)
     return final
+
+
+def _write(tmp: Path, model: torch.nn.Module, model_sd: dict, optim_sd: dict, state: dict) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.config.to_json_file(str(tmp / "config.json"))
+    tied = _tied_names(model)
+    save_file(
+        {k: v.contiguous() for k, v in model_sd.items() if k not in tied}, str(tmp / "model.safetensors")
+    )
+    # tuples come back as lists after a load: store lists, so a resumed run writes the same bytes
+    for group in optim_sd["param_groups"]:
+        group.update({k: list(v) for k, v in group.items() if isinstance(v, tuple)})
+    torch.save(optim_sd, tmp / "optimizer.pt")
+    torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+    write_json(tmp / "state.json", state)  # last: its presence marks a whole checkpoint
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from trulyopen.evaluate.bpb import bits_per_byte, token_bytes
 from trulyopen.files import atomic_open
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record
 from trulyopen.model.build import count_params, flops_per_token, from_preset, from_pretrained
-from trulyopen.model.presets import resolve_dims
+from trulyopen.model.presets import ModelSpecError, resolve_dims
 from trulyopen.progress import Progress
 from trulyopen.recipe import ModelConfig, PretrainConfig
 from trulyopen.train import TrainingError, checkpoint, distributed
@@ -60,7 +60,13 @@ def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> torch.nn.Module:
     if model_cfg.init_from:
-        return from_pretrained(model_cfg.init_from, vocab)
+        model = from_pretrained(model_cfg.init_from, vocab)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and seq_len > limit:
+            raise ModelSpecError(
+                f"pretrain.seq_len ({seq_len}) is beyond the {limit} positions of {model_cfg.init_from}"
+            )
+        return model
     dims = resolve_dims(model_cfg.size, model_cfg.dim_overrides())
     return from_preset(model_cfg.arch, dims, vocab, seq_len, seed, model_cfg.config_overrides)
 
