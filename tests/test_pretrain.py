@@ -199,3 +199,30 @@ def test_checkpoint_smaller_than_the_tokenizer_is_named(data_run, tmp_path):
     export_hf(from_preset("llama", SIZES["tiny"], vocab=300, max_len=64), None, tmp_path / "small")
     with pytest.raises(ModelSpecError, match="has 300 token embeddings but the tokenizer has 400 tokens"):
         pretrain(_cfg(), ModelConfig(init_from=str(tmp_path / "small")), _paths(data_run, tmp_path / "run"))
+
+
+def test_document_masking_makes_a_packed_document_see_only_itself(data_run, tmp_path):
+    import torch
+
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.presets import SIZES
+    from trulyopen.train.pretrain import document_attention
+
+    model = from_preset("llama", SIZES["tiny"], vocab=100, max_len=64).eval()
+    g = torch.Generator().manual_seed(0)
+    a, b, c = (torch.randint(1, 100, (n,), generator=g) for n in (5, 7, 4))
+    eot = torch.tensor([0])
+    row = torch.cat([a, eot, b, eot, c]).unsqueeze(0)
+    mask, positions = document_attention(row, eot=0)
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]]
+    with torch.no_grad():
+        packed = model(input_ids=row, attention_mask=mask, position_ids=positions).logits[0]
+        for doc, start in ((a, 0), (b, 6), (c, 14)):
+            alone = model(input_ids=doc.unsqueeze(0)).logits[0]
+            assert torch.allclose(packed[start : start + len(doc)], alone, atol=1e-5)
+    pretrain(
+        _cfg(max_steps=2, checkpoint_every=2, eval_every=2, document_masking=True),
+        TINY,
+        _paths(data_run, tmp_path),
+    )
+    assert all(r["loss"] > 0 for r in _metrics(tmp_path))

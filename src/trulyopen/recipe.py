@@ -271,6 +271,10 @@ class PretrainConfig(Section):
         description="Matmul precision: auto is bf16 on GPUs and on CPUs with AMX or AVX-512 BF16, else fp32.",
     )
     compile: bool = Field(default=False, description="Compile the model with torch.compile.")
+    document_masking: bool = Field(
+        default=False,
+        description="Keep attention inside each packed document (block-diagonal mask, positions restart).",
+    )
     eval_every: int = Field(default=50, ge=1, description="Validation bits-per-byte every this many steps.")
     eval_sequences: int = Field(default=16, ge=1, description="Validation sequences per evaluation.")
     checkpoint_every: int = Field(default=50, ge=1, description="Write a checkpoint every this many steps.")

@@ -88,6 +88,29 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple
     return ce, ce
 
 
+def document_attention(x: torch.Tensor, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4D boolean mask, position ids) that keep each token's attention inside its own document.
+
+    Packed rows hold several documents, each ending with end-of-text. A token may attend to
+    earlier tokens of its document only, and positions restart at 0 where a document starts:
+
+        row       a a a E b b b E c       mask (causal within a block)    positions
+                                          ■                               0 1 2 3 0 1 2 3 0
+                                          ■ ■ ...
+    """
+    T = x.shape[1]
+    idx = torch.arange(T, device=x.device).expand_as(x)
+    is_eot = x == eot
+    doc = torch.cumsum(is_eot, dim=1) - is_eot.long()  # an end-of-text belongs to the text it ends
+    starts = torch.zeros_like(is_eot)
+    starts[:, 1:] = is_eot[:, :-1]
+    starts[:, 0] = True
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    causal = idx[:, :, None] >= idx[:, None, :]
+    mask = causal & (doc[:, :, None] == doc[:, None, :])
+    return mask[:, None], idx - first
+
+
 @dataclass
 class Paths:
     run_dir: Path
@@ -236,7 +259,11 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
             for micro in rows.split(cfg.micro_batch_size):
                 x, y = micro[:, :-1].to(device), micro[:, 1:].to(device)
                 with autocast():
-                    logits = train_model(input_ids=x).logits
+                    if cfg.document_masking:
+                        mask, positions = document_attention(x, stream.eot_id)
+                        logits = train_model(input_ids=x, attention_mask=mask, position_ids=positions).logits
+                    else:
+                        logits = train_model(input_ids=x).logits
                 loss, ce = lm_loss(logits, y, cfg.z_loss)
                 # weights make the gradient the mean over this rank's rows; DDP/FSDP average the ranks
                 (loss * len(micro) / len(rows)).backward()
