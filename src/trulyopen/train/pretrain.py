@@ -58,6 +58,34 @@ def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU on known GPUs.
+GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from): a data-sheet figure for known GPUs, otherwise the
+    measured throughput of a large square matmul in the training precision."""
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"{key} data sheet"
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best, f"measured {n}x{n} matmul"
+
+
 def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> torch.nn.Module:
     if model_cfg.init_from:
         model = from_pretrained(model_cfg.init_from, vocab)
@@ -171,9 +199,10 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
         f"{cfg.max_steps} steps of {cfg.global_batch_tokens:,} tokens"
         + (f", {world.size} processes ({cfg.distributed})" if world.size > 1 else "")
     )
-    train_model = distributed.wrap(
-        model, cfg.distributed, world
-    )  # before the optimizer: FSDP2 shards in place
+    peak, peak_source = peak_flops(device, dtype)
+    say(f"pretrain: peak {peak / 1e12:.3f} TFLOP/s per process ({peak_source}) for MFU")
+    # wrap before making the optimizer: FSDP2 shards the parameters in place
+    train_model = distributed.wrap(model, cfg.distributed, world)
     optimizer = make_optimizer(model, cfg)
     train_model = torch.compile(train_model) if cfg.compile else train_model
     autocast = (
@@ -296,6 +325,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
                 "tokens_seen": (step + 1) * cfg.global_batch_tokens,
                 "tokens_per_s": round(cfg.global_batch_tokens / seconds, 1),
                 "flops_per_s": round(fpt * cfg.global_batch_tokens / seconds),
+                "mfu": round(fpt * cfg.global_batch_tokens / seconds / (peak * world.size), 4),
                 "peak_memory_mb": round(peak_memory_mb(device), 1),
             }
             done = step + 1
