@@ -226,3 +226,39 @@ def test_document_masking_makes_a_packed_document_see_only_itself(data_run, tmp_
         _paths(data_run, tmp_path),
     )
     assert all(r["loss"] > 0 for r in _metrics(tmp_path))
+
+
+def test_keep_every_thins_old_checkpoints(data_run, tmp_path):
+    pretrain(
+        _cfg(max_steps=10, checkpoint_every=2, keep_every=2, eval_every=10), TINY, _paths(data_run, tmp_path)
+    )
+    kept = [p.name for p in checkpoint.complete(tmp_path / "checkpoints" / "pretrain")]
+    assert kept == ["step_000004", "step_000008", "step_000010"]  # multiples of 4, and the newest
+
+
+def test_resuming_on_other_data_is_refused(data_run, tmp_path, monkeypatch):
+    import shutil
+
+    import trulyopen.train.pretrain as loop
+    from trulyopen.train.loader import DataMismatchError
+
+    real = loop.learning_rate
+
+    def dying(step, *a):
+        if step == 5:
+            raise KeyboardInterrupt("killed")
+        return real(step, *a)
+
+    monkeypatch.setattr(loop, "learning_rate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_cfg(), TINY, _paths(data_run, tmp_path))
+    monkeypatch.setattr(loop, "learning_rate", real)
+    other = tmp_path / "other_shards"
+    shutil.copytree(data_run / "data" / "shards", other)
+    meta = json.loads((other / "shards.json").read_text())
+    meta["fingerprint"] = "0" * 64
+    (other / "shards.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataMismatchError, match=r"trained on data [0-9a-f]{16}, but the run.s shards are 0{16}"
+    ):
+        pretrain(_cfg(), TINY, Paths(tmp_path, other, data_run / "tokenizer"))
