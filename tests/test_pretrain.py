@@ -262,3 +262,18 @@ def test_resuming_on_other_data_is_refused(data_run, tmp_path, monkeypatch):
         DataMismatchError, match=r"trained on data [0-9a-f]{16}, but the run.s shards are 0{16}"
     ):
         pretrain(_cfg(), TINY, Paths(tmp_path, other, data_run / "tokenizer"))
+
+
+def test_metrics_go_to_tensorboard_when_asked(data_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    pretrain(
+        _cfg(max_steps=3, checkpoint_every=3, eval_every=3, log_to=["tensorboard"]),
+        TINY,
+        _paths(data_run, tmp_path),
+    )
+    events = EventAccumulator(str(tmp_path / "pretrain" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    assert losses == pytest.approx([r["loss"] for r in _metrics(tmp_path)], rel=1e-6)
+    assert [e.step for e in events.Scalars("val_bpb")] == [3]

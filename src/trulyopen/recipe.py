@@ -237,7 +237,8 @@ class ModelConfig(Section):
 
 
 class PretrainConfig(Section):
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"distributed"})  # DDP, FSDP or one process: same run
+    # DDP, FSDP or one process, and where metrics are mirrored, make the same run
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"distributed", "log_to"})
     seq_len: int = Field(default=256, ge=8, description="Tokens per training sequence.")
     global_batch_tokens: int = Field(
         default=8192,
@@ -271,6 +272,10 @@ class PretrainConfig(Section):
         description="Matmul precision: auto is bf16 on GPUs and on CPUs with AMX or AVX-512 BF16, else fp32.",
     )
     compile: bool = Field(default=False, description="Compile the model with torch.compile.")
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Also send metrics to TensorBoard (pip install tensorboard) or W&B (pip install wandb).",
+    )
     document_masking: bool = Field(
         default=False,
         description="Keep attention inside each packed document (block-diagonal mask, positions restart).",

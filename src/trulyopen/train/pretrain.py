@@ -15,7 +15,6 @@ checkpoint: so a run killed at any point and resumed ends with the same bits as 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -28,14 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from trulyopen.evaluate.bpb import bits_per_byte, token_bytes
-from trulyopen.files import atomic_open
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record
 from trulyopen.model.build import count_params, flops_per_token, from_preset, from_pretrained
 from trulyopen.model.presets import ModelSpecError, resolve_dims
 from trulyopen.progress import Progress
 from trulyopen.recipe import ModelConfig, PretrainConfig
 from trulyopen.train import TrainingError, checkpoint, distributed
+from trulyopen.train import metrics as metrics_log
 from trulyopen.train.loader import BatchPlan, DataMismatchError, TokenStream
+from trulyopen.train.metrics import MetricsLog
 from trulyopen.train.schedule import learning_rate
 
 
@@ -154,15 +154,6 @@ class Paths:
         return self.run_dir / "pretrain" / "metrics.jsonl"
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """On resume, drop metric lines past the checkpoint's step: they will be written again."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    with atomic_open(path) as f:
-        f.write("".join(ln + "\n" for ln in lines))
-
-
 def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: bool = False) -> Path:
     """Train, checkpointing as it goes; return the final checkpoint's directory.
 
@@ -231,8 +222,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
         start = state["step"]
         say(f"pretrain: resuming from {last_ckpt.name} (step {start})")
     if world.main:
-        _keep_metrics_until(paths.metrics, start)
-        paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics_log.keep_until(paths.metrics, start)
 
     def save(step: int) -> Path:
         state = {
@@ -266,8 +256,10 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
 
     model.train()
     last_good = last_ckpt
+    sinks = cfg.log_to if world.main else []
+    log_path = paths.metrics if world.main else Path(os.devnull)
     with (
-        open(paths.metrics if world.main else os.devnull, "a", encoding="utf-8") as metrics,
+        MetricsLog(log_path, sinks, paths.run_dir.name, cfg.model_dump(mode="json")) as metrics,
         Progress("pretrain", cfg.max_steps - start, "steps", quiet=not world.main) as bar,
     ):
         for step in range(start, cfg.max_steps):
@@ -331,8 +323,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 record["val_bpb"] = round(validate(), 6)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.write(record)
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                 last_good = save(done)
