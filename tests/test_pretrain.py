@@ -342,3 +342,26 @@ def test_sigkill_mid_training_then_rerun_gives_identical_weights(data_run, tmp_p
     subprocess.run(command(tmp_path / "killed"), env=env, check=True, capture_output=True)
     final = "checkpoints/pretrain/step_000060/model.safetensors"
     assert (tmp_path / "killed" / final).read_bytes() == (tmp_path / "whole" / final).read_bytes()
+
+
+def test_schedules_warm_up_then_decay():
+    from trulyopen.train.schedule import learning_rate
+
+    def lrs(schedule):
+        return [learning_rate(s, 100, 1.0, 10, schedule, 0.1, 0.2) for s in range(100)]
+
+    cosine, wsd = lrs("cosine"), lrs("wsd")
+    assert cosine[0] == wsd[0] == 0.1 and cosine[9] == wsd[9] == 1.0  # linear warmup to the peak
+    assert all(a >= b for a, b in zip(cosine[9:], cosine[10:], strict=False)) and cosine[-1] == pytest.approx(
+        0.1, abs=1e-3
+    )
+    assert set(wsd[10:80]) == {1.0} and wsd[-1] == pytest.approx(0.1) and wsd[85] < 1.0  # stable, then decay
+    with pytest.raises(ValueError, match="unknown schedule"):
+        learning_rate(20, 100, 1.0, 10, "linear", 0.1, 0.2)
+
+
+def test_bf16_autocast_and_z_loss_train(data_run, tmp_path):
+    cfg = _cfg(max_steps=3, checkpoint_every=3, eval_every=3, precision="bf16", z_loss=1e-4, schedule="wsd")
+    pretrain(cfg, TINY, _paths(data_run, tmp_path))
+    m = _metrics(tmp_path)
+    assert len(m) == 3 and all(0 < r["loss"] < 10 for r in m) and m[-1]["val_bpb"] > 0
