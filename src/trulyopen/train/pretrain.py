@@ -73,8 +73,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     n, best = 256, 0.0
     while n < 4096 and best < 0.05:  # grow the matmul until one takes long enough to time well
         n *= 2
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
+        a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change the time; no RNG used
+        b = torch.ones(n, n, device=device, dtype=dtype)
         a @ b  # warm-up
         best = float("inf")
         for _ in range(3):
@@ -162,6 +162,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
     The run resumes from its newest checkpoint unless `fresh`, which deletes its checkpoints first.
     """
     world = distributed.init()
+    torch.manual_seed(cfg.seed)  # the RNG state (dropout, checkpoints) must not depend on what ran before
     if fresh and world.main:
         shutil.rmtree(paths.checkpoints, ignore_errors=True)
         paths.metrics.unlink(missing_ok=True)
