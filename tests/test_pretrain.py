@@ -42,6 +42,23 @@ def _paths(data_run, run_dir) -> Paths:
     return Paths(run_dir, data_run / "data" / "shards", data_run / "tokenizer")
 
 
+def _run_killed_at(step: int, cfg, paths, monkeypatch) -> None:
+    """Run pretraining that dies (KeyboardInterrupt) as step `step` (0-based) begins."""
+    import trulyopen.train.pretrain as loop
+
+    real = loop.learning_rate
+
+    def dying(at, *a):
+        if at == step:
+            raise KeyboardInterrupt("killed")
+        return real(at, *a)
+
+    monkeypatch.setattr(loop, "learning_rate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, TINY, paths)
+    monkeypatch.setattr(loop, "learning_rate", real)
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
 
@@ -58,20 +75,8 @@ def test_loss_falls_and_checkpoints_are_kept(data_run, tmp_path):
 
 def test_killed_run_resumes_to_identical_bits(data_run, tmp_path, monkeypatch):
     whole = pretrain(_cfg(), TINY, _paths(data_run, tmp_path / "whole"))
-    # a run that dies after its step-8 checkpoint, part-way through step 10
-    import trulyopen.train.pretrain as loop
-
-    real = loop.learning_rate
-
-    def dying(step, *a):
-        if step == 9:
-            raise KeyboardInterrupt("killed")
-        return real(step, *a)
-
-    monkeypatch.setattr(loop, "learning_rate", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(_cfg(), TINY, _paths(data_run, tmp_path / "killed"))
-    monkeypatch.setattr(loop, "learning_rate", real)
+    # a run that dies after its step-8 checkpoint, as step 10 begins
+    _run_killed_at(9, _cfg(), _paths(data_run, tmp_path / "killed"), monkeypatch)
     resumed = pretrain(_cfg(), TINY, _paths(data_run, tmp_path / "killed"))
     assert (resumed / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
     assert (resumed / "optimizer.pt").read_bytes() == (whole / "optimizer.pt").read_bytes()
@@ -239,20 +244,9 @@ def test_keep_every_thins_old_checkpoints(data_run, tmp_path):
 def test_resuming_on_other_data_is_refused(data_run, tmp_path, monkeypatch):
     import shutil
 
-    import trulyopen.train.pretrain as loop
     from trulyopen.train.loader import DataMismatchError
 
-    real = loop.learning_rate
-
-    def dying(step, *a):
-        if step == 5:
-            raise KeyboardInterrupt("killed")
-        return real(step, *a)
-
-    monkeypatch.setattr(loop, "learning_rate", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain(_cfg(), TINY, _paths(data_run, tmp_path))
-    monkeypatch.setattr(loop, "learning_rate", real)
+    _run_killed_at(5, _cfg(), _paths(data_run, tmp_path), monkeypatch)
     other = tmp_path / "other_shards"
     shutil.copytree(data_run / "data" / "shards", other)
     meta = json.loads((other / "shards.json").read_text())
