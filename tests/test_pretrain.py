@@ -135,7 +135,8 @@ def test_pipeline_pretrains_and_export_loads_in_transformers(data_run, tmp_path)
     ids = torch.tensor([tok.encode("def alphax_0(betay, gammaz):\n    return")])
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
-    assert theirs.generation_config.eos_token_id == tok.eos_token_id
+    # generation stops at end-of-text and at the chat template's end-of-turn marker
+    assert theirs.generation_config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     bad = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not a trulyopen checkpoint" in bad.output
 
@@ -211,7 +212,7 @@ def test_document_masking_makes_a_packed_document_see_only_itself(data_run, tmp_
 
     from trulyopen.model.build import from_preset
     from trulyopen.model.presets import SIZES
-    from trulyopen.train.pretrain import document_attention
+    from trulyopen.train.attention import document_attention
 
     model = from_preset("llama", SIZES["tiny"], vocab=100, max_len=64).eval()
     g = torch.Generator().manual_seed(0)

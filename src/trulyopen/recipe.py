@@ -236,15 +236,11 @@ class ModelConfig(Section):
         }
 
 
-class PretrainConfig(Section):
+class LoopConfig(Section):
+    """What every training loop shares: the optimizer, its schedule, precision, checkpoints, logging."""
+
     # DDP, FSDP or one process, and where metrics are mirrored, make the same run
     not_hashed: ClassVar[frozenset[str]] = frozenset({"distributed", "log_to"})
-    seq_len: int = Field(default=256, ge=8, description="Tokens per training sequence.")
-    global_batch_tokens: int = Field(
-        default=8192,
-        ge=8,
-        description="Tokens per optimizer step over all processes (a multiple of seq_len).",
-    )
     micro_batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass per process.")
     max_steps: int = Field(default=200, ge=1, description="Optimizer steps to train.")
     lr: float = Field(default=3e-3, gt=0, description="Peak learning rate.")
@@ -264,9 +260,6 @@ class PretrainConfig(Section):
     grad_clip: float | None = Field(
         default=1.0, gt=0, description="Clip the gradient norm to this; null: off."
     )
-    z_loss: float = Field(
-        default=0.0, ge=0, description="Weight of the z-loss (log-sum-exp of logits squared)."
-    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         default="auto",
         description="Matmul precision: auto is bf16 on GPUs and on CPUs with AMX or AVX-512 BF16, else fp32.",
@@ -276,12 +269,7 @@ class PretrainConfig(Section):
         default_factory=list,
         description="Also send metrics to TensorBoard (pip install tensorboard) or W&B (pip install wandb).",
     )
-    document_masking: bool = Field(
-        default=False,
-        description="Keep attention inside each packed document (block-diagonal mask, positions restart).",
-    )
-    eval_every: int = Field(default=50, ge=1, description="Validation bits-per-byte every this many steps.")
-    eval_sequences: int = Field(default=16, ge=1, description="Validation sequences per evaluation.")
+    eval_every: int = Field(default=50, ge=1, description="Validate every this many steps (and at the end).")
     checkpoint_every: int = Field(default=50, ge=1, description="Write a checkpoint every this many steps.")
     keep_every: int = Field(
         default=1, ge=1, description="Keep every k-th checkpoint (1 keeps all); the newest is always kept."
@@ -295,12 +283,185 @@ class PretrainConfig(Section):
         default="stop", description="A NaN or infinite loss stops the run, or skips that step."
     )
 
+
+class PretrainConfig(LoopConfig):
+    seq_len: int = Field(default=256, ge=8, description="Tokens per training sequence.")
+    global_batch_tokens: int = Field(
+        default=8192,
+        ge=8,
+        description="Tokens per optimizer step over all processes (a multiple of seq_len).",
+    )
+    z_loss: float = Field(
+        default=0.0, ge=0, description="Weight of the z-loss (log-sum-exp of logits squared)."
+    )
+    document_masking: bool = Field(
+        default=False,
+        description="Keep attention inside each packed document (block-diagonal mask, positions restart).",
+    )
+    eval_sequences: int = Field(default=16, ge=1, description="Validation sequences per evaluation.")
+
     @model_validator(mode="after")
     def _batch_divides(self) -> PretrainConfig:
         if self.global_batch_tokens % self.seq_len:
             raise ValueError(
                 f"global_batch_tokens ({self.global_batch_tokens}) must be a multiple of "
                 f"seq_len ({self.seq_len})"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- post-training data
+
+
+class RemoteModelConfig(Section):
+    """An outside model that `synth` may ask to write or judge examples (only when its key is set)."""
+
+    # where and how fast to ask change nothing in what is asked: not hashed
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"base_url", "requests_per_minute", "max_retries"})
+    provider: Literal["openai", "anthropic"] = Field(
+        description="API style: openai (any OpenAI-compatible chat completions endpoint) or anthropic."
+    )
+    model: str = Field(description="Model name sent with every request.")
+    base_url: str | None = Field(
+        default=None,
+        description="Endpoint root, e.g. http://127.0.0.1:8000/v1; default: the provider's public API.",
+    )
+    api_key_env: str = Field(
+        default="OPENAI_API_KEY",
+        description="Environment variable holding the key; when it is unset, the remote step is skipped.",
+    )
+    task: Literal["write", "judge"] = Field(
+        default="judge",
+        description="write: it answers each instruction; judge: it rates each example, low ones dropped.",
+    )
+    max_examples: int = Field(default=200, ge=1, description="At most this many requests.")
+    requests_per_minute: float = Field(default=60, gt=0, description="Rate limit.")
+    max_retries: int = Field(default=4, ge=0, description="Retries (with backoff) on 429, 5xx and timeouts.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature of the requests.")
+
+
+class SynthConfig(Section):
+    """Post-training data derived from the run's curated corpus, with no outside model by default."""
+
+    kinds: list[Literal["sft", "preference", "grpo"]] = Field(
+        default_factory=lambda: ["sft", "preference", "grpo"],
+        description="What to make: sft (write a function from its docstring and signature), "
+        "preference (the real body against a corrupted one), grpo (prompts with checkable answers).",
+    )
+    max_per_kind: int = Field(default=2000, ge=1, description="At most this many examples of each kind.")
+    max_answer_lines: int = Field(
+        default=30, ge=1, description="Functions whose body is longer than this are left out."
+    )
+    seed: int = Field(default=0, description="Seed of the selection and of the corruptions.")
+    remote: RemoteModelConfig | None = Field(
+        default=None, description="Optionally ask an outside model to write or judge examples."
+    )
+
+
+# ----------------------------------------------------------------------------- post-training
+
+
+class FinetuneDataConfig(Section):
+    path: Path | None = Field(
+        default=None, description="JSONL file or a dataset saved with datasets.save_to_disk."
+    )
+    dataset: str | None = Field(default=None, description="Dataset name on the hub instead of a path.")
+    split: str = Field(default="train", description="Split to read (datasets only).")
+    format: Literal["auto", "chat", "prompt_completion", "preference", "grpo"] = Field(
+        default="auto",
+        description="Record format: chat ({messages: [{role, content}]}), prompt_completion ({prompt, "
+        "completion}), preference ({prompt, chosen, rejected}), grpo ({prompt, verifier}); auto: by keys.",
+    )
+
+    @model_validator(mode="after")
+    def _one_place(self) -> FinetuneDataConfig:
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of path and dataset")
+        return self
+
+
+class LoraConfig(Section):
+    r: int = Field(default=16, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(default=32, gt=0, description="Scale: the update is multiplied by alpha / r.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        default=None,
+        description="Names of the linear layers to adapt; null: every attention and MLP projection "
+        "of the architecture (not the output layer, not MoE routers).",
+    )
+
+
+class DPOConfig(Section):
+    beta: float = Field(default=0.1, gt=0, description="Strength of the pull towards the reference.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        default="sigmoid", description="sigmoid (the DPO paper) or ipo (squared, on mean log-probabilities)."
+    )
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(default=8, ge=2, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest completion.")
+    temperature: float = Field(default=1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    top_k: int = Field(default=0, ge=0, description="Keep the k likeliest tokens (0: all).")
+    clip_eps: float = Field(default=0.2, gt=0, description="PPO clipping of the probability ratio.")
+    kl_coef: float = Field(
+        default=0.0, ge=0, description="Weight of the KL penalty to the reference (0: no reference kept)."
+    )
+    updates_per_batch: int = Field(
+        default=1, ge=1, description="Optimizer steps on each batch of completions (>1 makes clipping act)."
+    )
+
+
+class FinetuneConfig(LoopConfig):
+    """Post-training: one loop, several objectives, on our checkpoints or any Hugging Face model."""
+
+    method: Literal["sft", "dpo", "grpo"] = Field(description="The objective.")
+    adapter: Literal["none", "lora", "qlora"] = Field(
+        default="none",
+        description="none trains every weight; lora trains a low-rank adapter (peft); qlora does so on a "
+        "4-bit NF4 base (bitsandbytes).",
+    )
+    base: str | None = Field(
+        default=None,
+        description="Model to start from: null is this run's final pretraining checkpoint; else a trulyopen "
+        "checkpoint directory, a Hugging Face model directory or a hub name.",
+    )
+    data: list[FinetuneDataConfig] = Field(
+        default_factory=list,
+        description="Training data; empty: what the run's synth stage made for this method.",
+    )
+    on_bad_record: Literal["skip", "stop"] = Field(
+        default="skip",
+        description="A malformed record is reported with file and line, then skipped or fatal.",
+    )
+    chat_template: str | None = Field(
+        default=None, description="Jinja chat template to use instead of the tokenizer's own."
+    )
+    seq_len: int = Field(default=512, ge=8, description="Longest sequence; longer examples are bad records.")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Per optimizer step: packed sequences (sft), preference pairs (dpo) or prompts (grpo).",
+    )
+    max_steps: int = Field(default=100, ge=1, description="Optimizer steps to train.")
+    lr: float = Field(default=2e-5, gt=0, description="Peak learning rate (adapters usually want ~1e-4).")
+    warmup_steps: int = Field(default=5, ge=0, description="Steps of linear warmup.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    val_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of the records held out for validation (by id hash)."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, qlora).")
+    dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings.")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings.")
+
+    @model_validator(mode="after")
+    def _whole_grpo_batches(self) -> FinetuneConfig:
+        # a resumed run samples a batch again from the checkpoint's model: checkpoints fall between batches
+        u = self.grpo.updates_per_batch
+        if self.method == "grpo" and (self.checkpoint_every % u or self.max_steps % u):
+            raise ValueError(
+                f"checkpoint_every and max_steps must be multiples of grpo.updates_per_batch ({u})"
             )
         return self
 
@@ -315,35 +476,62 @@ class Recipe(Section):
         ge=0,
         description="Worker processes for parallel steps (0 = one per core). Outputs do not depend on it.",
     )
-    data: DataConfig = Field(
-        description="The data stage: sources, cleaning, filters, dedup, decontamination."
+    data: DataConfig | None = Field(
+        default=None,
+        description="The data stage: sources, cleaning, filters, dedup, decontamination; without it, "
+        "the run only post-trains a given model.",
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer stage.")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="The shards stage.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model to pretrain.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretraining stage.")
+    synth: SynthConfig | None = Field(
+        default=None, description="Derive post-training data from the curated corpus (the synth stage)."
+    )
+    finetune: FinetuneConfig | None = Field(default=None, description="The post-training stage.")
+
+    @model_validator(mode="after")
+    def _stages_have_inputs(self) -> Recipe:
+        if self.synth is not None and self.data is None:
+            raise ValueError("synth needs a data section: it derives its examples from the curated corpus")
+        ft = self.finetune
+        if ft is not None and ft.base is None and self.data is None:
+            raise ValueError("finetune.base must name a model when there is no data section to pretrain on")
+        if ft is not None and not ft.data and self.synth is None:
+            raise ValueError("finetune.data is empty and there is no synth section to make data")
+        return self
+
+    def _path_fields(self) -> list[tuple[str, Any, str | int]]:
+        """(dotted field, owner, key) of every file-system path in the recipe."""
+        fields: list[tuple[str, Any, str | int]] = []
+        if self.data is not None:
+            fields += [(f"data.sources.{i}.path", s, "path") for i, s in enumerate(self.data.sources)]
+            files = self.data.decontamination.eval_files
+            fields += [(f"data.decontamination.eval_files.{i}", files, i) for i in range(len(files))]
+        fields.append(("tokenizer.path", self.tokenizer, "path"))
+        if self.finetune is not None:
+            fields += [(f"finetune.data.{i}.path", d, "path") for i, d in enumerate(self.finetune.data)]
+        return fields
 
     def resolve_paths(self, base: Path) -> None:
-        """Make every relative path absolute against `base` (the recipe's directory)."""
-        for src in self.data.sources:
-            if src.path is not None and not src.path.is_absolute():
-                src.path = (base / src.path).resolve()
-        dc = self.data.decontamination
-        dc.eval_files = [p if p.is_absolute() else (base / p).resolve() for p in dc.eval_files]
-        if self.tokenizer.path is not None and not self.tokenizer.path.is_absolute():
-            self.tokenizer.path = (base / self.tokenizer.path).resolve()
+        """Make every relative path absolute against `base` (the recipe's directory); a finetune base
+        that names an existing directory there becomes its absolute path (else it is a hub name)."""
+        for _, owner, key in self._path_fields():
+            path = owner[key] if isinstance(key, int) else getattr(owner, key)
+            if path is not None and not path.is_absolute():
+                path = (base / path).resolve()
+                owner.__setitem__(key, path) if isinstance(key, int) else setattr(owner, key, path)
+        ft = self.finetune
+        if ft is not None and ft.base is not None and (base / ft.base).is_dir():
+            ft.base = str((base / ft.base).resolve())
 
     def missing_paths(self) -> list[tuple[str, Path]]:
         """(dotted field, path) for every path in the recipe that does not exist."""
         missing = []
-        for i, src in enumerate(self.data.sources):
-            if src.path is not None and not src.path.exists():
-                missing.append((f"data.sources.{i}.path", src.path))
-        for i, p in enumerate(self.data.decontamination.eval_files):
-            if not p.exists():
-                missing.append((f"data.decontamination.eval_files.{i}", p))
-        if self.tokenizer.path is not None and not self.tokenizer.path.exists():
-            missing.append(("tokenizer.path", self.tokenizer.path))
+        for dotted, owner, key in self._path_fields():
+            path = owner[key] if isinstance(key, int) else getattr(owner, key)
+            if path is not None and not path.exists():
+                missing.append((dotted, path))
         return missing
 
 

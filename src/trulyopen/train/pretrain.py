@@ -14,7 +14,6 @@ checkpoint: so a run killed at any point and resumed ends with the same bits as 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -34,58 +33,12 @@ from trulyopen.progress import Progress
 from trulyopen.recipe import ModelConfig, PretrainConfig
 from trulyopen.train import TrainingError, checkpoint, distributed
 from trulyopen.train import metrics as metrics_log
+from trulyopen.train.attention import document_attention
 from trulyopen.train.loader import BatchPlan, DataMismatchError, TokenStream
 from trulyopen.train.metrics import MetricsLog
+from trulyopen.train.optim import make_optimizer
+from trulyopen.train.precision import autocast_for, choose_dtype, dtype_name, peak_flops, peak_memory_mb
 from trulyopen.train.schedule import learning_rate
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: without them a bf16 matmul on the CPU is much slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32":
-        return torch.float32
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-
-
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU on known GPUs.
-GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where it comes from): a data-sheet figure for known GPUs, otherwise the
-    measured throughput of a large square matmul in the training precision."""
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak, f"{key} data sheet"
-    n, best = 256, 0.0
-    while n < 4096 and best < 0.05:  # grow the matmul until one takes long enough to time well
-        n *= 2
-        a = torch.ones(n, n, device=device, dtype=dtype)  # values do not change the time; no RNG used
-        b = torch.ones(n, n, device=device, dtype=dtype)
-        a @ b  # warm-up
-        best = float("inf")
-        for _ in range(3):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best, f"measured {n}x{n} matmul"
 
 
 def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> torch.nn.Module:
@@ -101,14 +54,6 @@ def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> 
     return from_preset(model_cfg.arch, dims, vocab, seq_len, seed, model_cfg.config_overrides)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases); fused where torch has it."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
-
-
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss to optimise, cross-entropy alone), both means over tokens; logits in fp32 for stability."""
     logits = logits.float().flatten(0, 1)
@@ -116,29 +61,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple
     if z_loss:
         return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean(), ce
     return ce, ce
-
-
-def document_attention(x: torch.Tensor, eot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(4D boolean mask, position ids) that keep each token's attention inside its own document.
-
-    Packed rows hold several documents, each ending with end-of-text. A token may attend to
-    earlier tokens of its document only, and positions restart at 0 where a document starts:
-
-        row       a a a E b b b E c       mask (causal within a block)    positions
-                                          ■                               0 1 2 3 0 1 2 3 0
-                                          ■ ■ ...
-    """
-    T = x.shape[1]
-    idx = torch.arange(T, device=x.device).expand_as(x)
-    is_eot = x == eot
-    doc = torch.cumsum(is_eot, dim=1) - is_eot.long()  # an end-of-text belongs to the text it ends
-    starts = torch.zeros_like(is_eot)
-    starts[:, 1:] = is_eot[:, :-1]
-    starts[:, 0] = True
-    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
-    causal = idx[:, :, None] >= idx[:, None, :]
-    mask = causal & (doc[:, :, None] == doc[:, None, :])
-    return mask[:, None], idx - first
 
 
 @dataclass
@@ -199,11 +121,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
     train_model = distributed.wrap(model, cfg.distributed, world)
     optimizer = make_optimizer(model, cfg)
     train_model = torch.compile(train_model) if cfg.compile else train_model
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if dtype == torch.bfloat16
-        else contextlib.nullcontext
-    )
+    autocast = autocast_for(device, dtype)
     ledger = Ledger(paths.run_dir)
     chash = config_hash(model_cfg, cfg)
 
@@ -331,15 +249,3 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                 last_good = save(done)
     return checkpoint.path_for(paths.checkpoints, cfg.max_steps)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16 autocast", torch.float32: "fp32"}[dtype]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux

@@ -1,0 +1,891 @@
+"""Pretraining throughput: trulyopen's loop against the Hugging Face Trainer and a plain PyTorch loop.
+
+    .venv/bin/python benchmarks/train_throughput.py                 # the run recorded in BENCHMARKS.md
+    .venv/bin/python benchmarks/train_throughput.py --check-150m    # also: two steps of the 150m preset
+    .venv/bin/python benchmarks/train_throughput.py --quick         # a smoke run (about 2 minutes)
+
+One model, one batch, one data order for every row: a transformers Llama (vocabulary 8,192, hidden
+512, 8 layers, 8 heads, 8 key-value heads, MLP 1,536), sequences of 256 tokens, a global batch of
+--global-batch-tokens (default 4,096 = 16 sequences) in micro-batches of --micro-batch (default 8),
+the same initial weights (seed 0), and the rows of `BatchPlan(...).batch_tokens(step)` over the
+quickstart's shards. The rows:
+
+  ours         trulyopen.train.pretrain.pretrain() with precision "auto"; tokens/s is the loop's own
+               `tokens_per_s` in pretrain/metrics.jsonl (one step: data, forward, backward, clipping,
+               optimizer), median over the steps after --warmup. Evaluation and the checkpoint happen
+               once, after the last step, and are not in any step's time.
+  trainer-bf16 transformers.Trainer with bf16=True, use_cpu=True (what Oumi and TRL configure): CPU
+               autocast to bfloat16. Same batch (per-device batch x gradient accumulation), AdamW
+               (fused, lr, betas, weight decay, clipping as ours), constant learning rate.
+  trainer-fp32 the same Trainer with bf16=False.
+  plain-fp32   a plain loop as nanochat runs on a CPU: model(input_ids, labels=...).loss, backward,
+               torch.optim.AdamW step; no autocast, no clipping.
+
+For the Trainer and the plain loop, tokens/s is the global batch over the wall time between the ends of
+consecutive optimizer steps, after a warm-up (median for the plain loop; all measured steps together
+for the Trainer). Each row runs in its own interpreter, so its peak memory (the process's peak resident
+set, as trulyopen's metrics report it on a CPU) is its own.
+
+The limit: every matrix multiplication of one training step of this model, at its own shapes and in the
+precision our loop uses, timed alone with torch: for each Linear (and the lm_head), x[B*T, in] @ W^T,
+then the two backward products g @ W and g^T @ x; for attention, per head at T=256, Q K^T and A V
+with their four backward products (batched over sequences x heads). The limit is their FLOPs over
+their time (the median of --matmul-repeat runs of each shape), i.e. the speed of a loop that did
+nothing but these products. Our FLOP/s is trulyopen.model.build.flops_per_token x our tokens/s (the
+same FLOPs: 6 x parameters incl. the output projection, plus 12 x layers x heads x head_dim x T for
+attention). MFU is the same FLOP/s over a large square matmul's (--square, default 4096^3).
+
+Targets: our tokens/s at least 2x the bf16 Trainer's, and our FLOP/s at least 60% of the limit.
+
+bfloat16 note: a CPU without AMX or AVX-512 BF16 (e.g. an AVX2-only AMD EPYC) has no bf16 matmul
+hardware; the script prints the bf16 and fp32 speed of one matmul so this shows. There the bf16
+Trainer is crippled by the hardware, not by the Trainer; the fp32 Trainer row is the fairer comparison.
+
+When our FLOP/s is under the target (or with --profile), one training step of our loop (its own
+lm_loss and make_optimizer) is profiled with torch.profiler, and the time is summed by kind of operator.
+
+The last line of the output is a JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+# The fixed model.
+VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, MLP, SEQ = 8192, 512, 8, 8, 8, 1536, 256
+SEED = 0
+# The optimizer, as trulyopen's defaults (PretrainConfig).
+LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 3e-3, (0.9, 0.95), 0.1, 1.0
+RATIO_TARGET = 2.0  # ours / bf16 Trainer
+LIMIT_TARGET = 0.60  # our FLOP/s / the matmul-shape limit
+DISTURBED = 0.05  # a row during which other processes took more than this share of the CPUs
+# --check-150m: a small batch, 2 steps
+CHECK_150M = {"global_batch_tokens": 1024, "micro_batch_size": 4, "steps": 2}
+INSTALL_ACCELERATE = ".venv/bin/pip install accelerate"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def dims():
+    from trulyopen.model.presets import Dims
+
+    return Dims(hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, intermediate=MLP)
+
+
+def model_config(size: str | None = None):
+    from trulyopen.recipe import ModelConfig
+
+    if size is not None:
+        return ModelConfig(arch="llama", size=size)
+    return ModelConfig(
+        arch="llama",
+        size=None,
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        num_heads=HEADS,
+        num_kv_heads=KV_HEADS,
+        intermediate_size=MLP,
+    )
+
+
+def fresh_model(vocab: int):
+    """The same weights as pretrain() builds (from_preset with the same seed)."""
+    from trulyopen.model.build import from_preset
+
+    return from_preset("llama", dims(), vocab, SEQ, SEED)
+
+
+def plan_for(shards: Path, batch_seqs: int):
+    from trulyopen.train.loader import BatchPlan, TokenStream
+
+    stream = TokenStream(shards, "train")
+    return stream, BatchPlan(stream, SEQ, batch_seqs, SEED)
+
+
+def our_dtype():
+    import torch
+
+    from trulyopen.train.precision import choose_dtype
+
+    return choose_dtype("auto", torch.device("cpu"))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------- rows (child processes)
+
+
+def row_ours(p: dict) -> dict:
+    """trulyopen's pretrain() in a fresh run directory; tokens/s from its metrics.jsonl."""
+    from trulyopen.model.build import flops_per_token
+    from trulyopen.recipe import PretrainConfig
+    from trulyopen.train.precision import dtype_name
+    from trulyopen.train.pretrain import Paths, pretrain
+
+    steps = p["warmup"] + p["steps"]
+    cfg = PretrainConfig(
+        seq_len=SEQ,
+        global_batch_tokens=p["global_batch_tokens"],
+        micro_batch_size=p["micro_batch_size"],
+        max_steps=steps,
+        lr=LR,
+        warmup_steps=0,
+        schedule="constant",
+        weight_decay=WEIGHT_DECAY,
+        beta1=BETAS[0],
+        beta2=BETAS[1],
+        grad_clip=GRAD_CLIP,
+        precision="auto",
+        compile=p.get("compile", False),
+        eval_every=steps,
+        checkpoint_every=steps,
+        seed=SEED,
+    )
+    data = Path(p["data_run"])
+    with tempfile.TemporaryDirectory(prefix="trulyopen_bench_") as tmp:
+        paths = Paths(Path(tmp) / "run", data / "data" / "shards", data / "tokenizer")
+        t = time.perf_counter()
+        pretrain(cfg, model_config(p.get("size")), paths, fresh=True)
+        wall = time.perf_counter() - t
+        lines = [json.loads(x) for x in paths.metrics.read_text().splitlines() if x.strip()]
+    measured = lines[p["warmup"] :]
+    tps = [r["tokens_per_s"] for r in measured]
+    fpt = flops_per_token(fresh_model_for(p), SEQ)
+    return {
+        "dtype": dtype_name(our_dtype()),
+        "steps": len(lines),
+        "warmup": p["warmup"],
+        "tokens_per_s_by_step": [r["tokens_per_s"] for r in lines],
+        "tokens_per_s": median(tps),
+        "flops_per_token": fpt,
+        "flops_per_s": median(tps) * fpt,
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in measured),
+        # the loop's own MFU figure (against its measured 2048^3 matmul), where it reports one
+        "mfu_reported": median([r["mfu"] for r in measured if "mfu" in r]) if "mfu" in measured[0] else None,
+        "loss_first": lines[0]["loss"],
+        "loss_last": lines[-1]["loss"],
+        "val_bpb": lines[-1].get("val_bpb"),
+        "wall_s_with_eval_and_checkpoint": wall,
+    }
+
+
+def fresh_model_for(p: dict):
+    """The row's model, only to count its FLOPs."""
+    if p.get("size") is None:
+        return fresh_model(p["vocab"])
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.presets import SIZES
+
+    return from_preset("llama", SIZES[p["size"]], p["vocab"], SEQ, SEED)
+
+
+def row_trainer(p: dict) -> dict:
+    """transformers.Trainer on the same rows, in order; time between the ends of optimizer steps."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    batch_seqs = p["global_batch_tokens"] // SEQ
+    stream, plan = plan_for(Path(p["data_run"]) / "data" / "shards", batch_seqs)
+    steps = p["warmup"] + p["steps"]
+
+    class Rows(torch.utils.data.IterableDataset):
+        """The rows of our global batches 0, 1, ... in order; labels = inputs (the model shifts)."""
+
+        def __iter__(self):
+            for step in range(steps):
+                for row in torch.from_numpy(plan.batch_tokens(step)):
+                    x = row[:-1].contiguous()
+                    yield {"input_ids": x, "labels": x}
+
+    ends: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ends.append(time.perf_counter())
+            print(f"  trainer step {state.global_step}: {time.strftime('%H:%M:%S')}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="trulyopen_bench_") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=p["micro_batch_size"],
+            gradient_accumulation_steps=batch_seqs // p["micro_batch_size"],
+            max_steps=steps,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            adam_beta1=BETAS[0],
+            adam_beta2=BETAS[1],
+            adam_epsilon=1e-8,
+            weight_decay=WEIGHT_DECAY,
+            max_grad_norm=GRAD_CLIP,
+            optim="adamw_torch_fused",
+            bf16=p["bf16"],
+            use_cpu=True,
+            save_strategy="no",
+            eval_strategy="no",
+            logging_steps=10**6,
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            seed=SEED,
+        )
+        trainer = Trainer(
+            model=fresh_model(stream.vocab_size), args=args, train_dataset=Rows(), callbacks=[Clock()]
+        )
+        out = trainer.train()
+    measured = ends[p["warmup"] :]
+    span = measured[-1] - ends[p["warmup"] - 1] if p["warmup"] else float("nan")
+    step_s = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    return {
+        "bf16": p["bf16"],
+        "steps": len(ends),
+        "warmup": p["warmup"],
+        "step_seconds": step_s,
+        "tokens_per_s": p["global_batch_tokens"] * len(measured) / span,
+        "train_loss": out.training_loss,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def row_plain(p: dict) -> dict:
+    """A plain fp32 loop (what nanochat does on a CPU)."""
+    import torch
+
+    batch_seqs = p["global_batch_tokens"] // SEQ
+    stream, plan = plan_for(Path(p["data_run"]) / "data" / "shards", batch_seqs)
+    model = fresh_model(stream.vocab_size)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    step_s, losses = [], []
+    for step in range(p["warmup"] + p["steps"]):
+        t = time.perf_counter()
+        rows = torch.from_numpy(plan.batch_tokens(step))
+        n = len(rows) // p["micro_batch_size"]
+        total = 0.0
+        for micro in rows.split(p["micro_batch_size"]):
+            x = micro[:, :-1]
+            loss = model(input_ids=x, labels=x).loss / n
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t)
+        losses.append(total)
+    measured = step_s[p["warmup"] :]
+    return {
+        "steps": len(step_s),
+        "warmup": p["warmup"],
+        "step_seconds": step_s,
+        "tokens_per_s": p["global_batch_tokens"] / median(measured),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def matmul_shapes(micro: int, vocab: int) -> list[dict]:
+    """Every matmul of one micro-batch's forward and backward: (name, a, b, batch, count) with the
+    operands' layouts as autograd uses them (F.linear: x @ W^T; backward: g @ W and g^T @ x)."""
+    M, d = micro * SEQ, HIDDEN // HEADS
+    linears = [  # (name, in, out, how many in the model)
+        ("attn q/k/v/o", HIDDEN, HIDDEN, 4 * LAYERS),
+        ("mlp gate/up", HIDDEN, MLP, 2 * LAYERS),
+        ("mlp down", MLP, HIDDEN, LAYERS),
+        ("lm_head", HIDDEN, vocab, 1),
+    ]
+    out = []
+    for name, i, o, count in linears:
+        out.append({"name": f"{name} fwd x@W^T", "m": M, "k": i, "n": o, "count": count, "kind": "xWt"})
+        out.append({"name": f"{name} bwd g@W", "m": M, "k": o, "n": i, "count": count, "kind": "gW"})
+        out.append({"name": f"{name} bwd g^T@x", "m": o, "k": M, "n": i, "count": count, "kind": "gtx"})
+    bh = micro * HEADS
+    for name, m, k, n in [
+        ("attn QK^T fwd", SEQ, d, SEQ),  # Q @ K^T
+        ("attn AV fwd", SEQ, SEQ, d),  # A @ V
+        ("attn dS@K", SEQ, SEQ, d),
+        ("attn dS^T@Q", SEQ, SEQ, d),
+        ("attn dO@V^T", SEQ, d, SEQ),
+        ("attn A^T@dO", SEQ, SEQ, d),
+    ]:
+        out.append({"name": name, "m": m, "k": k, "n": n, "count": LAYERS, "kind": "bmm", "batch": bh})
+    return out
+
+
+def time_op(fn, repeat: int) -> float:
+    fn()  # warm-up (allocations, oneDNN/MKL setup)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return median(times)
+
+
+def row_limit(p: dict) -> dict:
+    """The time of this model's matmuls alone, at their shapes, in our loop's precision."""
+    import torch
+
+    dtype = our_dtype()
+    torch.manual_seed(0)
+    shapes = []
+    total_flops = total_s = 0.0
+    for s in matmul_shapes(p["micro_batch_size"], p["vocab"]):
+        m, k, n = s["m"], s["k"], s["n"]
+        if s["kind"] == "bmm":
+            a = torch.randn(s["batch"], m, k, dtype=dtype)
+            b = torch.randn(s["batch"], k, n, dtype=dtype)
+            flops = 2 * s["batch"] * m * k * n
+
+            def fn(a=a, b=b):
+                return torch.bmm(a, b)
+        else:
+            if s["kind"] == "xWt":  # x[M, in] @ W[out, in]^T
+                a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype).t()
+            elif s["kind"] == "gW":  # g[M, out] @ W[out, in]
+                a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            else:  # g[M, out]^T @ x[M, in]
+                a, b = torch.randn(k, m, dtype=dtype).t(), torch.randn(k, n, dtype=dtype)
+            flops = 2 * m * k * n
+
+            def fn(a=a, b=b):
+                return torch.mm(a, b)
+
+        sec = time_op(fn, p["matmul_repeat"])
+        shapes.append({**s, "seconds": sec, "gflop_per_s": flops / sec / 1e9})
+        total_flops += flops * s["count"]
+        total_s += sec * s["count"]
+        print(f"  {s['name']:<22} {m}x{k}x{n}" + (f" x{s['batch']}" if s["kind"] == "bmm" else ""), end="")
+        print(f"  {flops / sec / 1e9:7.1f} GFLOP/s", flush=True)
+    q = p["square"]
+    a, b = torch.randn(q, q, dtype=dtype), torch.randn(q, q, dtype=dtype)
+    sq = time_op(lambda: torch.mm(a, b), p["matmul_repeat"])
+    # bf16 vs fp32 on one matmul of this model (the check that shows missing bf16 hardware)
+    x, w = torch.randn(2048, 512), torch.randn(512, 1536)
+    f32 = time_op(lambda: x @ w, 3)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    b16 = time_op(lambda: xb @ wb, 1)
+    mm_flops = 2 * 2048 * 512 * 1536
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "micro_batch_size": p["micro_batch_size"],
+        "shapes": shapes,
+        "step_matmul_flops_per_micro_batch": total_flops,
+        "step_matmul_seconds_per_micro_batch": total_s,
+        "limit_flops_per_s": total_flops / total_s,
+        "square": q,
+        "square_flops_per_s": 2 * q**3 / sq,
+        "probe_2048x512x1536_fp32_flops_per_s": mm_flops / f32,
+        "probe_2048x512x1536_bf16_flops_per_s": mm_flops / b16,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def op_kind(name: str) -> str:
+    if name in ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"):
+        return "matmul"
+    if "scaled_dot_product" in name:
+        return "attention (SDPA kernel)"
+    if "softmax" in name or "nll_loss" in name or "cross_entropy" in name:
+        return "loss (log-softmax, NLL)"
+    if "_fused_adam" in name or "adam" in name.lower():
+        return "optimizer"
+    if name in ("aten::fill_", "aten::zero_", "aten::zeros", "aten::empty", "aten::copy_", "aten::cat"):
+        return "copies, fills, cat"
+    if name.startswith("aten::"):
+        return "elementwise and reductions (norms, rotary, SiLU, residuals, grads)"
+    return "other"
+
+
+def row_profile(p: dict) -> dict:
+    """One step of our loop's computation (its lm_loss, make_optimizer, clipping) under torch.profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trulyopen.recipe import PretrainConfig
+    from trulyopen.train.optim import make_optimizer
+    from trulyopen.train.pretrain import lm_loss
+
+    batch_seqs = p["global_batch_tokens"] // SEQ
+    stream, plan = plan_for(Path(p["data_run"]) / "data" / "shards", batch_seqs)
+    cfg = PretrainConfig(seq_len=SEQ, global_batch_tokens=p["global_batch_tokens"], lr=LR)
+    model = fresh_model(stream.vocab_size)
+    model.train()
+    opt = make_optimizer(model, cfg)
+    phases: dict[str, float] = {}
+
+    def step(k: int) -> None:
+        def mark(name: str, t0: float) -> float:
+            now = time.perf_counter()
+            phases[name] = phases.get(name, 0.0) + now - t0
+            return now
+
+        t = time.perf_counter()
+        rows = torch.from_numpy(plan.batch_tokens(k))
+        t = mark("data", t)
+        for micro in rows.split(p["micro_batch_size"]):
+            x, y = micro[:, :-1], micro[:, 1:]
+            logits = model(input_ids=x).logits
+            loss, _ = lm_loss(logits, y, 0.0)
+            t = mark("forward + loss", t)
+            (loss * len(micro) / len(rows)).backward()
+            t = mark("backward", t)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark("clip + optimizer", t)
+
+    step(0)
+    phases.clear()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        step(1)
+        wall = time.perf_counter() - t
+    ops = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in prof.key_averages()]
+    ops = [o for o in ops if o[1] > 0]
+    ops.sort(key=lambda o: -o[1])
+    total = sum(o[1] for o in ops)
+    kinds: dict[str, float] = {}
+    for name, sec, _ in ops:
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + sec
+    return {
+        "step_wall_s": wall,
+        "profiled_self_cpu_s": total,
+        "phases_s": phases,
+        "by_kind_s": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"op": n, "self_s": s, "calls": c} for n, s, c in ops[:15]],
+    }
+
+
+ROWS = {
+    "ours": row_ours,
+    "trainer": row_trainer,
+    "plain": row_plain,
+    "limit": row_limit,
+    "profile": row_profile,
+}
+
+
+def cpu_busy_s() -> float:
+    """CPU seconds used so far by every process on the machine (/proc/stat), or nan."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def child(name: str, params: dict, timeout: float | None = None) -> dict:
+    """Run one row in a fresh interpreter; its output goes to ours, its result comes back as JSON,
+    with `_run`: its wall time, its own CPU time, and the CPU time other processes took meanwhile
+    (the machine may be shared: this says how disturbed the row was)."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    try:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--row",
+            name,
+            "--row-params",
+            json.dumps(params),
+        ]
+        cmd += ["--row-out", str(out)]
+        env = {**os.environ, "TRULYOPEN_QUIET": "1", "TOKENIZERS_PARALLELISM": "false"}
+        t0, busy0 = time.perf_counter(), cpu_busy_s()
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(cmd, env=env, timeout=timeout)
+        wall, busy = time.perf_counter() - t0, cpu_busy_s() - busy0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            raise RuntimeError(f"row {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
+        own = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        others = max(busy - own, 0.0)
+        share = others / (wall * (os.cpu_count() or 1))
+        print(
+            f"  ({wall:.0f} s; other processes meanwhile used {others:.0f} CPU-s, "
+            f"{share:.0%} of the machine{': DISTURBED' if share > DISTURBED else ''})",
+            flush=True,
+        )
+        result = json.loads(out.read_text())
+        result["_run"] = {"wall_s": wall, "cpu_s": own, "others_cpu_s": others, "others_share": share}
+        return result
+    finally:
+        out.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def build_data(tmp: Path) -> Path:
+    """The quickstart's shards and tokenizer, built in `tmp` (about 25 s)."""
+    from trulyopen.pipeline import run
+    from trulyopen.recipe import load_recipe
+
+    # --quick too: on part of the corpus the validation split can come out empty, which pretrain()
+    # cannot evaluate, and the tokenizer smaller than the benchmark's vocabulary
+    run_dir = tmp / "data_run"
+    said = io.StringIO()
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(said):
+        run(load_recipe(QUICKSTART), run_dir=run_dir, until="shards")
+    print(f"data: built the quickstart's shards in {time.perf_counter() - t:.1f} s ({run_dir})")
+    return run_dir
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() + ("+dirty(src)" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = "unknown"
+    flags = ""
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), cpu
+        )
+        flags = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
+    acc = None
+    with contextlib.suppress(ImportError):
+        import accelerate
+
+        acc = accelerate.__version__
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx2": " avx2" in flags,
+        "avx512f": " avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": acc,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("MET" if ok else "MISSED")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: few steps, small batches")
+    ap.add_argument(
+        "--data-run", help="reuse this run directory's data/shards and tokenizer (e.g. runs/quickstart)"
+    )
+    ap.add_argument("--global-batch-tokens", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=8, help="measured steps of our loop (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2, help="our loop's warm-up steps, not measured")
+    ap.add_argument("--plain-steps", type=int, default=4, help="measured steps of the plain loop")
+    ap.add_argument("--trainer-steps", type=int, default=2, help="measured steps of the fp32 Trainer")
+    ap.add_argument("--bf16-steps", type=int, default=1, help="measured steps of the bf16 Trainer (slow)")
+    ap.add_argument(
+        "--trainer-warmup", type=int, default=1, help="warm-up steps of each Trainer and the plain loop"
+    )
+    ap.add_argument("--skip-bf16", action="store_true", help="leave out the bf16 Trainer")
+    ap.add_argument("--matmul-repeat", type=int, default=5)
+    ap.add_argument("--square", type=int, default=4096, help="side of the square matmul for MFU")
+    ap.add_argument("--check-150m", action="store_true", help="also: 2 steps of the 150m preset, peak memory")
+    ap.add_argument("--profile", action="store_true", help="profile one step even if the target is met")
+    ap.add_argument("--compiled", action="store_true", help="also: our loop with pretrain.compile = true")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    ap.add_argument("--row-params", help=argparse.SUPPRESS)
+    ap.add_argument("--row-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.row:  # a child process: one row
+        result = ROWS[args.row](json.loads(args.row_params))
+        Path(args.row_out).write_text(json.dumps(result))
+        return
+
+    if args.quick:
+        args.steps, args.warmup, args.plain_steps, args.trainer_steps = 2, 1, 1, 1
+        args.bf16_steps, args.matmul_repeat, args.square = 1, 2, 1024
+        args.global_batch_tokens, args.micro_batch = 2 * SEQ, 2
+    if args.global_batch_tokens % (SEQ * args.micro_batch):
+        ap.error(f"--global-batch-tokens must be a multiple of {SEQ} x --micro-batch")
+
+    mach = machine()
+    dtype = str(our_dtype()).replace("torch.", "")
+    has_accelerate = mach["accelerate"] is not None
+    print(
+        f"machine: {mach['cpu']}, {mach['cores']} cores, torch {mach['torch']} ({mach['torch_threads']} "
+        f"threads), transformers {mach['transformers']}, accelerate {mach['accelerate']}"
+    )
+    print(
+        f"  bf16 hardware: AMX-BF16 {mach['amx_bf16']}, AVX-512 BF16 {mach['avx512_bf16']}; "
+        f"our loop's precision 'auto' gives {dtype}"
+    )
+    started = datetime.now(UTC)
+    result: dict = {
+        "benchmark": "train_throughput",
+        "date": started.strftime("%Y-%m-%d"),
+        "commit": git_commit(),
+        "argv": sys.argv[1:],
+        "machine": mach,
+        "model": {
+            "arch": "llama",
+            "vocab": VOCAB,
+            "hidden": HIDDEN,
+            "layers": LAYERS,
+            "heads": HEADS,
+            "kv_heads": KV_HEADS,
+            "intermediate": MLP,
+            "seq_len": SEQ,
+        },
+        "global_batch_tokens": args.global_batch_tokens,
+        "micro_batch_size": args.micro_batch,
+        "quick": args.quick,
+    }
+    common = {"global_batch_tokens": args.global_batch_tokens, "micro_batch_size": args.micro_batch}
+
+    with tempfile.TemporaryDirectory(prefix="trulyopen_bench_") as tmp:
+        data_run = Path(args.data_run).resolve() if args.data_run else build_data(Path(tmp))
+        shards = data_run / "data" / "shards"
+        meta = json.loads((shards / "shards.json").read_text())
+        if meta["vocab_size"] != VOCAB:
+            print(
+                f"data: NOTE the tokenizer has {meta['vocab_size']:,} tokens, not {VOCAB:,}: "
+                "the model follows it"
+            )
+        result["data"] = {"run_dir": str(data_run), "fingerprint": meta["fingerprint"]}
+        common["data_run"] = str(data_run)
+        common["vocab"] = result["model"]["vocab"] = meta["vocab_size"]
+        t_all = time.perf_counter()
+
+        # the limit right before and right after our loop (the machine may be shared): the higher counts
+        lim_params = {**common, "matmul_repeat": args.matmul_repeat, "square": args.square}
+        print(
+            f"\n[1/5] the limit: this model's matmuls at their shapes ({dtype}), "
+            f"micro-batch {args.micro_batch}"
+        )
+        limits = [child("limit", lim_params)]
+        print(f"\n[2/5] our loop: pretrain(), {args.warmup} warm-up + {args.steps} measured steps")
+        ours = child("ours", {**common, "warmup": args.warmup, "steps": args.steps})
+        result["ours"] = ours
+        print(f"  tokens/s by step: {ours['tokens_per_s_by_step']}")
+        print("\n[1/5 again] the limit, right after our loop")
+        limits.append(child("limit", lim_params))
+        limit = max(limits, key=lambda lm: lm["limit_flops_per_s"])
+        result["limit"] = {**limit, "runs_limit_flops_per_s": [lm["limit_flops_per_s"] for lm in limits]}
+        result["limit"]["runs_square_flops_per_s"] = [lm["square_flops_per_s"] for lm in limits]
+        result["limit"]["square_flops_per_s"] = max(lm["square_flops_per_s"] for lm in limits)
+        result["limit"]["runs_others_share"] = [lm["_run"]["others_share"] for lm in limits]
+
+        print(f"\n[3/5] plain fp32 PyTorch loop: {args.trainer_warmup} warm-up + {args.plain_steps} measured")
+        result["plain_fp32"] = child(
+            "plain", {**common, "warmup": args.trainer_warmup, "steps": args.plain_steps}
+        )
+
+        result["trainer_fp32"] = result["trainer_bf16"] = None
+        if not has_accelerate:
+            print(f"\n[4/5, 5/5] transformers.Trainer: SKIPPED, it needs accelerate: {INSTALL_ACCELERATE}")
+        else:
+            print(f"\n[4/5] Trainer, fp32: {args.trainer_warmup} warm-up + {args.trainer_steps} measured")
+            result["trainer_fp32"] = child(
+                "trainer",
+                {**common, "bf16": False, "warmup": args.trainer_warmup, "steps": args.trainer_steps},
+            )
+            if args.skip_bf16:
+                print("\n[5/5] Trainer, bf16: skipped (--skip-bf16)")
+            else:
+                print(
+                    f"\n[5/5] Trainer, bf16: {args.trainer_warmup} warm-up + {args.bf16_steps} measured "
+                    "(minutes per step on a CPU without bf16 hardware)"
+                )
+                result["trainer_bf16"] = child(
+                    "trainer",
+                    {**common, "bf16": True, "warmup": args.trainer_warmup, "steps": args.bf16_steps},
+                )
+
+        if args.compiled:
+            print("\nextra: our loop with pretrain.compile = true")
+            result["ours_compiled"] = child(
+                "ours", {**common, "warmup": args.warmup, "steps": args.steps, "compile": True}
+            )
+
+        fraction = ours["flops_per_s"] / limit["limit_flops_per_s"]
+        if args.profile or fraction < LIMIT_TARGET:
+            print("\nprofile: one step of our loop's computation under torch.profiler")
+            result["profile"] = child("profile", common)
+
+        if args.check_150m:
+            c = CHECK_150M
+            print(f"\ncheck: the 150m preset, {c['steps']} steps of {c['global_batch_tokens']} tokens")
+            result["check_150m"] = child(
+                "ours",
+                {
+                    **common,
+                    "global_batch_tokens": c["global_batch_tokens"],
+                    "micro_batch_size": c["micro_batch_size"],
+                    "warmup": 0,
+                    "steps": c["steps"],
+                    "size": "150m",
+                },
+            )
+        result["wall_s"] = time.perf_counter() - t_all
+
+    report(result)
+    print(json.dumps(result))
+
+
+def report(r: dict) -> None:
+    ours, limit = r["ours"], r["limit"]
+    tf32, tb16, plain = r["trainer_fp32"], r["trainer_bf16"], r["plain_fp32"]
+    ot = ours["tokens_per_s"]
+    table = [("trulyopen pretrain()", ours["dtype"], ours, ours["peak_memory_mb"])]
+    if tb16:
+        table.append(("HF Trainer, bf16=True", "bf16 autocast", tb16, tb16["peak_rss_mb"]))
+    if tf32:
+        table.append(("HF Trainer, bf16=False", "fp32", tf32, tf32["peak_rss_mb"]))
+    table.append(("plain PyTorch loop", "fp32", plain, plain["peak_rss_mb"]))
+    if r.get("ours_compiled"):
+        oc = r["ours_compiled"]
+        table.append(("trulyopen, compile=true", oc["dtype"], oc, oc["peak_memory_mb"]))
+    fpt = ours["flops_per_token"]
+    print(
+        f"\nmodel: llama, {fpt / 1e6:.1f} MFLOP/token; global batch {r['global_batch_tokens']:,} tokens "
+        f"({r['global_batch_tokens'] // SEQ} x {SEQ}), micro-batch {r['micro_batch_size']}"
+    )
+    print(
+        f"\n{'row':<26} {'precision':<14} {'tokens/s':>9} {'GFLOP/s':>8} {'ours / this':>11} "
+        f"{'peak MB':>8} {'steps':>5} {'others':>7}"
+    )
+    for name, prec, row, mb in table:
+        tps, n = row["tokens_per_s"], row["steps"] - row["warmup"]
+        ratio = "" if row is ours else f"{ot / tps:.2f}x"
+        others = row["_run"]["others_share"]
+        print(
+            f"{name:<26} {prec:<14} {tps:>9.1f} {tps * fpt / 1e9:>8.1f} {ratio:>11} {mb:>8.0f} {n:>5} "
+            f"{others:>7.0%}"
+        )
+    print(
+        "(steps: measured steps; others: the share of the machine's CPU time that other processes "
+        "took during the row)"
+    )
+    lim, sq = limit["limit_flops_per_s"], limit["square_flops_per_s"]
+    frac, mfu = ours["flops_per_s"] / lim, ours["flops_per_s"] / sq
+    print(
+        f"\nlimit ({limit['dtype']}, matmuls alone at this model's shapes, "
+        f"micro-batch {limit['micro_batch_size']}): "
+        f"{lim / 1e9:.1f} GFLOP/s = {lim / fpt:.0f} tokens/s"
+    )
+    runs = ", ".join(f"{x / 1e9:.1f}" for x in limit["runs_limit_flops_per_s"])
+    dist = ", ".join(f"{x:.0%}" for x in limit["runs_others_share"])
+    print(f"  (measured before and after our loop: {runs} GFLOP/s, the higher counts; others took {dist})")
+    print(f"square {limit['square']}^3 matmul: {sq / 1e9:.1f} GFLOP/s")
+    print(
+        f"one matmul 2048x512x1536: fp32 {limit['probe_2048x512x1536_fp32_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+        f"bf16 {limit['probe_2048x512x1536_bf16_flops_per_s'] / 1e9:.2f} GFLOP/s"
+    )
+    print(
+        f"ours: {ours['flops_per_s'] / 1e9:.1f} GFLOP/s = {frac:.1%} of the limit, "
+        f"MFU {mfu:.1%} (vs the square matmul)"
+    )
+    if ours.get("mfu_reported") is not None:
+        print(
+            "ours: the loop's own mfu in metrics.jsonl (vs a 2048^3 matmul it times at start): "
+            f"{ours['mfu_reported']:.1%}"
+        )
+    print(f"ours: peak memory {ours['peak_memory_mb']:.0f} MB (process peak RSS, from metrics.jsonl)")
+    r["figures"] = {
+        "ours_tokens_per_s": ot,
+        "ours_flops_per_s": ours["flops_per_s"],
+        "limit_flops_per_s": lim,
+        "fraction_of_limit": frac,
+        "mfu_vs_square": mfu,
+        "ratio_vs_trainer_bf16": ot / tb16["tokens_per_s"] if tb16 else None,
+        "ratio_vs_trainer_fp32": ot / tf32["tokens_per_s"] if tf32 else None,
+        "ratio_vs_plain_fp32": ot / plain["tokens_per_s"],
+        "ours_peak_memory_mb": ours["peak_memory_mb"],
+    }
+    f = r["figures"]
+    ok_ratio = None if f["ratio_vs_trainer_bf16"] is None else f["ratio_vs_trainer_bf16"] >= RATIO_TARGET
+    ok_limit = frac >= LIMIT_TARGET
+    r["targets"] = {"ratio_vs_trainer_bf16_ge_2": ok_ratio, "fraction_of_limit_ge_0.6": ok_limit}
+    print("\ntargets:")
+    if ok_ratio is None:
+        print("  tokens/s >= 2.0x the bf16 Trainer's: n/a (not measured)")
+    else:
+        print(
+            f"  tokens/s >= 2.0x the bf16 Trainer's: {verdict(ok_ratio)} ({f['ratio_vs_trainer_bf16']:.1f}x)"
+        )
+    print(f"  FLOP/s >= 60% of the matmul-shape limit: {verdict(ok_limit)} ({frac:.1%})")
+    if tb16 and not (r["machine"]["amx_bf16"] or r["machine"]["avx512_bf16"]):
+        print(
+            "  note: this CPU has no bf16 matmul hardware (no AMX, no AVX-512 BF16); "
+            "the bf16 Trainer is slow because of the hardware, not the Trainer."
+        )
+    if tf32:
+        print(f"  against the fp32 Trainer (the fairer comparison here): {f['ratio_vs_trainer_fp32']:.2f}x")
+    disturbed = [name for name, _, row, _ in table if row["_run"]["others_share"] > DISTURBED]
+    disturbed += ["the limit"] if max(limit["runs_others_share"]) > DISTURBED else []
+    r["disturbed_rows"] = disturbed
+    if disturbed:
+        print(
+            f"  WARNING: other processes took more than {DISTURBED:.0%} of the CPUs during: "
+            f"{', '.join(disturbed)}; those figures are disturbed: run again on a quiet machine"
+        )
+    if r.get("profile"):
+        pr = r["profile"]
+        print(
+            f"\nprofile of one step of our loop's computation "
+            f"({pr['step_wall_s']:.1f} s wall under the profiler):"
+        )
+        for k, v in pr["phases_s"].items():
+            print(f"  phase {k:<40} {v:7.2f} s")
+        for k, v in pr["by_kind_s"].items():
+            print(f"  {k:<62} {v:7.2f} s  {v / pr['profiled_self_cpu_s']:6.1%}")
+        print("  top operators by self time:")
+        for o in pr["top_ops"][:10]:
+            print(f"    {o['op'][:60]:<60} {o['self_s']:7.2f} s  {o['calls']:5d} calls")
+    if r.get("check_150m"):
+        c = r["check_150m"]
+        print(
+            f"\n150m preset: {c['steps']} steps of {CHECK_150M['global_batch_tokens']} tokens, loss "
+            f"{c['loss_first']:.3f} -> {c['loss_last']:.3f}, {c['tokens_per_s_by_step']} tokens/s, "
+            f"peak memory {c['peak_memory_mb']:.0f} MB"
+        )
+
+
+if __name__ == "__main__":
+    main()
