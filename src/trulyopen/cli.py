@@ -105,23 +105,46 @@ def pretrain(
 
 
 @app.command()
+def synth(
+    recipe: RecipeArg,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
+    """Derive post-training data (instructions, preference pairs, verifiable prompts) from the corpus."""
+    out = _run(recipe, set, run_dir, force, workers, until="synth")
+    typer.echo(f"synth: {out}/synth (see {out}/synth/SYNTHCARD.md)")
+
+
+@app.command()
+def finetune(
+    recipe: RecipeArg,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
+    """Post-train (SFT, DPO or GRPO; full, LoRA or QLoRA) a trulyopen checkpoint or a Hugging Face model."""
+    _run(recipe, set, run_dir, force, workers, until="finetune")
+
+
+@app.command()
 def export(
     checkpoint: Annotated[
         Path, typer.Argument(help="A checkpoint directory, e.g. runs/x/checkpoints/pretrain/step_000060.")
     ],
     out: Annotated[Path, typer.Option("--out", help="Where to write the Hugging Face model directory.")],
 ):
-    """Write a checkpoint in the Hugging Face format (config, safetensors, tokenizer, generation config)."""
-    from trulyopen.model.export import export_hf
-    from trulyopen.train.checkpoint import load_for_inference
+    """Write a checkpoint in the Hugging Face format (config, safetensors, tokenizer, generation config);
+    an adapter checkpoint gives the merged model and the adapter alone in OUT/adapter (peft format)."""
+    from trulyopen.model.export import export_checkpoint
 
     try:
-        model = load_for_inference(checkpoint)
-    except FileNotFoundError as e:
+        export_checkpoint(checkpoint, out)
+    except (FileNotFoundError, ValueError, TrainingError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    tokenizer = checkpoint.resolve().parents[2] / "tokenizer"  # <run>/checkpoints/<stage>/step_N
-    export_hf(model, tokenizer if (tokenizer / "tokenizer.json").exists() else None, out)
     typer.echo(f"exported {checkpoint} to {out}")
 
 

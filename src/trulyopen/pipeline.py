@@ -28,7 +28,7 @@ from trulyopen.ledger import Ledger, code_version, config_hash, file_record, mac
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
 
 # Stages later issues add; `run` names them so a user knows what is still to come.
-NOT_YET_AVAILABLE = ["finetune", "eval", "release"]
+NOT_YET_AVAILABLE = ["eval", "release"]
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Stage:
     inputs: Callable[[Context], list[Path]]
     run: Callable[[Context, list[dict]], list[Path]]  # gets input records, returns output paths
     distributed: bool = False  # under torchrun every process runs it; other stages run on rank 0 only
+    enabled: Callable[[Recipe], bool] = lambda r: r.data is not None  # the recipe has what it needs
 
 
 # ----------------------------------------------------------------------------- the stages
@@ -144,11 +145,62 @@ def _pretrain_run(ctx: Context, records: list[dict]) -> list[Path]:
     return [*sorted(final.iterdir()), paths.metrics]
 
 
+def _synth_inputs(ctx: Context) -> list[Path]:
+    return [ctx.data / "corpus/train.jsonl", *eval_set_files(ctx.recipe.data.decontamination.eval_files)]
+
+
+def _synth_run(ctx: Context, records: list[dict]) -> list[Path]:
+    from trulyopen.synth import synthesize
+
+    out = ctx.run_dir / "synth"
+    synthesize(
+        ctx.recipe.synth, ctx.data / "corpus", out, ctx.recipe.data.decontamination, workers=ctx.workers
+    )
+    return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def _finetune_paths(ctx: Context):
+    from trulyopen.finetune.loop import FinetunePaths
+
+    return FinetunePaths(ctx.run_dir)
+
+
+def _finetune_inputs(ctx: Context) -> list[Path]:
+    from trulyopen.finetune.base import resolve
+    from trulyopen.finetune.loop import data_sources
+
+    cfg, paths = ctx.recipe.finetune, _finetune_paths(ctx)
+    files = [s.path for s in data_sources(cfg, paths) if s.path is not None]
+    files = [
+        f for p in files for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])
+    ]
+    base = Path(resolve(cfg, ctx.run_dir).model)
+    weights = sorted(base.glob("*.safetensors")) if base.is_dir() else []
+    return files + weights
+
+
+def _finetune_run(ctx: Context, records: list[dict]) -> list[Path]:
+    from trulyopen.finetune.loop import finetune
+
+    paths = _finetune_paths(ctx)
+    final = finetune(ctx.recipe.finetune, paths, fresh=ctx.fresh)
+    print(f"finetune: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
+    return [*sorted(final.iterdir()), paths.metrics, paths.records]
+
+
 STAGES = [
     Stage("data", lambda r: (r.data,), _data_inputs, _data_run),
     Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
     Stage("shards", lambda r: (r.shards,), _shards_inputs, _shards_run),
     Stage("pretrain", lambda r: (r.model, r.pretrain), _pretrain_inputs, _pretrain_run, distributed=True),
+    Stage("synth", lambda r: (r.synth,), _synth_inputs, _synth_run, enabled=lambda r: r.synth is not None),
+    Stage(
+        "finetune",
+        lambda r: (r.finetune,),
+        _finetune_inputs,
+        _finetune_run,
+        enabled=lambda r: r.finetune is not None,
+    ),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -221,6 +273,10 @@ def run(
     forcing = False
     for stage in STAGES:
         forcing = forcing or stage.name in force
+        if not stage.enabled(recipe):
+            if stage.name == until:
+                break
+            continue
         if not (world.main or stage.distributed):  # wait for rank 0 to do it
             _barrier(world)
             if stage.name == until:

@@ -1,7 +1,9 @@
 """Export to the Hugging Face format: what `AutoModelForCausalLM.from_pretrained(dir)` loads.
 
 The directory gets config.json, safetensors weights, generation_config.json and the tokenizer files,
-written into a temporary directory that is renamed into place once complete.
+written into a temporary directory that is renamed into place once complete. An adapter checkpoint
+(LoRA, QLoRA) exports as the merged model, with the adapter alone in `adapter/` in the peft format
+(`PeftModel.from_pretrained(base, dir / "adapter")`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,39 @@ import torch
 
 
 def export_hf(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> Path:
+    """Write `model` to `out` in the Hugging Face format; a peft model is merged, and its adapter
+    written on its own to `out/adapter`."""
     from transformers import AutoTokenizer, GenerationConfig
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        model.save_pretrained(str(tmp / "adapter"))
+        model = model.merge_and_unload()
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer_dir is not None:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         tok.save_pretrained(str(tmp))
+        end_of_turn = [i for i in tok.convert_tokens_to_ids(["<|end|>"]) if i != tok.unk_token_id]
         gen = GenerationConfig(
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=[tok.eos_token_id, *end_of_turn] if end_of_turn else tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         gen.save_pretrained(str(tmp))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    """Export a trulyopen checkpoint of any stage: full weights, or an adapter merged into its base."""
+    from trulyopen.train.checkpoint import load_for_inference, tokenizer_dir
+
+    ckpt = Path(ckpt)
+    if (ckpt / "adapter.safetensors").exists():
+        from trulyopen.finetune.base import base_of, with_adapter
+
+        return export_hf(with_adapter(ckpt, base_of(ckpt)).eval(), tokenizer_dir(ckpt), out)
+    return export_hf(load_for_inference(ckpt), tokenizer_dir(ckpt), out)

@@ -2,7 +2,8 @@
 
     checkpoints/<stage>/step_000050/
         config.json         the transformers config: the model can be rebuilt from the checkpoint alone
-        model.safetensors   weights (fp32 master copy)
+        model.safetensors   weights (fp32 master copy), or
+        adapter.safetensors only the trained adapter's weights (LoRA, QLoRA: the base stays where it was)
         optimizer.pt        optimizer state (tensors and numbers only: loaded with weights_only=True)
         rng.pt              torch RNG states
         state.json          step, tokens seen, data fingerprint, config hash, code version
@@ -70,16 +71,18 @@ def save(
     optimizer: torch.optim.Optimizer,
     state: dict,
     world: World | None = None,
+    adapter: bool = False,
 ) -> Path:
     """Write checkpoint `step` under `root` and return its directory. Every rank must call it
-    (gathering sharded state is collective); rank 0 writes."""
+    (gathering sharded state is collective); rank 0 writes. With `adapter`, only the parameters
+    that train are written, to adapter.safetensors."""
     world = world or World()
-    model_sd, optim_sd = full_state(model, optimizer)
+    model_sd, optim_sd = full_state(model, optimizer, trainable_only=adapter)
     final = path_for(root, step)
     if world.main:
         tmp = final.with_name(final.name + ".tmp")
         try:
-            _write(tmp, model, model_sd, optim_sd, {**state, "step": step})
+            _write(tmp, model, model_sd, optim_sd, {**state, "step": step}, adapter)
         except OSError as e:  # a full disk, say: the last complete checkpoint stays as it was
             shutil.rmtree(tmp, ignore_errors=True)
             last = newest(root)
@@ -93,14 +96,15 @@ def save(
     return final
 
 
-def _write(tmp: Path, model: torch.nn.Module, model_sd: dict, optim_sd: dict, state: dict) -> None:
+def _write(
+    tmp: Path, model: torch.nn.Module, model_sd: dict, optim_sd: dict, state: dict, adapter: bool
+) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.config.to_json_file(str(tmp / "config.json"))
     tied = _tied_names(model)
-    save_file(
-        {k: v.contiguous() for k, v in model_sd.items() if k not in tied}, str(tmp / "model.safetensors")
-    )
+    weights = {k: v.contiguous() for k, v in model_sd.items() if k not in tied}
+    save_file(weights, str(tmp / ("adapter.safetensors" if adapter else "model.safetensors")))
     # tuples come back as lists after a load: store lists, so a resumed run writes the same bytes
     for group in optim_sd["param_groups"]:
         group.update({k: list(v) for k, v in group.items() if isinstance(v, tuple)})
@@ -112,11 +116,13 @@ def _write(tmp: Path, model: torch.nn.Module, model_sd: dict, optim_sd: dict, st
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Load weights, optimizer and RNG state from `path` into a (possibly sharded) model; every rank
     calls it. Returns the checkpoint's state.json."""
-    model_sd = load_file(str(path / "model.safetensors"))
+    adapter = (path / "adapter.safetensors").exists()
+    model_sd = load_file(str(path / ("adapter.safetensors" if adapter else "model.safetensors")))
     for name, source in _tied_names(model).items():
-        model_sd[name] = model_sd[source]
+        if source in model_sd:
+            model_sd[name] = model_sd[source]
     optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
-    load_full_state(model, optimizer, model_sd, optim_sd)
+    load_full_state(model, optimizer, model_sd, optim_sd, trainable_only=adapter)
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
     return json.loads((path / "state.json").read_text())
 
@@ -126,6 +132,16 @@ def thin(root: Path, keep_multiple: int) -> None:
     for p in complete(root)[:-1]:
         if step_of(p) % keep_multiple:
             shutil.rmtree(p)
+
+
+def tokenizer_dir(ckpt: Path) -> Path | None:
+    """The tokenizer of a checkpoint: inside it, where its state.json says, or the run's own."""
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
+    run_dir = ckpt.resolve().parents[2]  # <run>/checkpoints/<stage>/step_N
+    for candidate in (ckpt, run_dir / state.get("tokenizer", "tokenizer"), run_dir / "tokenizer"):
+        if (candidate / "tokenizer.json").exists() or (candidate / "tokenizer_config.json").exists():
+            return candidate
+    return None
 
 
 def load_for_inference(path: Path) -> torch.nn.Module:

@@ -83,15 +83,24 @@ def wrap(model: torch.nn.Module, strategy: str, world: World) -> torch.nn.Module
     return model
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state, keyed by parameter name, on the CPU."""
+def full_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state, keyed by parameter name, on the CPU (only the parameters
+    that train, with `trainable_only`: an adapter's)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_state_dict(model, optimizer, options=options)
 
 
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict):
+def load_full_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_sd: dict,
+    optim_sd: dict,
+    trainable_only: bool = False,
+):
     """Load unsharded state into a (possibly sharded) model and its optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -100,5 +109,5 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
         optimizer,
         model_state_dict=model_sd,
         optim_state_dict=optim_sd,
-        options=StateDictOptions(full_state_dict=True),
+        options=StateDictOptions(full_state_dict=True, strict=not trainable_only),
     )

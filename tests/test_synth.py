@@ -1,0 +1,595 @@
+"""synth: SFT, preference and GRPO data from a corpus, decontamination, and the optional remote model."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import hashlib
+import json
+import random
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from trulyopen.data.sources import DataError
+from trulyopen.recipe import DecontaminationConfig, RemoteModelConfig, SynthConfig
+from trulyopen.rewards.verifiers import parse_verifier
+from trulyopen.synth import synthesize
+from trulyopen.synth.corrupt import CORRUPTIONS, corrupt
+from trulyopen.synth.expressions import check_expression
+from trulyopen.synth.remote import RateLimiter, parse_rating, remote_step
+
+KEY_ENV = "TRULYOPEN_TEST_SYNTH_KEY"
+SECRET = "sk-test-very-secret-0123456789"
+
+HELPERS = '''\
+"""Small helpers."""
+
+import functools
+
+LIMIT = 2 * (3 + 4)
+PARTS = 'a,b'.split(',')
+ORDER = sorted([3, 1, 2])
+MASK = (1 << 8) - 1
+BIG = 2 ** 64
+RATIO = 1 / 4
+INFINITE = 1 / 0
+HUGE = 10 ** 10 ** 10
+EVIL = __import__('os').system('echo pwned')
+WIDE = 'ab' * 1000 * 1000
+MIXED = ','.join({'x', 'y'})
+
+
+def clamp(value, low, high):
+    """Return value limited to the closed interval from low to high."""
+    if value < low:
+        return low
+    if value > high:
+        return high
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def fib(n):
+    """Return the n-th Fibonacci number, counting from fib(0) == 0."""
+    if n < 2 and n >= 0:
+        return n
+    return fib(n - 1) + fib(n - 2)
+
+
+def wrap_words(text, width):
+    """Break the text into lines of at most width characters, keeping whole words together and
+    never splitting a word across lines."""
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    return lines + [line] if line else lines
+
+
+def _private_helper(items):
+    """Count the items that are truthy, skipping None and empty strings."""
+    return sum(1 for x in items if x)
+
+
+def undocumented(x):
+    return x + 1
+
+
+def terse(x):
+    """Add one."""
+    return x + 1
+
+
+def stub(x):
+    """This function is not implemented yet, it only raises."""
+    raise NotImplementedError
+
+
+class Stack:
+    """A last-in first-out stack."""
+
+    def __init__(self):
+        self.items = []
+
+    def push(self, item):
+        """Put item on the top of the stack and return the new size."""
+        self.items.append(item)
+        return len(self.items)
+
+    def pop(self):
+        """Remove and return the top item, or None when the stack is empty."""
+        if not self.items:
+            return None
+        return self.items.pop()
+'''
+
+LONG = (
+    'def long_one(x):\n    """A function whose body is far too long to be an answer."""\n'
+    + "    x += 1\n" * 40
+)
+
+
+def generated(i: int) -> str:
+    return textwrap.dedent(f'''\
+        def scale_{i}(x, y):
+            """Multiply x by {i} and add y; say whether that exceeds {i * 10}."""
+            total = x * {i} + y
+            if total > {i * 10}:
+                return max(total, y)
+            return None
+        ''')
+
+
+def build_run(tmp_path: Path) -> Path:
+    """A run's data directory: corpus/train.jsonl, corpus/val.jsonl and the data manifest."""
+    data = tmp_path / "run" / "data"
+    (data / "corpus").mkdir(parents=True)
+    docs = [
+        ("toy/helpers.py", HELPERS),
+        ("toy/long.py", LONG),
+        ("toy/broken.py", "def broken(:\n    pass\n"),
+        ("toy/generated.py", "\n\n".join(generated(i) for i in range(2, 12))),
+    ]
+    with open(data / "corpus" / "train.jsonl", "w") as f:
+        for doc_id, text in docs:
+            f.write(json.dumps({"id": doc_id, "source": "toy", "meta": {}, "text": text}) + "\n")
+    secret = 'def secret_function(a):\n    """This docstring belongs to the validation split only."""\n'
+    (data / "corpus" / "val.jsonl").write_text(
+        json.dumps({"id": "toy/val.py", "source": "toy", "meta": {}, "text": secret + "    return a\n"})
+        + "\n"
+    )
+    (data / "manifest.json").write_text(json.dumps({"sources": [{"name": "toy", "license": "MIT"}]}))
+    return data / "corpus"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return build_run(tmp_path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def code_of(fenced: str) -> str:
+    assert fenced.startswith("```python\n") and fenced.endswith("\n```")
+    return fenced[len("```python\n") : -len("\n```")]
+
+
+def names_in(records: list[dict]) -> set[str]:
+    """The function each SFT or preference record is about."""
+    out = set()
+    for r in records:
+        answer = r["messages"][1]["content"] if "messages" in r else r["chosen"]
+        node = ast.parse(code_of(answer)).body[0]
+        out.add(node.name)
+    return out
+
+
+def test_sft_answers_are_the_functions_as_written(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    m = synthesize(SynthConfig(kinds=["sft"], max_per_kind=100), corpus, out)
+    records = read_jsonl(out / "sft.jsonl")
+    by_name = {ast.parse(code_of(r["messages"][1]["content"])).body[0].name: r for r in records}
+
+    assert set(by_name) == {"clamp", "fib", "wrap_words", "_private_helper", "push", "pop"} | {
+        f"scale_{i}" for i in range(2, 12)
+    }
+    for r in records:
+        user, assistant = r["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert r["source_doc"] in ("toy/helpers.py", "toy/generated.py")
+        ast.parse(code_of(assistant["content"]))
+    # the answer is the original text, decorator and comments included, methods dedented
+    fib = code_of(by_name["fib"]["messages"][1]["content"])
+    assert fib.startswith("@functools.lru_cache(maxsize=None)\ndef fib(n):\n")
+    assert fib in HELPERS
+    pop = code_of(by_name["pop"]["messages"][1]["content"])
+    assert textwrap.indent(pop, "    ") in HELPERS
+    prompt = by_name["pop"]["messages"][0]["content"]
+    assert "method of class `Stack`" in prompt
+    assert '```python\ndef pop(self):\n    """Remove and return the top item' in prompt
+    assert "self.items.pop()" not in prompt  # the body is what the model must write
+    wrap_prompt = by_name["wrap_words"]["messages"][0]["content"]
+    assert 'never splitting a word across lines."""\n```' in wrap_prompt
+
+    assert m["functions"]["skipped"] == {
+        "no_docstring": 2,  # undocumented, Stack.__init__
+        "short_docstring": 1,
+        "stub": 1,
+        "too_long": 1,
+    }
+    assert m["corpus"]["unparsable"] == 1 and m["corpus"]["unparsable_examples"] == ["toy/broken.py"]
+    assert m["kinds"]["sft"]["kept"] == len(records) == 16
+    assert m["sources"] == [{"name": "toy", "license": "MIT", "examples": 16}]
+    assert m["files"]["sft.jsonl"]["records"] == 16
+    assert not (out / "preference.jsonl").exists() and not (out / "grpo.jsonl").exists()
+    card = (out / "SYNTHCARD.md").read_text()
+    assert "| toy | MIT | 16 |" in card and "No evaluation sets were given" in card
+    assert "secret_function" not in (out / "sft.jsonl").read_text()  # the val split is never read
+
+
+def test_preference_pairs_differ_by_one_corruption(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "synth"
+    m = synthesize(SynthConfig(kinds=["sft", "preference"], max_per_kind=100), corpus, out)
+    pairs = read_jsonl(out / "preference.jsonl")
+    prompts = {r["messages"][0]["content"] for r in read_jsonl(out / "sft.jsonl")}
+    assert len(pairs) == 16
+    for p in pairs:
+        chosen, rejected = ast.parse(code_of(p["chosen"])), ast.parse(code_of(p["rejected"]))
+        assert p["chosen"] != p["rejected"]
+        assert ast.unparse(chosen) == code_of(p["chosen"])  # both printed the same way
+        assert ast.get_docstring(chosen.body[0]) == ast.get_docstring(rejected.body[0])
+        assert p["prompt"] in prompts and p["corruption"] in CORRUPTIONS
+    stats = m["kinds"]["preference"]
+    assert sum(stats["corruptions"].values()) == stats["kept"] == 16
+    # the real function, reprinted: clamp's chosen answer behaves like clamp
+    clamp = next(p for p in pairs if "def clamp(" in p["chosen"])
+    space: dict = {}
+    exec(code_of(clamp["chosen"]), space)  # our own test fixture, not corpus input
+    assert [space["clamp"](v, 0, 10) for v in (-5, 5, 50)] == [0, 5, 10]
+    # a method's docstring is dedented like the function, not left one level too deep
+    pop = next(p for p in pairs if "def pop(" in p["chosen"])
+    assert '"""Remove and return the top item, or None when the stack is empty."""' in pop["chosen"]
+
+
+def test_every_corruption_keeps_syntax_and_changes_code() -> None:
+    src = textwrap.dedent('''\
+        def f(a, b):
+            """A function with somewhere to apply every corruption."""
+            if a < b and b > 0:
+                x = divmod(a, b)
+            else:
+                x = (b, a)
+            y = 1 if a else 2
+            return x
+        ''')
+    fn = ast.parse(src).body[0]
+    original = ast.unparse(fn)
+    seen = set()
+    for seed in range(200):
+        made = corrupt(fn, random.Random(seed))
+        assert made is not None
+        kind, text = made
+        seen.add(kind)
+        tree = ast.parse(text)
+        assert text != original
+        assert ast.get_docstring(tree.body[0]) == ast.get_docstring(fn)
+    assert seen == set(CORRUPTIONS)
+    assert ast.unparse(fn) == original  # the input is never modified
+    bare = ast.parse('def g():\n    """Nothing in here can be corrupted at all."""\n    pass\n').body[0]
+    assert corrupt(bare, random.Random(0)) is None
+
+
+def test_grpo_answers_are_checked_and_dangerous_expressions_refused(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_eval(*args: object, **kw: object) -> None:
+        raise AssertionError("synth must never evaluate corpus expressions in its own process")
+
+    monkeypatch.setattr(builtins, "eval", no_eval)
+    out = tmp_path / "synth"
+    m = synthesize(SynthConfig(kinds=["grpo"], max_per_kind=100), corpus, out)
+    monkeypatch.undo()
+    records = read_jsonl(out / "grpo.jsonl")
+    answers = {r["prompt"].split("`")[1]: r["verifier"] for r in records}
+    assert answers == {
+        "2 * (3 + 4)": {"type": "numeric", "answer": 14, "tolerance": 0.0},
+        "'a,b'.split(',')": {"type": "exact", "answer": "['a', 'b']"},
+        "sorted([3, 1, 2])": {"type": "exact", "answer": "[1, 2, 3]"},
+        "(1 << 8) - 1": {"type": "numeric", "answer": 255, "tolerance": 0.0},
+        "2 ** 64": {"type": "exact", "answer": "18446744073709551616"},
+        "1 / 4": {"type": "numeric", "answer": 0.25, "tolerance": 1e-6},
+    }
+    text = (out / "grpo.jsonl").read_text()
+    for bad in ("10 ** 10 ** 10", "__import__", "system", "'ab' * 1000", "join({", "1 / 0"):
+        assert bad not in text
+    for r in records:
+        assert r["prompt"].endswith("Answer with the value's repr only.")
+        v = parse_verifier(r["verifier"])
+        assert v.score(str(r["verifier"]["answer"])) == 1.0
+    g = m["kinds"]["grpo"]
+    assert g["failed"] == {"ZeroDivisionError": 1}
+    assert g["rejected"]["power"] == 1 and g["rejected"]["call"] >= 1 and g["rejected"]["repeat"] == 1
+    assert g["rejected"]["unordered"] == 1
+    assert g["verifiers"] == {"numeric": 3, "exact": 3}
+
+
+def test_expression_whitelist() -> None:
+    def reason(text: str) -> str | None:
+        return check_expression(ast.parse(text, mode="eval").body)
+
+    for ok in ("2 * (3 + 4)", "'a,b'.split(',')", "sorted({'b', 'a'})", "len({'x'})", "b'ab'[::-1]"):
+        assert reason(ok) is None, ok
+    assert reason("10 ** 10 ** 10") == "power"
+    assert reason("__import__('os')") == "call"
+    assert reason("(1).__class__") == "attribute"
+    assert reason("'{0.__class__}'.format(1)") == "attribute"
+    assert reason("'ab' * 1000 * 1000") == "repeat"
+    assert reason("'x'.center(10 ** 9)") == "repeat"
+    assert reason("list(range(10 ** 9))") == "range"
+    assert reason("range(3)") == "range" and reason("sum(range(3))") is None
+    assert reason("1 << 100000") == "shift"
+    assert reason("','.join({'x', 'y'})") == "unordered"
+    assert reason("[x for x in (1, 2)]") == "syntax"
+    assert reason("len(x)") == "name"
+    assert reason("(1, 2, 3)") == "trivial"
+    assert reason("-1") == "trivial"
+
+
+def test_same_seed_same_bytes_other_seed_other_sample(corpus: Path, tmp_path: Path) -> None:
+    files = ("sft.jsonl", "preference.jsonl", "grpo.jsonl", "manifest.json", "SYNTHCARD.md")
+
+    def run(seed: int, name: str) -> dict[str, bytes]:
+        synthesize(SynthConfig(max_per_kind=6, seed=seed), corpus, tmp_path / name)
+        return {f: (tmp_path / name / f).read_bytes() for f in files}
+
+    first, again, other = run(0, "a"), run(0, "b"), run(1, "c")
+    assert first == again
+    assert first["sft.jsonl"] != other["sft.jsonl"]
+    assert first["preference.jsonl"] != other["preference.jsonl"]
+    assert len(read_jsonl(tmp_path / "c" / "sft.jsonl")) == 6
+    manifest = json.loads(first["manifest.json"])
+    for f in ("sft.jsonl", "preference.jsonl", "grpo.jsonl"):
+        assert manifest["files"][f]["sha256"] == hashlib.sha256(first[f]).hexdigest()
+
+
+def test_decontamination_removes_quoted_examples(corpus: Path, tmp_path: Path) -> None:
+    evals = tmp_path / "evals.jsonl"
+    quote = "keeping whole words together and never splitting a word across lines"
+    evals.write_text(
+        json.dumps({"text": f"Q: Break the text into lines of at most width characters, {quote}?"}) + "\n"
+    )
+    decon = DecontaminationConfig(eval_files=[evals], ngram=13)
+    out = tmp_path / "synth"
+    m = synthesize(SynthConfig(kinds=["sft", "preference"], max_per_kind=100), corpus, out, decon)
+    for kind in ("sft", "preference"):
+        records = read_jsonl(out / f"{kind}.jsonl")
+        assert "wrap_words" not in names_in(records) and len(records) == 15
+        assert m["kinds"][kind]["decontaminated"] == 1
+        assert m["kinds"][kind]["decontaminated_by_eval_set"] == {str(evals): 1}
+    assert m["decontamination"] == {"ngram": 13, "text_field": "text", "eval_sets": [str(evals)]}
+    # with a limit, removed examples are replaced by the next candidates
+    m = synthesize(SynthConfig(kinds=["sft"], max_per_kind=15), corpus, tmp_path / "limited", decon)
+    assert m["kinds"]["sft"]["kept"] == 15 and "wrap_words" not in names_in(
+        read_jsonl(tmp_path / "limited" / "sft.jsonl")
+    )
+
+
+def test_malformed_corpus_line_is_named(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text('{"id": "a", "text": "x = 1"}\n{"id": "b", "text": 3}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:2: .*string text"):
+        synthesize(SynthConfig(), corpus, tmp_path / "out")
+    (corpus / "train.jsonl").write_text('{"id": "a", "text": "x = 1"}\nnot json\n')
+    with pytest.raises(DataError, match=r"train\.jsonl:2: not valid JSON"):
+        synthesize(SynthConfig(), corpus, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="run the data stage first"):
+        synthesize(SynthConfig(), tmp_path / "nowhere", tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- the remote model
+
+
+Reply = tuple[int, dict[str, str], object]  # status, headers, JSON body (or text)
+
+
+class FakeAPI:
+    """An HTTP server on 127.0.0.1 that records requests and answers with `respond`."""
+
+    def __init__(self, respond: Callable[[str, dict, dict, int], Reply]):
+        self.requests: list[tuple[str, dict[str, str], dict]] = []
+        lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                with lock:
+                    api.requests.append((self.path, headers, body))
+                    n = len(api.requests)
+                status, extra, payload = respond(self.path, headers, body, n)
+                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+                self.send_response(status)
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@contextmanager
+def fake_api(respond: Callable[[str, dict, dict, int], Reply]) -> Iterator[FakeAPI]:
+    api = FakeAPI(respond)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def openai_reply(text: str) -> Reply:
+    return 200, {}, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+
+
+def anthropic_reply(text: str) -> Reply:
+    return 200, {}, {"content": [{"type": "text", "text": text}], "role": "assistant"}
+
+
+def remote(url: str, provider: str = "openai", **kw: object) -> RemoteModelConfig:
+    base = url + "/v1" if provider == "openai" else url
+    fields = {"requests_per_minute": 60_000, "max_retries": 2, "api_key_env": KEY_ENV, **kw}
+    return RemoteModelConfig(provider=provider, model="fake-model", base_url=base, **fields)
+
+
+def sft_records(n: int) -> list[dict]:
+    return [
+        {
+            "id": f"sft-{i}",
+            "source_doc": "toy/x.py",
+            "messages": [
+                {"role": "user", "content": f"Write f{i}"},
+                {"role": "assistant", "content": f"```python\ndef f{i}():\n    return {i}\n```"},
+            ],
+        }
+        for i in range(n)
+    ]
+
+
+def test_remote_write_replaces_answers_and_keeps_the_key_secret(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+    def respond(path: str, headers: dict, body: dict, n: int) -> Reply:
+        return openai_reply("Here you go:\n```python\ndef written():\n    return 42\n```\n")
+
+    with fake_api(respond) as api:
+        cfg = SynthConfig(
+            kinds=["sft"], max_per_kind=100, remote=remote(api.url, task="write", max_examples=5)
+        )
+        m = synthesize(cfg, corpus, tmp_path / "synth", log=lambda line: None)
+    assert len(api.requests) == 5
+    path, headers, body = api.requests[0]
+    assert path == "/v1/chat/completions" and headers["authorization"] == f"Bearer {SECRET}"
+    assert body["model"] == "fake-model" and body["messages"][-1]["content"].startswith("Write a Python")
+    records = read_jsonl(tmp_path / "synth" / "sft.jsonl")
+    written = [r for r in records if r.get("written_by") == "fake-model"]
+    assert len(written) == 5 and len(records) == 16
+    for r in written:
+        assert r["messages"][1]["content"] == "```python\ndef written():\n    return 42\n```"
+        assert r["reference"].startswith("```python\n") and "written" not in r["reference"]
+    assert m["remote"]["outcomes"] == {"written": 5} and m["remote"]["failed"] == 0
+    for f in (tmp_path / "synth").iterdir():
+        assert SECRET not in f.read_text()
+    assert (
+        "`fake-model` (openai API) was asked to write 5" in (tmp_path / "synth" / "SYNTHCARD.md").read_text()
+    )
+
+
+def test_remote_judge_drops_low_ratings_anthropic(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+    def respond(path: str, headers: dict, body: dict, n: int) -> Reply:
+        assert path == "/v1/messages" and body["max_tokens"] > 0 and "system" in body
+        return anthropic_reply("2" if "def scale_" in body["messages"][0]["content"] else "Rating: 8/10")
+
+    with fake_api(respond) as api:
+        cfg = SynthConfig(
+            kinds=["sft"],
+            max_per_kind=100,
+            remote=remote(api.url, "anthropic", task="judge", max_examples=100),
+        )
+        m = synthesize(cfg, corpus, tmp_path / "synth", log=lambda line: None)
+    headers = api.requests[0][1]
+    assert headers["x-api-key"] == SECRET and headers["anthropic-version"] == "2023-06-01"
+    records = read_jsonl(tmp_path / "synth" / "sft.jsonl")
+    assert names_in(records) == {"clamp", "fib", "wrap_words", "_private_helper", "push", "pop"}
+    assert all(r["rating"] == {"score": 8, "model": "fake-model"} for r in records)
+    r = m["remote"]
+    assert r["dropped"] == 10 and r["ratings"] == {"2": 10, "8": 6} and len(api.requests) == 16
+    assert m["kinds"]["sft"]["kept"] == 6 and SECRET not in json.dumps(m)
+
+
+def test_remote_retries_429_honouring_retry_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+
+    def respond(path: str, headers: dict, body: dict, n: int) -> Reply:
+        if n == 1:
+            return 429, {"Retry-After": "1"}, {"error": "slow down"}
+        return openai_reply("```python\ndef better():\n    return 1\n```")
+
+    with fake_api(respond) as api:
+        start = time.monotonic()
+        records, stats = remote_step(sft_records(2), remote(api.url, task="write"), log=lambda line: None)
+        elapsed = time.monotonic() - start
+    assert elapsed >= 1.0  # waited as long as the server asked
+    assert stats["retries"] == 1 and stats["requests"] == 3 and stats["outcomes"] == {"written": 2}
+    assert all(r["written_by"] == "fake-model" for r in records)
+
+
+def test_remote_failures_leave_examples_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    with fake_api(lambda path, headers, body, n: (500, {}, {"error": "down"})) as api:
+        before = sft_records(3)
+        records, stats = remote_step(
+            before, remote(api.url, task="write"), backoff_s=0.01, log=lambda s: None
+        )
+    assert records == sft_records(3)
+    assert stats["failed"] == 3 and stats["failures"] == {"HTTP 500, 3 attempts": 3}
+    assert stats["requests"] == 9 and len(api.requests) == 9
+
+    # a server that echoes the key back in an error: the key still appears nowhere
+    def echo(path: str, headers: dict, body: dict, n: int) -> Reply:
+        return 400, {}, f"bad request from {headers['authorization']}"
+
+    with fake_api(echo) as api:
+        records, stats = remote_step(sft_records(1), remote(api.url, task="judge"), log=lambda s: None)
+    assert stats["failed"] == 1 and SECRET not in json.dumps(stats) and "***" in json.dumps(stats)
+
+    # a refused key stops the step after one request
+    with fake_api(lambda path, headers, body, n: (401, {}, {"error": "no"})) as api:
+        records, stats = remote_step(sft_records(4), remote(api.url, task="judge"), log=lambda s: None)
+    assert len(api.requests) == 1 and records == sft_records(4)
+    assert stats["outcomes"] == {"failed": 1, "not_asked": 3}
+
+
+def test_remote_skipped_without_key(corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    lines: list[str] = []
+    with fake_api(lambda path, headers, body, n: openai_reply("9")) as api:
+        cfg = SynthConfig(kinds=["sft"], max_per_kind=100, remote=remote(api.url, task="judge"))
+        m = synthesize(cfg, corpus, tmp_path / "with", log=lines.append)
+    assert api.requests == []
+    assert any(f"${KEY_ENV} is not set" in line and "skipped" in line for line in lines)
+    assert m["remote"]["skipped"] == f"${KEY_ENV} is not set"
+    synthesize(SynthConfig(kinds=["sft"], max_per_kind=100), corpus, tmp_path / "without", log=lines.append)
+    assert (tmp_path / "with" / "sft.jsonl").read_bytes() == (tmp_path / "without" / "sft.jsonl").read_bytes()
+
+
+def test_rating_parser_and_rate_limiter() -> None:
+    assert [parse_rating(s) for s in ("7", " 10\n", "Rating: 8/10", "I'd give it 9 out of 10", "6.")] == [
+        7,
+        10,
+        8,
+        9,
+        6,
+    ]
+    assert parse_rating("great!") is None and parse_rating("0") is None and parse_rating("42") is None
+
+    now, slept = [0.0], []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(30, clock=lambda: now[0], sleep=sleep)
+    for _ in range(3):
+        limiter.wait()
+    assert slept == [2.0, 2.0]
