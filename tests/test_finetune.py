@@ -474,3 +474,74 @@ def test_grpo_mean_reward_rises_on_a_toy_task(base_run, tmp_path, variant):
     assert last > first + 0.2, [r["reward"] for r in m]
     if grpo.get("kl_coef"):
         assert max(r["kl"] for r in m) > 0  # the policy moved away from the base
+
+
+def test_records_from_a_saved_dataset_and_every_format(tmp_path):
+    from datasets import Dataset
+
+    from trulyopen.finetune.records import read_examples
+    from trulyopen.recipe import FinetuneDataConfig
+
+    Dataset.from_list(
+        [{"prompt": "add 1 and 2", "completion": "3"}, {"prompt": " ", "completion": "x"}]
+    ).save_to_disk(str(tmp_path / "ds"))
+    examples, bad = read_examples([FinetuneDataConfig(path=tmp_path / "ds")], "sft", "skip")
+    assert examples[0].messages == [
+        {"role": "user", "content": "add 1 and 2"},
+        {"role": "assistant", "content": "3"},
+    ]
+    assert bad == [{"where": f"{tmp_path / 'ds'}[row 1]", "reason": "prompt is empty"}]
+
+    pref = write_jsonl(
+        tmp_path / "pref.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": "q"}],
+                "chosen": [{"role": "assistant", "content": "a"}],
+                "rejected": "b",
+            },
+            {"prompt": "q", "chosen": "a"},
+        ],
+    )
+    examples, bad = read_examples([FinetuneDataConfig(path=pref)], "dpo", "skip")
+    assert (examples[0].chosen, examples[0].rejected) == ("a", "b")
+    assert bad[0]["reason"] == "rejected must be a string (got NoneType)"
+
+    grpo = write_jsonl(
+        tmp_path / "grpo.jsonl",
+        [
+            {"prompt": "2+2?", "verifier": {"type": "numeric", "answer": 4}},
+            {"prompt": "x", "verifier": {"type": "?"}},
+        ],
+    )
+    examples, bad = read_examples([FinetuneDataConfig(path=grpo)], "grpo", "skip")
+    assert examples[0].verifier == {"type": "numeric", "answer": 4}
+    assert bad[0]["where"].endswith("grpo.jsonl:2") and bad[0]["reason"].startswith("verifier: ")
+
+
+@pytest.mark.parametrize(
+    ("method", "adapter"),
+    [("dpo", "lora"), ("grpo", "none"), ("sft", "qlora")],
+    ids=["dpo-lora", "grpo", "qlora"],
+)
+def test_every_method_runs_on_a_hugging_face_directory(hf_dir, tmp_path, method, adapter):
+    from transformers import AutoModelForCausalLM
+
+    from trulyopen.model.export import export_checkpoint
+
+    if method == "dpo":
+        data = preference_data(tmp_path / "pref.jsonl")
+    elif method == "grpo":
+        rows = [
+            {"prompt": f"number for {w}", "verifier": {"type": "regex", "pattern": r"\d"}} for w in COLORS
+        ]
+        data = write_jsonl(tmp_path / "grpo.jsonl", rows)
+    else:
+        data = chat_data(tmp_path / "chat.jsonl")
+    extra = {"grpo": {"group_size": 4, "max_new_tokens": 4}} if method == "grpo" else {}
+    cfg = _cfg(data, method=method, adapter=adapter, base=str(hf_dir), max_steps=3, eval_every=3, **extra)
+    final = finetune(cfg, FinetunePaths(tmp_path / "run"))
+    assert len(_metrics(tmp_path / "run")) == 3
+    out = export_checkpoint(final, tmp_path / "hf")
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.model_type == "qwen3"
+    assert (out / "adapter" / "adapter_config.json").exists() == (adapter != "none")

@@ -104,6 +104,9 @@ def _write(
     model.config.to_json_file(str(tmp / "config.json"))
     tied = _tied_names(model)
     weights = {k: v.contiguous() for k, v in model_sd.items() if k not in tied}
+    if adapter:  # the trained parameters only (a 4-bit base adds its quantisation state to the state dict)
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        weights = {k: v for k, v in weights.items() if k in trained}
     save_file(weights, str(tmp / ("adapter.safetensors" if adapter else "model.safetensors")))
     # tuples come back as lists after a load: store lists, so a resumed run writes the same bytes
     for group in optim_sd["param_groups"]:
