@@ -360,3 +360,13 @@ def test_bf16_autocast_and_z_loss_train(data_run, tmp_path):
     pretrain(cfg, TINY, _paths(data_run, tmp_path))
     m = _metrics(tmp_path)
     assert len(m) == 3 and all(0 < r["loss"] < 10 for r in m) and m[-1]["val_bpb"] > 0
+
+
+def test_compiled_model_trains_to_the_same_losses(data_run, tmp_path):
+    """pretrain.compile = true (torch.compile with inductor) trains the same model as eager mode."""
+    cfg = dict(max_steps=3, checkpoint_every=3, eval_every=3)
+    pretrain(_cfg(**cfg), TINY, _paths(data_run, tmp_path / "eager"))
+    pretrain(_cfg(compile=True, **cfg), TINY, _paths(data_run, tmp_path / "compiled"))
+    eager, compiled = _metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
+    assert compiled[-1]["val_bpb"] == pytest.approx(eager[-1]["val_bpb"], abs=1e-4)
