@@ -10,6 +10,8 @@ import typer
 
 from trulyopen import pipeline
 from trulyopen.data.sources import DataError
+from trulyopen.evaluate.contamination import CorpusError
+from trulyopen.evaluate.taskfile import TaskError
 from trulyopen.model.presets import ModelSpecError
 from trulyopen.recipe import RecipeError, load_recipe
 from trulyopen.train import TrainingError
@@ -44,6 +46,9 @@ def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) ->
         r = load_recipe(recipe, overrides or [])
         out = pipeline.run(r, run_dir, until=until, force=force or [], workers=workers)
     except RecipeError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except (TaskError, CorpusError) as e:  # a task or corpus file the eval stage cannot read
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     except (DataError, FileNotFoundError, TrainingError, DataMismatchError, ModelSpecError) as e:
@@ -127,6 +132,71 @@ def finetune(
 ):
     """Post-train (SFT, DPO or GRPO; full, LoRA or QLoRA) a trulyopen checkpoint or a Hugging Face model."""
     _run(recipe, set, run_dir, force, workers, until="finetune")
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A recipe (runs its eval stage), a run directory, a checkpoint, or a Hugging Face model."
+        ),
+    ],
+    tasks: Annotated[Path | None, typer.Option("--tasks", help="A task suite YAML file.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write results (default: beside the model).")
+    ] = None,
+    lm_eval: Annotated[
+        str | None,
+        typer.Option("--lm-eval", help="Comma-separated lm-eval task names, run through its harness."),
+    ] = None,
+    include_path: Annotated[
+        Path | None,
+        typer.Option("--include-path", help="With --lm-eval: a directory of extra task YAML files."),
+    ] = None,
+    contamination: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--contamination", help="Report each task's n-gram overlap with this corpus (repeatable)."
+        ),
+    ] = None,
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+):
+    """Evaluate a model on a task suite (multiple choice, generation, code, bits per byte), or through
+    lm-eval's harness; with a recipe, run the recipe's eval stage."""
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        _run(Path(target), set, run_dir, ["eval"], None, until="eval")
+        return
+    try:
+        from trulyopen.evaluate import models
+        from trulyopen.evaluate.runner import evaluate_suite
+        from trulyopen.evaluate.taskfile import load_suite
+
+        if tasks is None and lm_eval is None:
+            raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
+        em = models.load(target)
+        out = out or Path("runs") / "eval" / Path(em.source).name
+        if tasks is not None:
+            specs = load_suite(tasks)
+            evaluate_suite(em, specs, out)
+            if contamination:
+                from trulyopen.evaluate.contamination import contamination_report
+                from trulyopen.files import write_json
+
+                report = contamination_report(
+                    {t.name: t.path for t in specs}, {t.name: t.type for t in specs}, contamination
+                )
+                write_json(out / "contamination.json", report)
+                for name, r in report.items():
+                    typer.echo(f"contamination: {name}: {r}")
+        if lm_eval is not None:
+            from trulyopen.evaluate.harness import run_lm_eval
+
+            run_lm_eval(em, lm_eval.split(","), out / "lm_eval", include_path)
+    except (TaskError, CorpusError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -23,6 +23,7 @@ class SamplingParams:
     top_k: int = 0  # 0 keeps every token
     top_p: float = 1.0
     stop_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()  # text that ends a completion (it is cut off, not returned)
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -49,9 +50,11 @@ def generate(
     params: SamplingParams,
     seed: int = 0,
     pad_id: int = 0,
+    decode=None,
 ) -> list[list[int]]:
     """The completion of each prompt: its sampled token ids, ending with the stop token when one
-    was sampled (so a trainer can teach the model to stop)."""
+    was sampled (so a trainer can teach the model to stop). With `params.stop_strings`, `decode`
+    (token ids -> text) tells when a completion's text contains one; the row then stops."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -73,6 +76,8 @@ def generate(
         token = sample_next(logits, params, generator)
         for i in torch.nonzero(~done).flatten().tolist():
             completions[i].append(int(token[i]))
+            if params.stop_strings and any(s in decode(completions[i][-16:]) for s in params.stop_strings):
+                done[i] = True  # (the last 16 tokens hold any stop string that just completed)
         done |= torch.isin(token, stop)
         if bool(done.all()):
             break

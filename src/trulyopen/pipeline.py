@@ -28,7 +28,7 @@ from trulyopen.ledger import Ledger, code_version, config_hash, file_record, mac
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
 
 # Stages later issues add; `run` names them so a user knows what is still to come.
-NOT_YET_AVAILABLE = ["eval", "release"]
+NOT_YET_AVAILABLE = ["release"]
 
 
 @dataclass
@@ -188,6 +188,27 @@ def _finetune_run(ctx: Context, records: list[dict]) -> list[Path]:
     return [*sorted(final.iterdir()), paths.metrics, paths.records]
 
 
+def _eval_inputs(ctx: Context) -> list[Path]:
+    from trulyopen.train.checkpoint import newest
+
+    cfg = ctx.recipe.eval
+    files = [ctx.data / "corpus/val.jsonl", ctx.data / "corpus/train.jsonl"] if ctx.recipe.data else []
+    if cfg.suite is not None:
+        from trulyopen.evaluate.taskfile import load_suite
+
+        files += [cfg.suite, *(t.path for t in load_suite(cfg.suite))]
+    for stage in cfg.models:
+        ckpt = newest(ctx.run_dir / "checkpoints" / stage)
+        files += sorted(ckpt.glob("*.safetensors")) if ckpt else []
+    return [f for f in files if f.exists()]
+
+
+def _eval_run(ctx: Context, records: list[dict]) -> list[Path]:
+    from trulyopen.evaluate.stage import run_eval_stage
+
+    return run_eval_stage(ctx.recipe.eval, ctx.run_dir)
+
+
 STAGES = [
     Stage("data", lambda r: (r.data,), _data_inputs, _data_run),
     Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
@@ -201,6 +222,7 @@ STAGES = [
         _finetune_run,
         enabled=lambda r: r.finetune is not None,
     ),
+    Stage("eval", lambda r: (r.eval,), _eval_inputs, _eval_run, enabled=lambda r: r.eval is not None),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

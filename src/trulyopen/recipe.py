@@ -466,6 +466,32 @@ class FinetuneConfig(LoopConfig):
         return self
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(Section):
+    """Evaluation of the run's models: built-in tasks from the held-out split, and any task suite."""
+
+    suite: Path | None = Field(
+        default=None, description="A task suite YAML file (a list of tasks); relative to the recipe."
+    )
+    builtin: bool = Field(
+        default=True,
+        description="Derive tasks from the held-out split: next line of a function (multiple choice), "
+        "complete a function from its docstring and pass its doctest (code), held-out text (bits per byte).",
+    )
+    builtin_items: int = Field(default=200, ge=1, description="At most this many items per built-in task.")
+    models: list[Literal["pretrain", "finetune"]] = Field(
+        default_factory=lambda: ["pretrain", "finetune"],
+        description="Whose newest checkpoint to evaluate: the base model, the post-trained one, or both.",
+    )
+    contamination: bool = Field(
+        default=True, description="Report each task's n-gram overlap with the run's training corpus."
+    )
+    ngram: int = Field(default=13, ge=1, description="Words per n-gram of the contamination check.")
+    seed: int = Field(default=0, description="Seed of the built-in tasks and few-shot choices.")
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -489,6 +515,7 @@ class Recipe(Section):
         default=None, description="Derive post-training data from the curated corpus (the synth stage)."
     )
     finetune: FinetuneConfig | None = Field(default=None, description="The post-training stage.")
+    eval: EvalConfig | None = Field(default=None, description="The evaluation stage.")
 
     @model_validator(mode="after")
     def _stages_have_inputs(self) -> Recipe:
@@ -499,6 +526,8 @@ class Recipe(Section):
             raise ValueError("finetune.base must name a model when there is no data section to pretrain on")
         if ft is not None and not ft.data and self.synth is None:
             raise ValueError("finetune.data is empty and there is no synth section to make data")
+        if self.eval is not None and self.eval.builtin and self.data is None:
+            raise ValueError("eval.builtin needs a data section: its tasks come from the held-out split")
         return self
 
     def _path_fields(self) -> list[tuple[str, Any, str | int]]:
@@ -511,6 +540,8 @@ class Recipe(Section):
         fields.append(("tokenizer.path", self.tokenizer, "path"))
         if self.finetune is not None:
             fields += [(f"finetune.data.{i}.path", d, "path") for i, d in enumerate(self.finetune.data)]
+        if self.eval is not None:
+            fields.append(("eval.suite", self.eval, "suite"))
         return fields
 
     def resolve_paths(self, base: Path) -> None:

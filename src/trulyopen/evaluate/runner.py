@@ -1,0 +1,77 @@
+"""Run a task suite on one model: results with standard errors, per-item records, a table, a ledger line.
+
+out_dir/results.json                   every metric {value, stderr, n} per task, the task files'
+                                       sha256, the model evaluated, the machine and code version
+out_dir/<task>.instances.jsonl         per item: prompt, choices, scores, prediction, correct
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from trulyopen.evaluate.generation import evaluate_code, evaluate_generation
+from trulyopen.evaluate.models import EvalModel
+from trulyopen.evaluate.multiple_choice import evaluate as evaluate_mc
+from trulyopen.evaluate.taskfile import TaskSpec, load_instances
+from trulyopen.evaluate.text import evaluate_text
+from trulyopen.files import atomic_open, sha256_file, write_json
+from trulyopen.ledger import Ledger, code_version, file_record, machine_summary
+
+
+def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict]]:
+    instances = load_instances(spec.path, spec.type)
+    if spec.limit is not None:
+        instances = instances[: spec.limit]
+    if spec.type == "multiple_choice":
+        return evaluate_mc(em.model, em.tokenizer, spec, instances, em.max_len)
+    if spec.type == "generation":
+        return evaluate_generation(em.model, em.tokenizer, spec, instances)
+    if spec.type == "code":
+        return evaluate_code(em.model, em.tokenizer, spec, instances)
+    return evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
+
+
+def evaluate_suite(
+    em: EvalModel, tasks: list[TaskSpec], out_dir: Path, ledger_dir: Path | None = None
+) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"model": em.name, "loaded": em.source, "tasks": {}}
+    for spec in tasks:
+        t0 = time.perf_counter()
+        metrics, records = run_task(em, spec)
+        path = out_dir / f"{spec.name}.instances.jsonl"
+        with atomic_open(path) as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        results["tasks"][spec.name] = {
+            "type": spec.type,
+            "file": str(spec.path),
+            "sha256": sha256_file(spec.path),
+            "metrics": metrics,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "settings": spec.model_dump(mode="json", exclude={"name", "path", "type"}),
+        }
+    results["code_version"] = code_version()
+    results["machine"] = machine_summary()
+    write_json(out_dir / "results.json", results)
+    print_table(results)
+    if ledger_dir is not None:
+        Ledger(ledger_dir).append(
+            {
+                "stage": "eval/results",
+                "model": em.source,
+                "inputs": [file_record(Path(t["file"])) for t in results["tasks"].values()],
+                "outputs": [file_record(p, ledger_dir) for p in sorted(out_dir.iterdir()) if p.is_file()],
+            }
+        )
+    return results
+
+
+def print_table(results: dict) -> None:
+    print(f"eval: {results['model']}")
+    print(f"  {'task':<28} {'metric':<16} {'value':>8} {'± stderr':>9} {'n':>6}")
+    for name, task in results["tasks"].items():
+        for metric, m in task["metrics"].items():
+            extra = f"  ({m['form']})" if "form" in m else ""
+            print(f"  {name:<28} {metric:<16} {m['value']:>8.4f} {m['stderr']:>9.4f} {m['n']:>6}{extra}")

@@ -1,0 +1,69 @@
+"""The eval stage of a run: built-in tasks from the held-out split, the recipe's suite, each of the
+run's models, and how much of each task the training corpus already contained.
+
+    <run>/eval/tasks/           the built-in task files (made from data/corpus/val.jsonl only)
+    <run>/eval/<stage>/         results.json and per-item records for that stage's newest checkpoint
+    <run>/eval/contamination.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trulyopen.evaluate import models
+from trulyopen.evaluate.runner import evaluate_suite
+from trulyopen.evaluate.taskfile import TaskSpec, load_suite
+from trulyopen.files import write_json
+from trulyopen.recipe import EvalConfig
+from trulyopen.train import checkpoint
+
+BUILTIN = [
+    ("next_line", "multiple_choice", {}),
+    ("docstring_completion", "code", {"max_new_tokens": 128}),
+    ("heldout_text", "text", {}),
+]
+
+
+def builtin_specs(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
+    from trulyopen.evaluate.builtin import build_builtin_tasks
+
+    out = run_dir / "eval" / "tasks"
+    build_builtin_tasks(
+        run_dir / "data" / "corpus" / "val.jsonl", out, seed=cfg.seed, max_items=cfg.builtin_items
+    )
+    specs = []
+    for name, kind, extra in BUILTIN:
+        path = out / f"{name}.jsonl"
+        if path.exists() and path.stat().st_size:
+            specs.append(TaskSpec(name=name, path=path, type=kind, seed=cfg.seed, **extra))
+    return specs
+
+
+def suite(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
+    specs = builtin_specs(run_dir, cfg) if cfg.builtin else []
+    return specs + (load_suite(cfg.suite) if cfg.suite else [])
+
+
+def run_eval_stage(cfg: EvalConfig, run_dir: Path) -> list[Path]:
+    tasks = suite(run_dir, cfg)
+    outputs = []
+    for stage in cfg.models:
+        ckpt = checkpoint.newest(run_dir / "checkpoints" / stage)
+        if ckpt is None:
+            print(f"eval: no {stage} checkpoint in {run_dir}, skipped")
+            continue
+        out = run_dir / "eval" / stage
+        evaluate_suite(models.load(ckpt), tasks, out)
+        outputs += sorted(p for p in out.iterdir() if p.is_file())
+    if cfg.contamination and (run_dir / "data" / "corpus" / "train.jsonl").exists():
+        from trulyopen.evaluate.contamination import contamination_report
+
+        report = contamination_report(
+            {t.name: t.path for t in tasks},
+            {t.name: t.type for t in tasks},
+            [run_dir / "data" / "corpus" / "train.jsonl"],
+            ngram=cfg.ngram,
+        )
+        write_json(run_dir / "eval" / "contamination.json", report)
+        outputs.append(run_dir / "eval" / "contamination.json")
+    return outputs
