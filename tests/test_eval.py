@@ -114,6 +114,56 @@ def test_multiple_choice_scores_are_exact_and_follow_the_model(tok, tmp_path):
     assert LETTERS[:3] == "ABC"
 
 
+def test_trees_and_truncation_equal_plain_forwards_over_lm_eval_windows():
+    """Each continuation's score equals one plain forward pass over lm-eval's window
+    `(context + continuation)[-(max_len + 1):][:-1]`, whether the continuations share a tree or a
+    long context is cut, and whether the model takes `logits_to_keep` or gives logits everywhere."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trulyopen.evaluate.loglik import Request, score
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+
+    class NoKeep(torch.nn.Module):  # the same model without logits_to_keep in its signature
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    g = torch.Generator().manual_seed(1)
+    rand = lambda n: torch.randint(1, 50, (n,), generator=g).tolist()  # noqa: E731
+    max_len = 24
+    requests = [
+        Request(rand(5), [rand(2), rand(3), rand(1)]),  # a tree
+        Request(rand(7), [rand(4)]),
+        Request(rand(30), [rand(3), rand(6)]),  # too long: cut from the left, one per continuation
+        Request(rand(3), [rand(24)]),  # a continuation as long as the window
+    ]
+
+    def plain(ctx, cont):
+        window = (ctx + cont)[-(max_len + 1) :][:-1]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([window])).logits[0], dim=-1)
+        rows = lp[-len(cont) :]
+        return float(rows.gather(1, torch.tensor(cont)[:, None]).sum())
+
+    for m in (model, NoKeep()):
+        scores = score(m, requests, max_len=max_len, batch_rows=2)
+        for req, got in zip(requests, scores, strict=True):
+            for cont, s in zip(req.continuations, got, strict=True):
+                assert s.tokens == len(cont)
+                assert s.logprob == pytest.approx(plain(req.context, cont), abs=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        score(model, [Request(rand(3), [rand(25)])], max_len=max_len)
+
+
 def test_length_normalisation_changes_the_choice(tok, tmp_path):
     """A long choice with a high total but a low per-character score loses under char normalisation."""
     from trulyopen.evaluate.multiple_choice import _normalised
@@ -283,3 +333,27 @@ def test_eval_command_on_a_model_with_a_suite(run_dir, tmp_path):
     (tmp_path / "bad.yaml").write_text("- {name: bad, path: bad.jsonl, type: multiple_choice}\n")
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--tasks", str(tmp_path / "bad.yaml")])
     assert result.exit_code == 2 and "bad.jsonl:1" in result.output
+
+
+def test_pretraining_runs_a_task_suite_in_the_loop(run_dir, tmp_path):
+    from trulyopen.recipe import ModelConfig, PretrainConfig
+    from trulyopen.train.pretrain import Paths, pretrain
+
+    write_jsonl(tmp_path / "mc.jsonl", MC)
+    (tmp_path / "suite.yaml").write_text("- {name: mc, path: mc.jsonl, type: multiple_choice}\n")
+    cfg = PretrainConfig(
+        seq_len=64,
+        global_batch_tokens=512,
+        micro_batch_size=4,
+        max_steps=4,
+        eval_every=2,
+        eval_sequences=2,
+        checkpoint_every=4,
+        precision="fp32",
+        eval_suite=tmp_path / "suite.yaml",
+    )
+    paths = Paths(tmp_path / "run", run_dir / "data" / "shards", run_dir / "tokenizer")
+    pretrain(cfg, ModelConfig(arch="llama", size="tiny"), paths)
+    lines = [json.loads(x) for x in paths.metrics.read_text().splitlines()]
+    assert [("eval/mc/acc" in r) for r in lines] == [False, True, False, True]
+    assert 0 <= lines[1]["eval/mc/acc_cloze"] <= 1 and "eval/mc/acc_lettered" in lines[3]

@@ -299,6 +299,11 @@ class PretrainConfig(LoopConfig):
         description="Keep attention inside each packed document (block-diagonal mask, positions restart).",
     )
     eval_sequences: int = Field(default=16, ge=1, description="Validation sequences per evaluation.")
+    eval_suite: Path | None = Field(
+        default=None,
+        description="A task suite YAML run at every validation; its metrics go to metrics.jsonl as "
+        "eval/<task>/<metric> (keep it small: it runs in the training process).",
+    )
 
     @model_validator(mode="after")
     def _batch_divides(self) -> PretrainConfig:
@@ -538,6 +543,7 @@ class Recipe(Section):
             files = self.data.decontamination.eval_files
             fields += [(f"data.decontamination.eval_files.{i}", files, i) for i in range(len(files))]
         fields.append(("tokenizer.path", self.tokenizer, "path"))
+        fields.append(("pretrain.eval_suite", self.pretrain, "eval_suite"))
         if self.finetune is not None:
             fields += [(f"finetune.data.{i}.path", d, "path") for i, d in enumerate(self.finetune.data)]
         if self.eval is not None:

@@ -24,7 +24,8 @@ class EvalModel:
 
     @property
     def max_len(self) -> int:
-        return min(int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048), 4096)
+        config = getattr(self.model, "module", self.model).config  # (DDP keeps the model in .module)
+        return min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 4096)
 
 
 def newest_in_run(run_dir: Path) -> Path | None:

@@ -33,6 +33,23 @@ def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict]]:
     return evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
 
 
+def in_loop_metrics(model, tokenizer_dir: Path, tasks: list[TaskSpec], autocast) -> dict[str, float]:
+    """Every task's metrics for a model in training, flattened for a metrics line: eval/<task>/<metric>."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    em = EvalModel(model, tok, "in-loop", "in-loop")
+    was_training = model.training
+    model.eval()
+    out = {}
+    with autocast():
+        for spec in tasks:
+            metrics, _ = run_task(em, spec)
+            out.update({f"eval/{spec.name}/{k}": round(m["value"], 6) for k, m in metrics.items()})
+    model.train(was_training)
+    return out
+
+
 def evaluate_suite(
     em: EvalModel, tasks: list[TaskSpec], out_dir: Path, ledger_dir: Path | None = None
 ) -> dict:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from trulyopen.evaluate.bpb import bits_per_byte, token_bytes
+from trulyopen.evaluate.runner import in_loop_metrics
+from trulyopen.evaluate.taskfile import load_suite
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record
 from trulyopen.model.build import count_params, flops_per_token, from_preset, from_pretrained
 from trulyopen.model.presets import ModelSpecError, resolve_dims
@@ -102,6 +104,7 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
         )
     plan = BatchPlan(stream, cfg.seq_len, batch_seqs, cfg.seed)
     nbytes = token_bytes(paths.tokenizer / "tokenizer.json")
+    eval_tasks = load_suite(cfg.eval_suite) if cfg.eval_suite else []
 
     model = build_model(model_cfg, stream.vocab_size, cfg.seq_len, cfg.seed).to(device)
     params = count_params(model)
@@ -244,6 +247,8 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
                 record["val_bpb"] = round(validate(), 6)
+                if eval_tasks:  # every rank runs them: a sharded model needs all ranks for a forward
+                    record.update(in_loop_metrics(train_model, paths.tokenizer, eval_tasks, autocast))
             metrics.write(record)
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
