@@ -425,7 +425,8 @@ def test_dpo_loss_equals_trl(base_run, tmp_path, loss):
 
 
 def test_batched_generation_equals_one_at_a_time(base_run):
-    from trulyopen.generate import SamplingParams, generate
+    from trulyopen.infer.engine import generate
+    from trulyopen.infer.sampling import SamplingParams
 
     model = checkpoint.load_for_inference(checkpoint.newest(base_run / "checkpoints" / "pretrain"))
     prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3], [100]]

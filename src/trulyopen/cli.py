@@ -69,6 +69,8 @@ def run(
     out = _run(recipe, set, run_dir, force, workers, until=None)
     typer.echo(f"stages not available yet: {', '.join(pipeline.NOT_YET_AVAILABLE)}")
     typer.echo(f"run directory: {out}  (see `trulyopen inspect {out}` and {out}/data/DATACARD.md)")
+    if (out / "checkpoints").is_dir():
+        typer.echo(f"serve the model: trulyopen serve {out}   (or chat with it: trulyopen chat {out})")
 
 
 @app.command()
@@ -216,6 +218,122 @@ def export(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"exported {checkpoint} to {out}")
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(help="A run directory, a checkpoint, or a Hugging Face model (directory or hub name)."),
+]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="The most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto (bf16 where the hardware runs it fast), bf16 or fp32.")
+]
+
+
+def _load_for_inference(target: str, precision: str):
+    from trulyopen.serve.launch import load
+
+    try:
+        return load(target, precision)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def generate(
+    model: ModelArg,
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    max_tokens: MaxTokensOpt = 128,
+    temperature: TemperatureOpt = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", help="0 keeps every token.")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="The same seed gives the same text.")] = None,
+    precision: PrecisionOpt = "auto",
+):
+    """Continue PROMPT with MODEL, printing the text as it is generated."""
+    from trulyopen.infer.sampling import SamplingParams
+    from trulyopen.serve.terminal import generate_text
+
+    m, tok, _ = _load_for_inference(model, precision)
+    params = SamplingParams(
+        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
+    typer.echo(prompt, nl=False)
+    generate_text(m, tok, prompt, params)
+
+
+@app.command()
+def chat(
+    model: ModelArg,
+    system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    max_tokens: MaxTokensOpt = 256,
+    temperature: TemperatureOpt = 0.7,
+    precision: PrecisionOpt = "auto",
+):
+    """Chat with MODEL in the terminal (through its tokenizer's chat template); an empty line ends it."""
+    from trulyopen.infer.sampling import SamplingParams
+    from trulyopen.serve.terminal import chat as chat_loop
+
+    m, tok, _ = _load_for_inference(model, precision)
+    chat_loop(m, tok, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=0.95), system)
+
+
+@app.command()
+def serve(
+    model: ModelArg,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="TRULYOPEN_API_KEY", help="Require this bearer key (default: none)."
+        ),
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option("--engine", help="trulyopen (built in), or vllm / sglang where installed with a GPU."),
+    ] = "trulyopen",
+    max_concurrent: Annotated[int, typer.Option("--max-concurrent", help="Requests decoded at once.")] = 32,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", help="Requests waiting for a slot before 429.")
+    ] = 64,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", help="The most tokens a request may ask for.")
+    ] = 1024,
+    max_prompt_tokens: Annotated[int | None, typer.Option("--max-prompt-tokens")] = None,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes")] = 1_000_000,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 300.0,
+    precision: PrecisionOpt = "auto",
+):
+    """Serve MODEL behind an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
+    streaming), with a chat page at /. SIGTERM lets running requests finish, then stops."""
+    from trulyopen.serve.app import Limits
+    from trulyopen.serve.launch import EngineUnavailable, serve_external
+    from trulyopen.serve.launch import serve as serve_ours
+
+    if engine != "trulyopen":
+        if engine not in ("vllm", "sglang"):
+            raise typer.BadParameter(f"--engine {engine}: choose trulyopen, vllm or sglang")
+        try:
+            raise typer.Exit(serve_external(engine, model, host, port, api_key))
+        except EngineUnavailable as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+    limits = Limits(
+        max_body_bytes=max_body_bytes,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+    )
+    try:
+        serve_ours(model, host, port, limits, api_key, precision)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

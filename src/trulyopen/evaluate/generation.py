@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from trulyopen.evaluate.stats import mean_and_stderr, pass_at_k
-from trulyopen.generate import SamplingParams, generate
+from trulyopen.infer.engine import generate
+from trulyopen.infer.sampling import SamplingParams
 
 ANSWER_STOPS = ("\n\n",)
 CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -32,14 +33,8 @@ def _complete(model, tok, prompts: list[str], spec, stops: tuple[str, ...], seed
         stop_ids=(tok.eos_token_id,),
         stop_strings=stops,
     )
-    out = []
-    for start in range(0, len(ids), 16):  # batches of 16 prompts
-        chunk = ids[start : start + 16]
-        completions = generate(
-            model, chunk, params, seed=seed + start, pad_id=tok.pad_token_id or 0, decode=tok.decode
-        )
-        out += [_cut(tok.decode([t for t in c if t != tok.eos_token_id]), stops) for c in completions]
-    return out
+    completions = generate(model, ids, params, seed=seed, decode=tok.decode)
+    return [_cut(tok.decode([t for t in c if t != tok.eos_token_id]), stops) for c in completions]
 
 
 @torch.no_grad()

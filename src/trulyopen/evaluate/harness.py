@@ -2,7 +2,7 @@
 
 The adapter answers the harness's three requests with our own code: log-likelihoods through the
 shared-context scorer (loglik.py: requests with the same context are scored as one tree),
-rolling log-likelihoods for perplexity tasks, and generation through generate.py with the task's
+rolling log-likelihoods for perplexity tasks, and generation through the inference engine with the task's
 stop strings. So any harness task runs on any trulyopen checkpoint, with our batching.
 """
 
@@ -14,7 +14,9 @@ from pathlib import Path
 from trulyopen.evaluate import models
 from trulyopen.evaluate.loglik import Request, request, score
 from trulyopen.files import write_json
-from trulyopen.generate import SamplingParams, generate
+from trulyopen.infer.engine import Engine
+from trulyopen.infer.engine import Request as GenerationRequest
+from trulyopen.infer.sampling import SamplingParams
 
 
 def _adapter_class():
@@ -59,8 +61,11 @@ def _adapter_class():
             return totals
 
         def generate_until(self, requests) -> list[str]:
+            """All requests at once through the engine (continuous batching), each with its own
+            stop strings and length."""
             tok = self.em.tokenizer
-            out = []
+            engine = Engine(self.em.model, tok.decode, slots=32, max_len=self.em.max_len)
+            reqs, untils = [], []
             for r in requests:
                 context, kw = r.args
                 until = kw.get("until") or []
@@ -70,10 +75,19 @@ def _adapter_class():
                     temperature=float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0,
                     stop_ids=(tok.eos_token_id,),
                     stop_strings=tuple(until),
+                    seed=len(reqs),
                 )
                 ids = tok(context, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
-                done = generate(self.em.model, [ids], params, decode=tok.decode)[0]
-                text = tok.decode([t for t in done if t != tok.eos_token_id])
+                ids = ids[
+                    -max(self.em.max_len - params.max_new_tokens - 1, 1) :
+                ]  # cut from the left, as lm-eval
+                reqs.append(engine.submit(GenerationRequest(ids, params)))
+                untils.append(until)
+            while engine.step():
+                pass
+            out = []
+            for req, until in zip(reqs, untils, strict=True):
+                text = tok.decode([t for t in req.output if t != tok.eos_token_id])
                 cuts = [text.find(u) for u in until if u in text]
                 out.append(text[: min(cuts)] if cuts else text)
             return out

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from trulyopen.model.logits import logits_at
+
 
 @dataclass
 class Request:
@@ -85,18 +87,6 @@ def _fit(req: Request, max_len: int) -> list[Request]:
         if len(c) > max_len:
             raise ValueError(f"a continuation of {len(c)} tokens does not fit the model's {max_len}")
     return [Request(req.context[-(max_len + 1 - len(c)) :], [c]) for c in req.continuations]
-
-
-def _logits_at(model: torch.nn.Module, positions: torch.Tensor, **inputs) -> tuple[torch.Tensor, bool]:
-    """Logits only at the positions that predict a scored token: the vocabulary projection is most
-    of a small model's cost, and most positions in a row (the context's) predict nothing scored.
-    Models whose forward takes no `logits_to_keep` give logits everywhere (the bool says which)."""
-    import inspect
-
-    forward = getattr(model, "module", model).forward
-    if "logits_to_keep" in inspect.signature(forward).parameters:
-        return model(**inputs, logits_to_keep=positions).logits, True
-    return model(**inputs).logits, False
 
 
 @torch.no_grad()
@@ -161,15 +151,13 @@ def score(
         # logits at the positions any row predicts from (the union: one index list for the batch)
         keep = sorted({p for _, predicting, _, _ in targets for p in predicting})
         column = {p: k for k, p in enumerate(keep)}
-        logits, kept = _logits_at(
+        logits = logits_at(
             model,
-            torch.tensor(keep, device=device),
+            keep,
             input_ids=ids.to(device),
             attention_mask=mask[:, None].to(device),
             position_ids=pos.to(device),
         )
-        if not kept:
-            logits = logits[:, keep]
         logp = F.log_softmax(logits.float(), dim=-1).cpu()
         for r, predicting, cont, (i, j) in targets:
             rows_lp = logp[r, [column[p] for p in predicting]]

@@ -219,21 +219,27 @@ class GRPO:
         pad_id: int,
         reference: RefLogps | None,
     ):
-        from trulyopen.generate import SamplingParams
+        from trulyopen.infer.sampling import SamplingParams
 
         self.cfg, self.prompts, self.val, self.pad_id = cfg, prompts, val, pad_id
         self.renderer, self.reference = renderer, reference
         g = cfg.grpo
-        self.params = SamplingParams(g.max_new_tokens, g.temperature, g.top_k, g.top_p, renderer.stop_ids())
+        self.params = SamplingParams(
+            max_new_tokens=g.max_new_tokens,
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            stop_ids=renderer.stop_ids(),
+        )
         self._cached: tuple[int, StepBatch] | None = None
 
     def _complete(
         self, model, prompts: list[Prompt], params, seed: int
     ) -> tuple[list[list[int]], list[float]]:
-        from trulyopen.generate import generate
+        from trulyopen.infer.engine import generate
         from trulyopen.rewards.verifiers import score_all
 
-        completions = generate(model, [p.ids for p in prompts], params, seed=seed, pad_id=self.pad_id)
+        completions = generate(model, [p.ids for p in prompts], params, seed=seed)
         stop = set(params.stop_ids)
         texts = [self.renderer.tok.decode([t for t in c if t not in stop]) for c in completions]
         return completions, score_all([(p.verifier, t) for p, t in zip(prompts, texts, strict=True)])

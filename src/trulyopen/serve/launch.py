@@ -1,0 +1,120 @@
+"""Loading a model for inference, and starting a server: ours, or vLLM / SGLang where present.
+
+Any target `trulyopen eval` takes works here too (a run directory, a checkpoint, a Hugging Face
+directory or hub name). bf16 is used where the hardware runs it fast (`precision: auto`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class EngineUnavailable(RuntimeError):
+    pass
+
+
+def load(target: str, precision: str = "auto", device: str | None = None):
+    """(model, tokenizer, name): the model in eval mode, in the chosen precision, on the device."""
+    from trulyopen.evaluate import models
+    from trulyopen.train.precision import choose_dtype
+
+    em = models.load(target)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = choose_dtype(precision, dev)
+    model = em.model.to(device=dev, dtype=dtype).eval()
+    name = Path(str(target).rstrip("/")).name or str(target)
+    return model, em.tokenizer, name
+
+
+def build_server(
+    target: str, limits=None, api_key: str | None = None, precision: str = "auto", max_len: int | None = None
+):
+    from trulyopen.infer.engine import Engine
+    from trulyopen.serve.app import Limits, Server
+
+    limits = limits or Limits()
+    model, tok, name = load(target, precision)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    engine = Engine(model, decode, slots=limits.max_concurrent, max_len=max_len)
+    return Server(engine, tok, name, limits, api_key)
+
+
+def serve(
+    target: str,
+    host: str,
+    port: int,
+    limits=None,
+    api_key: str | None = None,
+    precision: str = "auto",
+    max_len: int | None = None,
+) -> None:
+    """Our server; uvicorn stops taking connections on SIGTERM and lets running requests finish."""
+    import uvicorn
+
+    from trulyopen.serve.app import build_app
+
+    server = build_server(target, limits, api_key, precision, max_len)
+    print(f"serving {server.name} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", flush=True)
+    uvicorn.run(build_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+def serve_external(engine: str, target: str, host: str, port: int, api_key: str | None = None) -> int:
+    """Export the model to the Hugging Face format and run vLLM's or SGLang's OpenAI server on it."""
+    module = {"vllm": "vllm", "sglang": "sglang"}[engine]
+    if importlib.util.find_spec(module) is None:
+        raise EngineUnavailable(
+            f"--engine {engine}: the '{module}' package is not installed "
+            f"(pip install {module}); use the built-in engine instead"
+        )
+    if not torch.cuda.is_available():
+        raise EngineUnavailable(f"--engine {engine}: no GPU is present; use the built-in engine instead")
+    model_dir = Path(target)
+    if not (model_dir / "config.json").exists():  # a checkpoint or run: export it first
+        from trulyopen.evaluate.models import newest_in_run
+        from trulyopen.model.export import export_checkpoint
+
+        ckpt = newest_in_run(model_dir) if (model_dir / "ledger.jsonl").exists() else model_dir
+        model_dir = Path(tempfile.mkdtemp(prefix="trulyopen-serve-"))
+        export_checkpoint(ckpt, model_dir)
+    name = Path(str(target).rstrip("/")).name
+    if engine == "vllm":
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
+        if api_key:
+            cmd += ["--api-key", api_key]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            str(model_dir),
+            "--served-model-name",
+            name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ]
+        if api_key:
+            cmd += ["--api-key", api_key]
+    print(" ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())

@@ -1,0 +1,325 @@
+"""The server through the real `openai` client on loopback: completions and chat, streamed and
+not; 32 concurrent greedy clients get exactly the sequential greedy text; every bad request gets
+the right status and an OpenAI-style error; limits and disconnects free their slots."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from trulyopen.infer.engine import Engine, generate
+from trulyopen.infer.sampling import SamplingParams
+from trulyopen.serve.app import Limits, Server, build_app
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """A small byte-level BPE tokenizer with chat tokens, trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    text = ["def add(a, b):\n    return a + b\n", "héllo wörld 日本語 print('x')\n"] * 50
+    t.train_from_iterator(
+        text,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
+    m = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(30)
+    return m
+
+
+class Running:
+    """Our app under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, model, tok, limits: Limits, api_key=None):
+        import uvicorn
+
+        engine = Engine(
+            model,
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            slots=limits.max_concurrent,
+            max_len=256,
+        )
+        self.server = Server(engine, tok, "tiny", limits, api_key)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(build_app(self.server), host="127.0.0.1", port=self.port, log_level="warning")
+        self.uv = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uv.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uv.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.uv.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    s = Running(model, tok, Limits(max_concurrent=32, max_queue=64, max_tokens=64, max_prompt_tokens=200))
+    yield s
+    s.stop()
+
+
+def greedy_text(model, tok, ids, n, stops=()):
+    stop_ids = tuple(sorted({tok.eos_token_id, *stops}))
+    out = generate(model, [ids], SamplingParams(max_new_tokens=n, temperature=0, stop_ids=stop_ids))[0]
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def test_openai_client_completions_and_chat(server, model, tok):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    prompt = "def add(a, b):"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert r.choices[0].text == greedy_text(model, tok, ids, 12)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens <= 12
+    streamed = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    chat_ids = tok(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert chat.choices[0].message.content == greedy_text(model, tok, chat_ids, 10, (end,))
+    assert chat.choices[0].message.role == "assistant"
+    pieces = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(pieces)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+
+def test_32_concurrent_clients_get_the_sequential_greedy_text(server, model, tok):
+    import openai
+
+    prompts = [f"def f{i}(a, b):\n    return" + " a" * (i % 7) for i in range(32)]
+    expected = [greedy_text(model, tok, tok(p, add_special_tokens=False)["input_ids"], 24) for p in prompts]
+
+    async def all_at_once():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
+
+        async def one(p):
+            stream = await client.completions.create(
+                model="tiny", prompt=p, max_tokens=24, temperature=0, stream=True
+            )
+            return "".join([c.choices[0].text async for c in stream])
+
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    peak = []
+    watcher = threading.Thread(
+        target=lambda: [
+            peak.append(len(server.server.engine.running)) or time.sleep(0.01) for _ in range(300)
+        ],
+        daemon=True,
+    )
+    watcher.start()
+    got = asyncio.run(all_at_once())
+    assert got == expected
+    assert max(peak) > 8  # they really ran together
+
+
+def error_of(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"])
+    return body["error"]
+
+
+def test_bad_requests_get_openai_errors(server):
+    url = server.url + "/v1/completions"
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in error_of(r)["message"]
+    r = httpx.post(url, json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": -1})
+    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 65})
+    assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
+    r = httpx.post(url, json={"model": "tiny", "prompt": list(range(5, 206))})
+    assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and error_of(r)["param"] == "messages"
+    r = httpx.post(url, content=b"x" * 1_000_001, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert "<html" in httpx.get(server.url + "/").text
+
+
+def test_api_key_queue_limit_and_disconnect(model, tok):
+    import openai
+
+    s = Running(
+        model, tok, Limits(max_concurrent=1, max_queue=1, queue_timeout_s=30, max_tokens=200), api_key="k1"
+    )
+    slow_decode = s.server.engine._decode  # a slow model: 20 ms a token, so requests overlap for sure
+
+    def slow():
+        time.sleep(0.02)
+        slow_decode()
+
+    s.server.engine._decode = slow
+    try:
+        wrong = openai.OpenAI(base_url=s.url + "/v1", api_key="k2")
+        with pytest.raises(openai.AuthenticationError) as e:
+            wrong.completions.create(model="tiny", prompt="x", max_tokens=2)
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        headers = {"authorization": "Bearer k1"}
+        body = {
+            "model": "tiny",
+            "prompt": "def",
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        # one request decodes, one waits in the queue, a third gets 429 at once
+        with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:
+            with c1.stream("POST", s.url + "/v1/completions", json=body, headers=headers) as first:
+                lines = first.iter_lines()  # (kept: a dropped iterator closes the response)
+                next(lines)
+                streaming = s.server.engine.running[0]
+                waiting = threading.Thread(
+                    target=lambda: c2.post(
+                        s.url + "/v1/completions",
+                        json={**body, "stream": False, "max_tokens": 2},
+                        headers=headers,
+                    ),
+                    daemon=True,
+                )
+                waiting.start()
+                deadline = time.time() + 10
+                while s.server.admission.waiting < 1:
+                    assert time.time() < deadline
+                    time.sleep(0.02)
+                r = httpx.post(s.url + "/v1/completions", json=body, headers=headers)
+                assert r.status_code == 429 and error_of(r)["type"] == "rate_limit_error"
+            # the first client has gone mid-stream: its request is cancelled, and the waiting one runs
+            waiting.join(timeout=30)
+            assert not waiting.is_alive()
+            assert streaming.finish_reason == "cancelled" and len(streaming.output) < 100
+        deadline = time.time() + 10
+        while s.server.engine.running:
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:
+        s.stop()
+
+
+def test_serve_command_drains_running_requests_on_sigterm(model, tok, tmp_path):
+    """`trulyopen serve DIR` in its own process: a streaming request that is running when SIGTERM
+    arrives gets its whole answer, then the process exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "trulyopen",
+            "serve",
+            str(tmp_path / "tiny"),
+            "--port",
+            str(port),
+            "--precision",
+            "fp32",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.ConnectError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        body = {"model": "tiny", "prompt": "def", "max_tokens": 200, "temperature": 0, "stream": True}
+        body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    break
+            os.kill(proc.pid, signal.SIGTERM)
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 200
+        # uvicorn re-raises the signal once it has shut down, so the exit is by SIGTERM, not a crash
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Traceback" not in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
