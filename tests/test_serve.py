@@ -346,7 +346,9 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server):
     try:
         driver.get(server.url + "/")
         wait = WebDriverWait(driver, 60)
-        wait.until(lambda d: d.find_element(By.ID, "model").text == "tiny", "the page did not load the model name")
+        wait.until(
+            lambda d: d.find_element(By.ID, "model").text == "tiny", "the page did not load the model name"
+        )
         box = driver.find_element(By.ID, "input")
         box.send_keys("héllo wörld")
         driver.find_element(By.ID, "send").click()
@@ -358,3 +360,21 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server):
         assert "error" not in answer
     finally:
         driver.quit()
+
+
+def test_an_outside_engine_that_is_not_here_is_named_clearly(tmp_path):
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from trulyopen.cli import app
+
+    if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+        pytest.skip("vLLM and a GPU are here: this test is for machines without them")
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--engine", "vllm"])
+    assert result.exit_code == 2
+    assert "--engine vllm" in result.output and (
+        "not installed" in result.output or "no GPU" in result.output
+    )
+    result = CliRunner().invoke(app, ["serve", str(tmp_path), "--engine", "tgi"])
+    assert result.exit_code != 0 and "choose trulyopen, vllm or sglang" in result.output
