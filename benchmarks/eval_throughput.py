@@ -43,6 +43,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _machine import cpu_busy_s  # (benchmarks/_machine.py, beside this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "runs" / "quickstart"
 RATIO_TARGET = 2.0
@@ -166,14 +168,6 @@ ROWS = {"ours": row_ours, "lmeval": row_lmeval}
 
 
 # ----------------------------------------------------------------------------- harness
-
-
-def cpu_busy_s() -> float:
-    try:
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    return (sum(v[:3]) + sum(v[5:8])) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def child(name: str, params: dict) -> dict:

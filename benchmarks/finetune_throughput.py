@@ -60,6 +60,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _machine import cpu_busy_s  # (benchmarks/_machine.py, beside this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, LAYERS, HEADS, MLP, MAX_POS, SEED = 512, 8, 8, 1536, 1024, 0
 LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
@@ -232,15 +234,6 @@ def row_trl(p: dict) -> dict:
 
 
 ROWS = {"ours": row_ours, "trl": row_trl}
-
-
-def cpu_busy_s() -> float:
-    """CPU seconds used so far by every process on the machine (/proc/stat), or nan."""
-    try:
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def child(name: str, params: dict) -> dict:

@@ -64,6 +64,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from _machine import cpu_busy_s  # (benchmarks/_machine.py, beside this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 
@@ -486,16 +488,6 @@ ROWS = {
     "limit": row_limit,
     "profile": row_profile,
 }
-
-
-def cpu_busy_s() -> float:
-    """CPU seconds used so far by every process on the machine (/proc/stat), or nan."""
-    try:
-        v = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = v
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def child(name: str, params: dict, timeout: float | None = None) -> dict:

@@ -84,37 +84,12 @@ def serve_external(engine: str, target: str, host: str, port: int, api_key: str 
         model_dir = Path(tempfile.mkdtemp(prefix="trulyopen-serve-"))
         export_checkpoint(ckpt, model_dir)
     name = Path(str(target).rstrip("/")).name
-    if engine == "vllm":
-        cmd = [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            name,
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ]
-        if api_key:
-            cmd += ["--api-key", api_key]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "sglang.launch_server",
-            "--model-path",
-            str(model_dir),
-            "--served-model-name",
-            name,
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ]
-        if api_key:
-            cmd += ["--api-key", api_key]
+    # the two servers take the same options but one: how the model directory is named
+    entry, model_opt = {
+        "vllm": ("vllm.entrypoints.openai.api_server", "--model"),
+        "sglang": ("sglang.launch_server", "--model-path"),
+    }[engine]
+    cmd = [sys.executable, "-m", entry, model_opt, str(model_dir), "--served-model-name", name]
+    cmd += ["--host", host, "--port", str(port)] + (["--api-key", api_key] if api_key else [])
     print(" ".join(cmd), flush=True)
     return subprocess.call(cmd, env=os.environ.copy())
