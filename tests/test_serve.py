@@ -288,6 +288,8 @@ def test_serve_command_drains_running_requests_on_sigterm(model, tok, tmp_path):
             str(port),
             "--precision",
             "fp32",
+            "--max-len",
+            "240",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -305,6 +305,14 @@ def serve(
     max_prompt_tokens: Annotated[int | None, typer.Option("--max-prompt-tokens")] = None,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes")] = 1_000_000,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 300.0,
+    max_len: Annotated[
+        int | None,
+        typer.Option(
+            "--max-len",
+            help="Prompt + answer tokens of one request: the key-value cache holds this many per slot "
+            "(default: the model's positions, at most 4096).",
+        ),
+    ] = None,
     precision: PrecisionOpt = "auto",
 ):
     """Serve MODEL behind an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
@@ -330,7 +338,7 @@ def serve(
         request_timeout_s=request_timeout,
     )
     try:
-        serve_ours(model, host, port, limits, api_key, precision)
+        serve_ours(model, host, port, limits, api_key, precision, max_len)
     except (FileNotFoundError, OSError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
