@@ -154,6 +154,11 @@ class Server:
                     raise APIError(
                         504, "the request took longer than this server allows", "timeout"
                     ) from None
+                while event.finish_reason is None and not queue.empty():
+                    # the client fell behind the engine: what it is owed goes out as one event
+                    more = queue.get_nowait()
+                    text, ids = event.text + more.text, event.token_ids + more.token_ids
+                    event = Event(text, ids, more.finish_reason, more.error)
                 yield event
                 if event.finish_reason is not None:
                     return
