@@ -15,3 +15,41 @@ def cpu_busy_s() -> float:
         return float("nan")
     user, nice, system, _idle, _iowait, irq, softirq, steal = v
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_row(script: str, name: str, params: dict, env: dict, capture: bool = False) -> dict:
+    """One benchmark row in a fresh interpreter (`script --row NAME --row-params JSON --row-out F`),
+    so that its peak memory is its own. The row's JSON result comes back with `_run`: its wall time,
+    its CPU time, and the share of the machine's CPUs that other processes took meanwhile."""
+    import json
+    import resource
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    try:
+        cmd = [
+            sys.executable,
+            script,
+            "--row",
+            name,
+            "--row-params",
+            json.dumps(params),
+            "--row-out",
+            str(out),
+        ]
+        t0, busy0, r0 = time.perf_counter(), cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=capture, text=True)
+        wall, busy = time.perf_counter() - t0, cpu_busy_s() - busy0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            detail = f":\n{proc.stderr[-3000:]}" if capture else ""
+            raise RuntimeError(f"row {name} failed (exit {proc.returncode}){detail}")
+        own = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        share = max(busy - own, 0.0) / (wall * (os.cpu_count() or 1))
+        return {**json.loads(out.read_text()), "_run": {"wall_s": wall, "cpu_s": own, "others_share": share}}
+    finally:
+        out.unlink(missing_ok=True)

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _machine import cpu_busy_s  # (benchmarks/_machine.py, beside this script)
+from _machine import run_row  # (benchmarks/_machine.py, beside this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "runs" / "quickstart"
@@ -171,26 +170,8 @@ ROWS = {"ours": row_ours, "lmeval": row_lmeval}
 
 
 def child(name: str, params: dict) -> dict:
-    """One row in a fresh interpreter; `_run` says how much CPU other processes took meanwhile."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
-    try:
-        cmd = [sys.executable, __file__, "--row", name, "--row-params", json.dumps(params)]
-        cmd += ["--row-out", str(out)]
-        env = {**os.environ, "TRULYOPEN_QUIET": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
-        t0, busy0, r0 = time.perf_counter(), cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall, busy = time.perf_counter() - t0, cpu_busy_s() - busy0
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if proc.returncode != 0:
-            raise RuntimeError(f"row {name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        own = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
-        share = max(busy - own, 0.0) / (wall * (os.cpu_count() or 1))
-        result = json.loads(out.read_text())
-        result["_run"] = {"wall_s": wall, "cpu_s": own, "others_share": share}
-        return result
-    finally:
-        out.unlink(missing_ok=True)
+    env = {"TRULYOPEN_QUIET": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    return run_row(__file__, name, params, env, capture=True)
 
 
 def git_commit() -> str:

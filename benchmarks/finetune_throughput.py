@@ -60,7 +60,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _machine import cpu_busy_s  # (benchmarks/_machine.py, beside this script)
+from _machine import run_row  # (benchmarks/_machine.py, beside this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, LAYERS, HEADS, MLP, MAX_POS, SEED = 512, 8, 8, 1536, 1024, 0
@@ -237,24 +237,10 @@ ROWS = {"ours": row_ours, "trl": row_trl}
 
 
 def child(name: str, params: dict) -> dict:
-    """One row in a fresh interpreter; `_run` gets its wall time and the CPU share others took meanwhile."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
-    try:
-        cmd = [sys.executable, __file__, "--row", name, "--row-params", json.dumps(params)]
-        cmd += ["--row-out", str(out)]
-        t0, busy0, r0 = time.perf_counter(), cpu_busy_s(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = subprocess.run(cmd, env={**os.environ, **QUIET})
-        wall, busy = time.perf_counter() - t0, cpu_busy_s() - busy0
-        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if proc.returncode != 0:
-            raise RuntimeError(f"row {name} failed (exit {proc.returncode})")
-        others = max(busy - (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime), 0.0)
-        share = others / (wall * (os.cpu_count() or 1))
-        print(f"  ({wall:.0f} s; others took {share:.0%} of the CPUs{': DISTURBED' * (share > DISTURBED)})")
-        return {**json.loads(out.read_text()), "_run": {"wall_s": wall, "others_share": share}}
-    finally:
-        out.unlink(missing_ok=True)
+    result = run_row(__file__, name, params, QUIET)
+    wall, share = result["_run"]["wall_s"], result["_run"]["others_share"]
+    print(f"  ({wall:.0f} s; others took {share:.0%} of the CPUs{': DISTURBED' * (share > DISTURBED)})")
+    return result
 
 
 # ----------------------------------------------------------------------------- data, model, report
