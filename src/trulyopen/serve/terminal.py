@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import sys
 import time
+from dataclasses import replace
 
 from trulyopen.infer.engine import Engine, Event, Request
 from trulyopen.infer.sampling import SamplingParams
@@ -35,7 +36,7 @@ def _engine(model, tok, max_len: int | None) -> Engine:
 def generate_text(model, tok, prompt: str, params: SamplingParams, max_len: int | None = None) -> str:
     ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
-    params = SamplingParams(**{**params.__dict__, "stop_ids": tuple({*params.stop_ids, *eos})})
+    params = replace(params, stop_ids=tuple(sorted({*params.stop_ids, *eos})))
     text, _ = _stream(_engine(model, tok, max_len), ids, params)
     sys.stdout.write("\n")
     return text
@@ -46,7 +47,7 @@ def chat(model, tok, params: SamplingParams, system: str | None = None, max_len:
     from trulyopen.finetune.render import ChatRenderer
 
     renderer = ChatRenderer(tok)
-    params = SamplingParams(**{**params.__dict__, "stop_ids": renderer.stop_ids()})
+    params = replace(params, stop_ids=renderer.stop_ids())
     engine = _engine(model, tok, max_len)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
