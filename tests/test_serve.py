@@ -260,6 +260,17 @@ def test_api_key_queue_limit_and_disconnect(model, tok):
         while s.server.engine.running:
             assert time.time() < deadline
             time.sleep(0.02)
+        # a request over its time gets 504 (or, streaming, an error event), and its slot back
+        s.server.limits.request_timeout_s = 0.3
+        r = httpx.post(s.url + "/v1/completions", json={**body, "stream": False}, headers=headers, timeout=60)
+        assert r.status_code == 504 and error_of(r)["type"] == "timeout"
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=headers, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert events[-1]["error"]["type"] == "timeout"
+        deadline = time.time() + 10
+        while s.server.engine.running:
+            assert time.time() < deadline
+            time.sleep(0.02)
     finally:
         s.stop()
 

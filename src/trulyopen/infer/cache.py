@@ -26,14 +26,17 @@ class SlotCache:
         # what the next forward writes: rows [first, first + rows) at `positions` (a prefill writes
         # positions 0..T-1 of new rows, a decode step one position per running row)
         self.first, self.rows, self.positions, self.span = 0, 0, None, 0
+        self._flat: tuple[int, torch.Tensor] | None = None  # (heads, row of each (slot, head))
 
     # --- set by the engine before each forward
     def prefill(self, first: int, rows: int, length: int) -> None:
         self.first, self.rows, self.positions, self.span = first, rows, None, length
+        self._flat = None
 
     def decode(self, positions: torch.Tensor, span: int) -> None:
         """Row i of the running batch (slot i) writes at positions[i]; attention sees [:span]."""
         self.first, self.rows, self.positions, self.span = 0, len(positions), positions, span
+        self._flat = None
 
     # --- called by the model's attention layers
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -46,10 +49,20 @@ class SlotCache:
         if self.positions is None:  # prefill: the whole (padded) prompt of each new row
             T = key.shape[2]
             k[rows, :, :T], v[rows, :, :T] = key, value
-        else:
-            r = torch.arange(self.rows, device=key.device)
-            k[r, :, self.positions], v[r, :, self.positions] = key[:, :, 0], value[:, :, 0]
+        else:  # one position per slot: seen as rows of [slots * heads * max_len, head_dim]
+            flat = self._flat_rows(k.shape[1])
+            k.view(-1, k.shape[-1]).index_copy_(0, flat, key.reshape(-1, key.shape[-1]))
+            v.view(-1, v.shape[-1]).index_copy_(0, flat, value.reshape(-1, value.shape[-1]))
         return k[rows, :, : self.span], v[rows, :, : self.span]
+
+    def _flat_rows(self, heads: int) -> torch.Tensor:
+        """Where (slot i, head h) writes at positions[i] in the flattened cache; computed once per
+        step, as every layer (with the same number of heads) writes at the same places."""
+        if self._flat is None or self._flat[0] != heads:
+            slot_head = torch.arange(self.rows, device=self.positions.device)[:, None] * heads
+            slot_head = slot_head + torch.arange(heads, device=self.positions.device)
+            self._flat = (heads, (slot_head * self.max_len + self.positions[:, None]).reshape(-1))
+        return self._flat[1]
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot src's first `length` positions into slot dst (compaction after a finish)."""

@@ -129,7 +129,7 @@ class Engine:
             self.step()
 
     # ------------------------------------------------------------------ the engine's thread
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> bool:
         """Admit waiting requests, then decode one token for every running one. Returns whether
         any work is left."""

@@ -43,10 +43,10 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with rotate_half's minus sign folded into the sine table."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * signed_sin
 
 
 class FastDecoder:
@@ -82,9 +82,10 @@ class FastDecoder:
         positions = torch.arange(max_len, device=self.embed.device)[None]
         probe = torch.zeros((1, 1, 1), dtype=self.embed.dtype, device=self.embed.device)
         cos, sin = inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        half = sin.shape[-1] // 2
+        self.cos, self.sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         input_ids: torch.Tensor,
@@ -95,6 +96,10 @@ class FastDecoder:
     ) -> torch.Tensor:
         B, T = input_ids.shape
         x = F.embedding(input_ids, self.embed)
+        if attention_mask is not None:  # once per step, not once per layer inside attention
+            attention_mask = torch.zeros(attention_mask.shape, dtype=x.dtype).masked_fill_(
+                ~attention_mask, float("-inf")
+            )
         cos, sin = self.cos[position_ids][:, None], self.sin[position_ids][:, None]  # [B, 1, T, D]
         for i, p in enumerate(self.layers):
             D = p["head_dim"]

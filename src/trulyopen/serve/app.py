@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -66,6 +67,31 @@ class Admission:
         self.free.release()
 
 
+class Mailbox:
+    """Events from the engine's thread to the event loop. Waking the loop costs a system call, so
+    a step's events for every request go over together, with one wake-up, not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock, self.items, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        with self.lock:
+            self.items.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+TIMEOUT = Event("", [], "timeout")  # put in a request's queue when its time is up
+
+
 class Server:
     def __init__(self, engine: Engine, tokenizer, name: str, limits: Limits, api_key: str | None = None):
         from trulyopen.finetune.render import ChatRenderer, RenderError
@@ -78,6 +104,7 @@ class Server:
         except RenderError:
             self.chat, self.chat_stops = None, ()
         self.admission: Admission | None = None
+        self.mailbox: Mailbox | None = None
         self.created = int(time.time())
 
     # ------------------------------------------------------------------ one request
@@ -137,32 +164,31 @@ class Server:
         return ids, ()
 
     def submit(self, ids: list[int], params: SamplingParams) -> tuple[EngineRequest, asyncio.Queue]:
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        req = EngineRequest(ids, params, lambda e: loop.call_soon_threadsafe(queue.put_nowait, e))
+        queue, mailbox = asyncio.Queue(), self.mailbox
+        req = EngineRequest(ids, params, lambda e: mailbox.post(queue, e))
         self.engine.submit(req)
         return req, queue
 
     async def events(self, req: EngineRequest, queue: asyncio.Queue, deadline: float):
         """The request's events until its last one; cancels the request if the caller stops early
-        (a disconnected client) or the deadline passes."""
+        (a disconnected client) or the deadline (time.monotonic) passes."""
+        # one timer per request (asyncio's clock is time.monotonic), not one per awaited event
+        timer = asyncio.get_running_loop().call_at(deadline, queue.put_nowait, TIMEOUT)
         try:
             while True:
-                left = deadline - time.monotonic()
-                try:
-                    event: Event = await asyncio.wait_for(queue.get(), max(left, 0.001))
-                except TimeoutError:
-                    raise APIError(
-                        504, "the request took longer than this server allows", "timeout"
-                    ) from None
+                event: Event = await queue.get()
                 while event.finish_reason is None and not queue.empty():
                     # the client fell behind the engine: what it is owed goes out as one event
                     more = queue.get_nowait()
                     text, ids = event.text + more.text, event.token_ids + more.token_ids
                     event = Event(text, ids, more.finish_reason, more.error)
+                if event.finish_reason == TIMEOUT.finish_reason:
+                    raise APIError(504, "the request took longer than this server allows", "timeout")
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
+            timer.cancel()
             if req.finish_reason is None:
                 self.engine.cancel(req)
 
@@ -176,6 +202,7 @@ def build_app(server: Server) -> FastAPI:
     async def lifespan(app):
         lim = server.limits
         server.admission = Admission(lim.max_concurrent, lim.max_queue, lim.queue_timeout_s)
+        server.mailbox = Mailbox(asyncio.get_running_loop())
         server.engine.start()
         yield
         server.engine.stop()
