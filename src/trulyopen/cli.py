@@ -368,5 +368,28 @@ def inspect(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def audit(
+    directory: Annotated[Path, typer.Argument(help="Any directory: a release, a Hugging Face model folder.")],
+    output: Annotated[
+        Path | None, typer.Option("--json", help="Where to write the audit (default: DIR/audit.json).")
+    ] = None,
+):
+    """Score a directory against the Model Openness Framework: its 17 components, licences and
+    classes (III Open Model, II Open Tooling, I Open Science), and the OSI Open Source AI Definition."""
+    from trulyopen.release.audit import AuditError, write
+    from trulyopen.release.audit import audit as run_audit
+
+    try:
+        result = run_audit(directory)
+    except AuditError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(result.table())
+    target = output or directory / "audit.json"
+    write(result, target)
+    typer.echo(f"written: {target}")
+
+
 def main() -> None:  # pragma: no cover - `python -m trulyopen`
     sys.exit(app())
