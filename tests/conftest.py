@@ -111,3 +111,24 @@ def write_recipe(tmp: Path, corpus: dict, **extra) -> Path:
 @pytest.fixture
 def recipe_file(corpus: dict) -> Path:
     return write_recipe(corpus["tmp"], corpus)
+
+
+@pytest.fixture
+def chromium():
+    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver; `.ci/run`
+    installs both)."""
+    import shutil
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()

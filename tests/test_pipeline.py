@@ -248,7 +248,6 @@ def test_cli_run_and_inspect(built, tmp_path):
         app, ["run", str(built["recipe"]), "--run-dir", str(tmp_path / "c"), "--workers", "1"]
     )
     assert result.exit_code == 0, result.output
-    assert "stages not available yet: release" in result.output
     result = runner.invoke(app, ["inspect", str(tmp_path / "c")])
     assert result.exit_code == 0
     assert "shards" in result.output and "near_dedup" in result.output and "tokens" in result.output

@@ -338,41 +338,27 @@ def test_serve_command_drains_running_requests_on_sigterm(model, tok, tmp_path):
             proc.kill()
 
 
-def test_chat_page_streams_an_answer_in_headless_chromium(server):
+def test_chat_page_streams_an_answer_in_headless_chromium(server, chromium):
     """The page at / loads in Chromium; a typed message gets a streamed answer and a tokens/s line.
     (`.ci/run` installs Debian's chromium and chromium-driver.)"""
-    import shutil
-
-    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (browser and driver_path):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        driver.get(server.url + "/")
-        wait = WebDriverWait(driver, 60)
-        wait.until(
-            lambda d: d.find_element(By.ID, "model").text == "tiny", "the page did not load the model name"
-        )
-        box = driver.find_element(By.ID, "input")
-        box.send_keys("héllo wörld")
-        driver.find_element(By.ID, "send").click()
-        wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "stats").text, "no answer")
-        user = driver.find_elements(By.CSS_SELECTOR, ".user")[-1].text
-        answer = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text
-        assert user == "you: héllo wörld"
-        assert answer.startswith("model: ") and len(answer) > len("model: ")
-        assert "error" not in answer
-    finally:
-        driver.quit()
+    driver = chromium
+    driver.get(server.url + "/")
+    wait = WebDriverWait(driver, 60)
+    wait.until(
+        lambda d: d.find_element(By.ID, "model").text == "tiny", "the page did not load the model name"
+    )
+    box = driver.find_element(By.ID, "input")
+    box.send_keys("héllo wörld")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: "tokens/s" in d.find_element(By.ID, "stats").text, "no answer")
+    user = driver.find_elements(By.CSS_SELECTOR, ".user")[-1].text
+    answer = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1].text
+    assert user == "you: héllo wörld"
+    assert answer.startswith("model: ") and len(answer) > len("model: ")
+    assert "error" not in answer
 
 
 def test_an_outside_engine_that_is_not_here_is_named_clearly(tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
 from trulyopen import pipeline
 from trulyopen.data.sources import DataError
@@ -14,6 +16,7 @@ from trulyopen.evaluate.contamination import CorpusError
 from trulyopen.evaluate.taskfile import TaskError
 from trulyopen.model.presets import ModelSpecError
 from trulyopen.recipe import RecipeError, load_recipe
+from trulyopen.release.bundle import ReleaseError
 from trulyopen.train import TrainingError
 from trulyopen.train.loader import DataMismatchError
 
@@ -51,7 +54,14 @@ def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) ->
     except (TaskError, CorpusError) as e:  # a task or corpus file the eval stage cannot read
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    except (DataError, FileNotFoundError, TrainingError, DataMismatchError, ModelSpecError) as e:
+    except (
+        DataError,
+        FileNotFoundError,
+        TrainingError,
+        DataMismatchError,
+        ModelSpecError,
+        ReleaseError,
+    ) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     return out
@@ -67,7 +77,7 @@ def run(
 ):
     """Run every available stage of a recipe, skipping those already up to date."""
     out = _run(recipe, set, run_dir, force, workers, until=None)
-    typer.echo(f"stages not available yet: {', '.join(pipeline.NOT_YET_AVAILABLE)}")
+    _say_release(out)
     typer.echo(f"run directory: {out}  (see `trulyopen inspect {out}` and {out}/data/DATACARD.md)")
     if (out / "checkpoints").is_dir():
         typer.echo(f"serve the model: trulyopen serve {out}   (or chat with it: trulyopen chat {out})")
@@ -369,6 +379,38 @@ def inspect(
 
 
 @app.command()
+def release(
+    target: Annotated[Path, typer.Argument(help="A run directory (or a recipe file) to release.")],
+    set: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    force: ForceOpt = None,
+    workers: WorkersOpt = None,
+):
+    """Release a run: RUN_DIR/release/, a self-contained bundle of the model, checkpoints, data,
+    code, logs, evaluation, cards, licences, mof.yml, its audit and SHA256SUMS. Stages before it
+    that are not up to date run first."""
+    recipe = target / "recipe.yaml" if target.is_dir() else target
+    if target.is_dir():
+        run_dir = run_dir or target
+    overrides = list(set or [])
+    if recipe.is_file() and "release" not in (yaml.safe_load(recipe.read_text()) or {}):
+        overrides.append("release={}")  # a recipe without a release section: the defaults
+    out = _run(recipe, overrides, run_dir, force, workers, until="release")
+    _say_release(out)
+
+
+def _say_release(run_dir: Path) -> None:
+    audit_file = run_dir / "release" / "audit.json"
+    if audit_file.exists():
+        label = json.loads(audit_file.read_text())["label"]
+        typer.echo(f"release: {run_dir / 'release'}  (Model Openness Framework: {label}; {audit_file})")
+        typer.echo(
+            f"report: {run_dir / 'release' / 'report' / 'report.html'}  (verify: trulyopen verify "
+            f"{run_dir / 'release'})"
+        )
+
+
+@app.command()
 def audit(
     directory: Annotated[Path, typer.Argument(help="Any directory: a release, a Hugging Face model folder.")],
     output: Annotated[
@@ -389,6 +431,60 @@ def audit(
     target = output or directory / "audit.json"
     write(result, target)
     typer.echo(f"written: {target}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write (default: RUN_DIR/report).")
+    ] = None,
+):
+    """One self-contained HTML page on a run (loss, learning rate, throughput, gradient norm, data
+    funnel, corpus by source, evaluation, openness verdict), with its figures as PNGs beside it."""
+    from trulyopen.release.report import report as write_report
+
+    if not run_dir.is_dir():
+        typer.echo(f"error: {run_dir}: not a directory", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"report: {write_report(run_dir, out)}")
+
+
+@app.command()
+def verify(
+    directory: Annotated[Path, typer.Argument(help="A release directory (RUN_DIR/release).")],
+    replay: Annotated[
+        int | None,
+        typer.Option("--replay", help="Retrain pretraining to this step from the checkpoint before it."),
+    ] = None,
+):
+    """Check every hash in SHA256SUMS and the ledger, and that each checkpoint's data fingerprint,
+    recipe and code version agree; with --replay STEP, retrain to STEP and compare the weights."""
+    from trulyopen.release.verify import VerifyError
+    from trulyopen.release.verify import replay as run_replay
+    from trulyopen.release.verify import verify as run_verify
+
+    try:
+        report = run_verify(directory)
+        for problem in report.problems:
+            typer.echo(f"problem: {problem}")
+        typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
+        result = run_replay(directory, replay) if replay is not None else None
+    except VerifyError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if result is not None:
+        stretch = f"replay: steps {result['from_step']}..{result['step']}"
+        if result["identical"]:
+            typer.echo(f"{stretch} reproduce the released weights bit for bit")
+        else:
+            typer.echo(
+                f"{stretch} differ from the release: largest difference {result['max_abs_diff']:.3g} "
+                f"in {result['where']}"
+            )
+        typer.echo(json.dumps({k: result[k] for k in ("recorded", "replayed")}, indent=2))
+    if report.problems or (result is not None and not result["identical"]):
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - `python -m trulyopen`

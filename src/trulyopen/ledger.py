@@ -45,13 +45,18 @@ def file_record(path: Path, root: Path | None = None) -> dict[str, Any]:
     return {"path": str(shown), "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def source_hash(package_dir: Path) -> str:
+    """sha256 over a package's Python files (relative path and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for f in sorted(package_dir.rglob("*.py")):
+        h.update(str(f.relative_to(package_dir)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 @functools.cache
 def code_version() -> dict[str, Any]:
     """Which code ran: package version, source hash, and git commit / dirty flag from a checkout."""
-    h = hashlib.sha256()
-    for f in sorted(PACKAGE_DIR.rglob("*.py")):
-        h.update(str(f.relative_to(PACKAGE_DIR)).encode() + b"\0" + f.read_bytes() + b"\0")
-    version: dict[str, Any] = {"package": __version__, "source_sha256": h.hexdigest()}
+    version: dict[str, Any] = {"package": __version__, "source_sha256": source_hash(PACKAGE_DIR)}
     repo = PACKAGE_DIR.parent.parent
     if (repo / ".git").exists():
         try:

@@ -27,9 +27,6 @@ from trulyopen.files import write_json, write_text
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record, machine_summary
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
 
-# Stages later issues add; `run` names them so a user knows what is still to come.
-NOT_YET_AVAILABLE = ["release"]
-
 
 @dataclass
 class Context:
@@ -209,6 +206,24 @@ def _eval_run(ctx: Context, records: list[dict]) -> list[Path]:
     return run_eval_stage(ctx.recipe.eval, ctx.run_dir)
 
 
+def _release_inputs(ctx: Context) -> list[Path]:
+    """Everything the run made, except the release itself and the ledger (which grows with every
+    stage, the release's own entry included)."""
+    skip = {"release", "release.tmp"}
+    return sorted(
+        p
+        for p in ctx.run_dir.rglob("*")
+        if p.is_file() and p.relative_to(ctx.run_dir).parts[0] not in skip and p.name != "ledger.jsonl"
+    )
+
+
+def _release_run(ctx: Context, records: list[dict]) -> list[Path]:
+    from trulyopen.release.bundle import release
+
+    out = release(ctx.run_dir, ctx.recipe)
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
 STAGES = [
     Stage("data", lambda r: (r.data,), _data_inputs, _data_run),
     Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
@@ -223,6 +238,13 @@ STAGES = [
         enabled=lambda r: r.finetune is not None,
     ),
     Stage("eval", lambda r: (r.eval,), _eval_inputs, _eval_run, enabled=lambda r: r.eval is not None),
+    Stage(
+        "release",
+        lambda r: (r.release,),
+        _release_inputs,
+        _release_run,
+        enabled=lambda r: r.release is not None,
+    ),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

@@ -43,7 +43,7 @@ class SourceConfig(Section):
         "directory (a tree filtered by globs), text (plain text files), jsonl, parquet, "
         "hf-disk (a dataset saved with datasets.save_to_disk) or hf-hub (a dataset name on the hub)."
     )
-    license: str = Field(description="SPDX licence identifier of the source, e.g. PSF-2.0 or CC-BY-4.0.")
+    license: str = Field(description="SPDX licence identifier of the source, e.g. Python-2.0 or CC-BY-4.0.")
     path: Path | None = Field(
         default=None,
         description="File or directory to read (directory, text, jsonl, parquet, hf-disk); "
@@ -497,6 +497,42 @@ class EvalConfig(Section):
     seed: int = Field(default=0, description="Seed of the built-in tasks and few-shot choices.")
 
 
+class LicencesConfig(Section):
+    """The licence of each kind of thing a release holds (SPDX identifiers)."""
+
+    code: str = Field(default="Apache-2.0", description="Licence of the code in the release.")
+    data: str | None = Field(
+        default=None,
+        description="Licence of the data (corpus, evaluation data); default: the sources' licence when "
+        "they share one.",
+    )
+    documents: str = Field(default="CC-BY-4.0", description="Licence of the cards, paper and report.")
+    weights: str = Field(default="Apache-2.0", description="Licence of the model's parameters.")
+
+
+class ReleaseConfig(Section):
+    """The release stage: a self-contained bundle of everything the run made, with cards and hashes."""
+
+    licenses: LicencesConfig = Field(default_factory=LicencesConfig, description="Licences by kind.")
+    redistribute_data: bool | None = Field(
+        default=None,
+        description="Put the curated corpus in the release; default: when every source's licence is "
+        "open (OSI, FSF or an open data licence). Otherwise the release holds the means to rebuild it.",
+    )
+    producer: str = Field(default="", description="Who made the model (model card and mof.yml).")
+    contact: str = Field(default="", description="Contact address (model card and mof.yml).")
+    intended_use: str = Field(
+        default="Research and education: studying how a language model is built, trained and evaluated "
+        "end to end. Not for production use or for decisions about people.",
+        description="The model card's intended-use section.",
+    )
+    limitations: str = Field(
+        default="A small model trained on little data: its output is often wrong, and it knows nothing "
+        "beyond its corpus. It was not tuned for safety.",
+        description="The model card's limitations section (evaluation and contamination notes are added).",
+    )
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -521,6 +557,9 @@ class Recipe(Section):
     )
     finetune: FinetuneConfig | None = Field(default=None, description="The post-training stage.")
     eval: EvalConfig | None = Field(default=None, description="The evaluation stage.")
+    release: ReleaseConfig | None = Field(
+        default=None, description="The release stage: bundle, cards, licences, mof.yml and hashes."
+    )
 
     @model_validator(mode="after")
     def _stages_have_inputs(self) -> Recipe:
@@ -533,6 +572,13 @@ class Recipe(Section):
             raise ValueError("finetune.data is empty and there is no synth section to make data")
         if self.eval is not None and self.eval.builtin and self.data is None:
             raise ValueError("eval.builtin needs a data section: its tasks come from the held-out split")
+        if self.release is not None and self.release.licenses.data is None and self.data is not None:
+            kinds = sorted({s.license for s in self.data.sources})
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"release.licenses.data: the sources have different licences ({', '.join(kinds)}); "
+                    "name the licence of the released data"
+                )
         return self
 
     def _path_fields(self) -> list[tuple[str, Any, str | int]]:

@@ -24,8 +24,9 @@ class AuditError(ValueError):
     """A mof.yml that cannot be read (the message names the file and the field)."""
 
 
-def _first(root: Path, patterns: list[str]) -> str | None:
-    for pattern in patterns:
+def find(root: Path, component: str) -> str | None:
+    """Where `component` is in `root` (a path relative to it), by the files that make it."""
+    for pattern in FINDERS[component]:
         hits = sorted(p for p in root.glob(pattern) if not p.name.startswith("."))
         if hits:
             return str(hits[0].relative_to(root))
@@ -34,23 +35,23 @@ def _first(root: Path, patterns: list[str]) -> str | None:
 
 # where each component is found in a directory without a mof.yml, first match wins
 FINDERS: dict[str, list[str]] = {
-    "Model architecture": ["code/**/model/*.py", "modeling_*.py", "**/modeling_*.py"],
-    "Data preprocessing code": ["code/**/data/*.py"],
-    "Training code": ["code/**/train/*.py", "train*.py"],
-    "Inference code": ["code/**/infer/*.py", "inference*.py", "generate*.py"],
-    "Evaluation code": ["code/**/evaluate/*.py", "eval*.py"],
+    "Model architecture": ["code/*/model", "modeling_*.py", "**/modeling_*.py"],
+    "Data preprocessing code": ["code/*/data"],
+    "Training code": ["code/*/train", "train*.py"],
+    "Inference code": ["code/*/infer", "inference*.py", "generate*.py"],
+    "Evaluation code": ["code/*/evaluate", "eval*.py"],
     "Supporting libraries and tools": ["code/requirements.txt", "requirements*.txt", "environment.yml"],
     "Model parameters (Final)": ["model/*.safetensors", "*.safetensors", "pytorch_model*.bin", "*.gguf"],
-    "Model parameters (Intermediate)": ["checkpoints/*/*/model.safetensors", "checkpoints/**/*.safetensors"],
-    "Datasets": ["data/corpus/*", "data/train*", "dataset/*"],
+    "Model parameters (Intermediate)": ["checkpoints/*/step_*", "checkpoints/**/*.safetensors"],
+    "Datasets": ["data/corpus", "data/train*", "dataset/*"],
     "Evaluation data": ["eval/tasks/*", "eval_data/*"],
     "Model metadata": ["recipes/*.yaml", "training_args*", "config.json", "model/config.json"],
-    "Sample model outputs": ["eval/samples*", "samples*"],
+    "Sample model outputs": ["eval/*/*.instances.jsonl", "eval/samples*", "samples*"],
     "Model card": ["README.md", "MODEL_CARD.md"],
     "Data card": ["data/DATACARD.md", "DATACARD.md", "data_card*", "**/DATACARD.md"],
     "Technical report": ["report/report.html", "technical_report*", "report*.pdf"],
     "Research paper": ["paper*.pdf", "paper*.md", "paper/*"],
-    "Evaluation results": ["eval/results.json", "eval_results*", "results*.json"],
+    "Evaluation results": ["eval/*/results.json", "eval/results.json", "eval_results*", "results*.json"],
 }
 # the first lines of common licence texts, for LICENSE files that do not say their SPDX id
 SIGNATURES = {
@@ -173,7 +174,7 @@ def _from_files(root: Path) -> Audit:
         licences["distribution"] = distribution
     verdicts = {}
     for c in mof.COMPONENTS:
-        where = _first(root, FINDERS[c.name])
+        where = find(root, c.name)
         licence = mof.resolve(None, c.kind, licences) if where else None
         verdicts[c.name] = mof.judge(c, where, licence)
     return Audit(str(root), verdicts, licences, "files")

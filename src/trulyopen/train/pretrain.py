@@ -80,10 +80,14 @@ class Paths:
         return self.run_dir / "pretrain" / "metrics.jsonl"
 
 
-def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: bool = False) -> Path:
+def pretrain(
+    cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: bool = False, stop_at: int | None = None
+) -> Path:
     """Train, checkpointing as it goes; return the final checkpoint's directory.
 
     The run resumes from its newest checkpoint unless `fresh`, which deletes its checkpoints first.
+    `stop_at` ends it early, with a checkpoint, at that step (the schedule still spans max_steps):
+    `verify --replay` retrains one stretch this way.
     """
     world = distributed.init()
     torch.manual_seed(cfg.seed)  # the RNG state (dropout, checkpoints) must not depend on what ran before
@@ -184,9 +188,9 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
     log_path = paths.metrics if world.main else Path(os.devnull)
     with (
         MetricsLog(log_path, sinks, paths.run_dir.name, cfg.model_dump(mode="json")) as metrics,
-        Progress("pretrain", cfg.max_steps - start, "steps", quiet=not world.main) as bar,
+        Progress("pretrain", (stop_at or cfg.max_steps) - start, "steps", quiet=not world.main) as bar,
     ):
-        for step in range(start, cfg.max_steps):
+        for step in range(start, stop_at or cfg.max_steps):
             t0 = time.perf_counter()
             lr = learning_rate(
                 step,
@@ -251,6 +255,6 @@ def pretrain(cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: b
                     record.update(in_loop_metrics(train_model, paths.tokenizer, eval_tasks, autocast))
             metrics.write(record)
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            if done % cfg.checkpoint_every == 0 or done in (cfg.max_steps, stop_at):
                 last_good = save(done)
-    return checkpoint.path_for(paths.checkpoints, cfg.max_steps)
+    return checkpoint.path_for(paths.checkpoints, stop_at or cfg.max_steps)

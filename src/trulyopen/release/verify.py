@@ -1,0 +1,200 @@
+"""`trulyopen verify DIR`: check that a release is what it says it is, and `--replay STEP` that its
+training reproduces.
+
+Checks, each naming the file it is about:
+- every line of SHA256SUMS: the file is there and has that hash; a file not listed is extra;
+- checkpoints.csv: each checkpoint is there and its weights have the recorded hash;
+- the ledger (logs/ledger.jsonl): every checkpoint file it recorded when training has that hash;
+- each checkpoint's state.json agrees with the ledger entry of its stage (recipe hash and code
+  version) and, for pretraining, with the shards' data fingerprint;
+- the code in code/ is the code that ran (its source hash is the one in code/version.json and in
+  the ledger).
+
+Replay: the pretraining checkpoint before STEP, the released shards and recipe, trained on to STEP
+in a scratch directory; the weights are compared with the released checkpoint at STEP tensor by
+tensor. Bit-exactness is promised on the same machine type and versions; elsewhere the report gives
+the largest difference and where, with both machines and versions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trulyopen.files import sha256_file
+from trulyopen.ledger import code_version, machine_summary, source_hash
+
+
+class VerifyError(ValueError):
+    """A release that cannot be checked at all (no SHA256SUMS, no such step to replay)."""
+
+
+@dataclass
+class Report:
+    checked: int = 0  # files whose hash was checked
+    problems: list[str] = field(default_factory=list)
+
+
+def _sums(root: Path, report: Report) -> None:
+    sums = root / "SHA256SUMS"
+    if not sums.is_file():
+        raise VerifyError(f"{sums}: missing; this directory is not a release (run `trulyopen release`)")
+    listed = {}
+    for n, line in enumerate(sums.read_text().splitlines(), 1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            report.problems.append(f"SHA256SUMS line {n}: not '<sha256>  <path>'")
+            continue
+        listed[name] = digest
+    for name, digest in sorted(listed.items()):
+        path = root / name
+        if not path.is_file():
+            report.problems.append(f"{name}: missing")
+        elif (actual := sha256_file(path)) != digest:
+            report.problems.append(f"{name}: changed (sha256 {actual[:16]}..., recorded {digest[:16]}...)")
+        report.checked += 1
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        if path.relative_to(root).as_posix() not in listed:
+            report.problems.append(f"{path.relative_to(root).as_posix()}: extra (not in SHA256SUMS)")
+
+
+def _stage_entries(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(last ledger entry of each stage, last recorded sha256 of each output path)."""
+    ledger = root / "logs" / "ledger.jsonl"
+    entries = [json.loads(x) for x in ledger.read_text().splitlines() if x.strip()] if ledger.exists() else []
+    stages, hashes = {}, {}
+    for e in entries:
+        if "/" not in e["stage"]:
+            stages[e["stage"]] = e
+        for out in e.get("outputs", []):
+            hashes[out["path"]] = out["sha256"]
+    return stages, hashes
+
+
+def _checkpoints(root: Path, report: Report) -> None:
+    table = root / "checkpoints.csv"
+    if not table.is_file():
+        report.problems.append("checkpoints.csv: missing")
+        return
+    stages, recorded = _stage_entries(root)
+    shards = root / "data" / "shards" / "shards.json"
+    fingerprint = json.loads(shards.read_text())["fingerprint"] if shards.is_file() else None
+    for row in csv.DictReader(table.open()):
+        ckpt = root / row["path"]
+        weights = ckpt / "model.safetensors"
+        weights = weights if weights.exists() else ckpt / "adapter.safetensors"
+        if not weights.exists():
+            report.problems.append(f"{row['path']}: missing (listed in checkpoints.csv)")
+            continue
+        if sha256_file(weights) != row["sha256"]:
+            report.problems.append(f"{weights.relative_to(root)}: not the weights checkpoints.csv records")
+        for f in sorted(ckpt.iterdir()):
+            name = f.relative_to(root).as_posix()
+            if name in recorded and sha256_file(f) != recorded[name]:
+                report.problems.append(f"{name}: not the file the ledger recorded when training")
+        state = json.loads((ckpt / "state.json").read_text())
+        entry = stages.get(row["stage"])
+        if entry is None:
+            report.problems.append(f"{row['path']}: no ledger entry for stage {row['stage']}")
+            continue
+        if state.get("config_hash") != entry["config_hash"]:
+            report.problems.append(
+                f"{row['path']}/state.json: recipe hash differs from the {row['stage']} stage's"
+            )
+        if state.get("code_version", {}).get("source_sha256") != entry["code_version"]["source_sha256"]:
+            report.problems.append(
+                f"{row['path']}/state.json: code version differs from the {row['stage']} stage's"
+            )
+        if row["stage"] == "pretrain" and fingerprint and state.get("data_fingerprint") != fingerprint:
+            report.problems.append(
+                f"{row['path']}/state.json: data fingerprint differs from data/shards/shards.json"
+            )
+
+
+def _code(root: Path, report: Report) -> None:
+    version_file, package = root / "code" / "version.json", root / "code" / "trulyopen"
+    if not version_file.is_file() or not package.is_dir():
+        report.problems.append("code/: missing (the source that ran and its version.json)")
+        return
+    version = json.loads(version_file.read_text())
+    if source_hash(package) != version["source_sha256"]:
+        report.problems.append("code/trulyopen: its source hash is not the one in code/version.json")
+    stages, _ = _stage_entries(root)
+    for stage, entry in stages.items():
+        if entry.get("code_version", {}).get("source_sha256") not in (None, version["source_sha256"]):
+            report.problems.append(f"logs/ledger.jsonl: stage {stage} ran other code than code/ holds")
+
+
+def verify(directory: str | Path) -> Report:
+    root = Path(directory)
+    report = Report()
+    _sums(root, report)
+    _checkpoints(root, report)
+    _code(root, report)
+    return report
+
+
+def replay(directory: str | Path, step: int, workdir: Path | None = None) -> dict:
+    """Retrain pretraining from the checkpoint before `step` to `step`; compare with the release."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from trulyopen.recipe import Recipe
+    from trulyopen.train.pretrain import Paths, pretrain
+
+    root = Path(directory)
+    rows = [r for r in csv.DictReader((root / "checkpoints.csv").open()) if r["stage"] == "pretrain"]
+    target = next((r for r in rows if int(r["step"]) == step), None)
+    if target is None:
+        steps = ", ".join(r["step"] for r in rows) or "none"
+        raise VerifyError(
+            f"checkpoints.csv: no pretraining checkpoint at step {step} (released steps: {steps})"
+        )
+    if not (root / "data" / "shards" / "shards.json").is_file() or not any(
+        (root / "data" / "shards").glob("*.bin")
+    ):
+        raise VerifyError(
+            f"{root / 'data/shards'}: the token shards are not in this release, so it cannot replay"
+        )
+    before = [r for r in rows if int(r["step"]) < step]
+    start = max(before, key=lambda r: int(r["step"])) if before else None
+    recipe = Recipe.model_validate(yaml.safe_load((root / "recipes" / "recipe.yaml").read_text()))
+    cfg = recipe.pretrain.model_copy(update={"log_to": []})  # (not hashed: the recipe hash still matches)
+    if cfg.eval_suite is not None and not Path(cfg.eval_suite).exists():
+        raise VerifyError(f"pretrain.eval_suite: {cfg.eval_suite} is not on this machine; replay needs it")
+    scratch = Path(tempfile.mkdtemp(prefix="replay-", dir=workdir))
+    try:
+        paths = Paths(scratch, root / "data" / "shards", root / "tokenizer")
+        if start is not None:
+            shutil.copytree(root / start["path"], paths.checkpoints / Path(start["path"]).name)
+        made = pretrain(cfg, recipe.model, paths, stop_at=step)
+        ours = load_file(str(made / "model.safetensors"))
+        theirs = load_file(str(root / target["path"] / "model.safetensors"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    worst, where = 0.0, None
+    for name, t in theirs.items():
+        if not torch.equal(t, ours[name]):
+            diff = float((t.float() - ours[name].float()).abs().max())
+            if diff >= worst:
+                worst, where = diff, name
+    stages, _ = _stage_entries(root)
+    return {
+        "step": step,
+        "from_step": int(start["step"]) if start else 0,
+        "identical": where is None,
+        "max_abs_diff": worst,
+        "where": where,
+        "recorded": {
+            "machine": stages.get("pretrain", {}).get("machine"),
+            "code": stages.get("pretrain", {}).get("code_version"),
+        },
+        "replayed": {"machine": machine_summary(), "code": code_version()},
+    }
