@@ -111,7 +111,7 @@ def test_release_command_and_data_that_may_not_be_redistributed(run_dir, tmp_pat
     result = CliRunner().invoke(app, ["release", str(run_dir), "--set", "release.redistribute_data=false"])
     assert result.exit_code == 0, result.output
     out = run_dir / "release"
-    assert not (out / "data" / "corpus").exists() and "not included" in (out / "data/REBUILD.md").read_text()
+    assert not (out / "data" / "corpus").exists() and "| MIT | no |" in (out / "data/REBUILD.md").read_text()
     assert audit(out).cls == 2
     # the run's recipe.yaml now says false; null gives back the default (open sources: included)
     result = CliRunner().invoke(app, ["release", str(run_dir), "--set", "release.redistribute_data=null"])
@@ -202,3 +202,55 @@ def test_report_renders_in_headless_chromium_with_its_images(run_dir, chromium):
     assert all(chromium.execute_script("return arguments[0].naturalWidth", img) > 100 for img in images)
     text = chromium.find_element(By.TAG_NAME, "body").text
     assert "the release: Class I - Open Science" in text and "heldout_text" in text
+
+
+def test_only_sources_whose_licence_allows_it_are_redistributed(tmp_path):
+    corpus = build_corpus(tmp_path)
+    path = write_recipe(tmp_path, corpus, release={"licenses": {"data": "MIT"}})
+    recipe = yaml.safe_load(path.read_text())
+    open_source, closed = dict(recipe["data"]["sources"][0]), dict(recipe["data"]["sources"][0])
+    open_source.update(name="open", include=["mod_0*.py", "mod_1*.py", "zz_*.py"])
+    closed.update(name="closed", include=["mod_2*.py"], license="CC-BY-NC-4.0")
+    recipe["data"]["sources"] = [open_source, closed]
+    path.write_text(yaml.safe_dump(recipe))
+    run_dir = pipeline.run(load_recipe(path), tmp_path / "run", workers=1)
+    out = run_dir / "release"
+    ids = {json.loads(x)["id"].split("/")[0] for f in (out / "data/corpus").glob("*.jsonl") for x in f.open()}
+    assert ids == {"open"} and not (out / "data/shards/train_0000.bin").exists()
+    notes = (out / "data/REBUILD.md").read_text()
+    assert "| CC-BY-NC-4.0 | no |" in notes and "| MIT | yes |" in notes
+    result = CliRunner().invoke(app, ["verify", str(out), "--replay", "4"])
+    assert result.exit_code == 2 and "token shards are not in this release" in result.output
+
+
+def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
+    """The quickstart's own recipe, on a few standard-library packages and a few steps of each stage."""
+    from pathlib import Path
+
+    quickstart = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+    overrides = [
+        'data.sources.0.include=["json/*.py", "email/*.py", "textwrap.py"]',
+        "data.split.val_fraction=0.2",
+        "tokenizer.vocab_size=600",
+        "pretrain.max_steps=4", "pretrain.global_batch_tokens=1024", "pretrain.micro_batch_size=4",
+        "pretrain.warmup_steps=1", "pretrain.eval_every=2", "pretrain.checkpoint_every=2",
+        "synth.max_per_kind=40",
+        "finetune.max_steps=2", "finetune.batch_size=2", "finetune.micro_batch_size=2",
+        "finetune.warmup_steps=1", "finetune.eval_every=2", "finetune.checkpoint_every=2",
+        "eval.builtin_items=8",
+    ]  # fmt: skip
+    args = ["run", str(quickstart), "--run-dir", str(tmp_path), "--workers", "1"]
+    result = CliRunner().invoke(app, args + [x for o in overrides for x in ("--set", o)])
+    assert result.exit_code == 0, result.output
+    assert "Model Openness Framework: Class I - Open Science" in result.output
+    out = tmp_path / "release"
+    assert audit(out).cls == 1 and (out / "model" / "model.safetensors").exists()
+    rows = list(csv.DictReader((out / "checkpoints.csv").open()))
+    assert {(r["stage"], r["step"]) for r in rows} == {
+        ("pretrain", "2"),
+        ("pretrain", "4"),
+        ("finetune", "2"),
+    }
+    result = CliRunner().invoke(app, ["verify", str(out), "--replay", "4"])
+    assert result.exit_code == 0, result.output
+    assert "0 problems" in result.output and "reproduce the released weights bit for bit" in result.output

@@ -9,8 +9,9 @@
       checkpoints/         every kept intermediate checkpoint, with its training state
       checkpoints.csv      stage, step, tokens seen, path, sha256 of its weights
       tokenizer/
-      data/                manifest, data card, curation record, sources; corpus/ and shards/ where
-                           licences allow; REBUILD.md: how to make the corpus again from its sources
+      data/                manifest, data card, curation record, sources; corpus/ with the documents
+                           of each source whose licence allows it (and shards/ when all do);
+                           REBUILD.md: per source, whether it is here and how to make it again
       recipes/recipe.yaml  the resolved recipe every stage ran with
       code/                the package source that ran, version.json (version, git commit, source
                            hash), changes.patch (uncommitted changes), requirements.txt (installed)
@@ -77,10 +78,13 @@ def licences_of(recipe: Recipe, cfg: ReleaseConfig) -> dict[str, str]:
     }
 
 
-def may_redistribute(recipe: Recipe, cfg: ReleaseConfig) -> bool:
+def redistributable(recipe: Recipe, cfg: ReleaseConfig) -> dict[str, bool]:
+    """Per source: may its documents go into the release? The recipe's choice where it makes one,
+    else whether the source's licence is open."""
+    sources = recipe.data.sources if recipe.data else []
     if cfg.redistribute_data is not None:
-        return cfg.redistribute_data
-    return recipe.data is not None and all(mof.is_open(mof.canonical(s.license)) for s in recipe.data.sources)
+        return {s.name: cfg.redistribute_data for s in sources}
+    return {s.name: mof.is_open(mof.canonical(s.license)) for s in sources}
 
 
 def _final_checkpoint(run_dir: Path) -> Path:
@@ -138,17 +142,23 @@ def _code(out: Path) -> dict:
     return version
 
 
-def _data(run_dir: Path, out: Path, recipe: Recipe, redistribute: bool) -> None:
+def _data(run_dir: Path, out: Path, recipe: Recipe, allowed: dict[str, bool]) -> None:
     data = run_dir / "data"
     for name in ("manifest.json", "DATACARD.md", "curation.json", "sources.json", "doc_lengths.png"):
         if (data / name).exists():
             _copy(data / name, out / "data" / name)
-    if redistribute:  # the corpus and its tokens (the shards are what `verify --replay` trains on)
+    if allowed and all(allowed.values()):  # the whole corpus, and its tokens (what --replay trains on)
         _copy(data / "corpus", out / "data" / "corpus")
         _copy(data / "shards", out / "data" / "shards")
-    elif (data / "shards" / "shards.json").exists():  # the fingerprint checkpoints are checked against
-        _copy(data / "shards" / "shards.json", out / "data" / "shards" / "shards.json")
-    write_text(out / "data" / "REBUILD.md", cards.rebuild_notes(recipe, redistribute))
+    else:
+        if any(allowed.values()):  # the documents of the sources that allow it (ids start with the source)
+            for split in sorted((data / "corpus").glob("*.jsonl")):
+                with split.open() as f:
+                    kept = [line for line in f if allowed.get(json.loads(line)["id"].split("/", 1)[0])]
+                write_text(out / "data" / "corpus" / split.name, "".join(kept))
+        if (data / "shards" / "shards.json").exists():  # the fingerprint checkpoints are checked against
+            _copy(data / "shards" / "shards.json", out / "data" / "shards" / "shards.json")
+    write_text(out / "data" / "REBUILD.md", cards.rebuild_notes(recipe, allowed))
 
 
 def write_sums(root: Path) -> None:
@@ -170,7 +180,7 @@ def release(run_dir: Path, recipe: Recipe) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     licences = licences_of(recipe, cfg)
-    redistribute = may_redistribute(recipe, cfg)
+    allowed = redistributable(recipe, cfg)
 
     export_checkpoint(final, tmp / "model")
     rows = _checkpoints(run_dir, tmp)
@@ -180,7 +190,7 @@ def release(run_dir: Path, recipe: Recipe) -> Path:
     writer.writerows(rows)
     write_text(tmp / "checkpoints.csv", buffer.getvalue())
     _copy(run_dir / "tokenizer", tmp / "tokenizer")
-    _data(run_dir, tmp, recipe, redistribute)
+    _data(run_dir, tmp, recipe, allowed)
     _copy(run_dir / "recipe.yaml", tmp / "recipes" / "recipe.yaml")
     version = _code(tmp)
     _copy(run_dir / "ledger.jsonl", tmp / "logs" / "ledger.jsonl")
@@ -192,7 +202,7 @@ def release(run_dir: Path, recipe: Recipe) -> Path:
     for kind, spdx in licences.items():
         write_text(tmp / "LICENSES" / f"{KINDS[kind]}.txt", cards.licence_file(spdx, KINDS[kind]))
 
-    facts = cards.gather(run_dir, recipe, final, tmp / "model", rows, version, licences, redistribute)
+    facts = cards.gather(run_dir, recipe, final, tmp / "model", rows, version, licences, allowed)
     write_text(tmp / "README.md", cards.model_card(facts, cfg))
     write_text(tmp / "paper.md", cards.paper(facts))
     # mof.yml twice: the report shows the verdict of the release as mof.yml describes it, and is

@@ -36,7 +36,7 @@ def gather(
     checkpoints: list[dict],
     version: dict,
     licences: dict[str, str],
-    redistribute: bool,
+    redistributed: dict[str, bool],
 ) -> dict:
     from safetensors import safe_open
 
@@ -101,7 +101,7 @@ def gather(
         },
         "code_version": version,
         "licences": licences,
-        "redistribute": redistribute,
+        "redistributed": redistributed,
     }
 
 
@@ -183,12 +183,14 @@ def _data(facts: dict) -> str:
             f"- Curation kept {last['docs_out']:,} of {first['docs_in']:,} documents "
             f"({last['bytes_out']:,} of {first['bytes_in']:,} bytes); see `data/DATACARD.md`."
         )
-    lines.append(
-        "- The corpus is in `data/corpus/`."
-        if facts["redistribute"]
-        else "- The corpus is not redistributed (a source's licence does not allow it); "
-        "`data/REBUILD.md` says how to rebuild it."
-    )
+    here = [name for name, ok in facts["redistributed"].items() if ok]
+    away = [name for name, ok in facts["redistributed"].items() if not ok]
+    if here:
+        lines.append(f"- In this release (`data/corpus/`): the documents of {', '.join(here)}.")
+    if away:
+        lines.append(
+            f"- Not redistributed (licence): {', '.join(away)}; `data/REBUILD.md` says how to rebuild."
+        )
     return "\n".join(lines)
 
 
@@ -295,17 +297,21 @@ stretch from an intermediate checkpoint and compares the weights bit for bit.
 """
 
 
-def rebuild_notes(recipe: Recipe, redistributed: bool) -> str:
+def rebuild_notes(recipe: Recipe, redistributed: dict[str, bool]) -> str:
     sources = recipe.data.sources if recipe.data else []
-    lines = "\n".join(
-        f"- `{s.name}`: {s.type} `{s.path or s.dataset or ''}`, licence {s.license}" for s in sources
+    rows = "\n".join(
+        f"| `{s.name}` | {s.type} `{s.path or s.dataset or ''}` | {s.license} | "
+        f"{'yes' if redistributed.get(s.name) else 'no'} |"
+        for s in sources
     )
-    held = "The curated corpus is in `corpus/`." if redistributed else "The corpus is not included here."
     return f"""# Rebuilding the corpus
 
-{held} To make it again from its sources:
+| source | where | licence | documents in `corpus/` |
+|---|---|---|---|
+{rows or "| (none: the run post-trained a given model) | | | |"}
 
-{lines or "- (no data section: the run post-trained a given model)"}
+A source's documents are in this release only where its licence allows redistribution. To make the
+whole corpus again from the sources:
 
 ```bash
 trulyopen data ../recipes/recipe.yaml --run-dir rebuilt
