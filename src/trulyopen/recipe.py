@@ -516,8 +516,9 @@ class ReleaseConfig(Section):
     licenses: LicencesConfig = Field(default_factory=LicencesConfig, description="Licences by kind.")
     redistribute_data: bool | None = Field(
         default=None,
-        description="Put the curated corpus in the release; default: when every source's licence is "
-        "open (OSI, FSF or an open data licence). Otherwise the release holds the means to rebuild it.",
+        description="Put the curated corpus in the release: true for every source, false for none; "
+        "default: the documents of each source whose licence is open (OSI, FSF or an open data "
+        "licence). data/REBUILD.md says, per source, how to make the rest again.",
     )
     producer: str = Field(default="", description="Who made the model (model card and mof.yml).")
     contact: str = Field(default="", description="Contact address (model card and mof.yml).")
