@@ -224,7 +224,8 @@ def test_only_sources_whose_licence_allows_it_are_redistributed(tmp_path):
 
 
 def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
-    """The quickstart's own recipe, on a few standard-library packages and a few steps of each stage."""
+    """The quickstart's own recipe, on a few standard-library packages and a few steps of each stage,
+    post-trained with LoRA so that the release holds the adapter beside the merged model."""
     from pathlib import Path
 
     quickstart = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
@@ -235,7 +236,7 @@ def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
         "pretrain.max_steps=4", "pretrain.global_batch_tokens=1024", "pretrain.micro_batch_size=4",
         "pretrain.warmup_steps=1", "pretrain.eval_every=2", "pretrain.checkpoint_every=2",
         "synth.max_per_kind=40",
-        "finetune.max_steps=2", "finetune.batch_size=2", "finetune.micro_batch_size=2",
+        "finetune.adapter=lora", "finetune.max_steps=2", "finetune.batch_size=2", "finetune.micro_batch_size=2",
         "finetune.warmup_steps=1", "finetune.eval_every=2", "finetune.checkpoint_every=2",
         "eval.builtin_items=8",
     ]  # fmt: skip
@@ -245,6 +246,7 @@ def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
     assert "Model Openness Framework: Class I - Open Science" in result.output
     out = tmp_path / "release"
     assert audit(out).cls == 1 and (out / "model" / "model.safetensors").exists()
+    assert (out / "model" / "adapter" / "adapter_config.json").exists()
     rows = list(csv.DictReader((out / "checkpoints.csv").open()))
     assert {(r["stage"], r["step"]) for r in rows} == {
         ("pretrain", "2"),
