@@ -123,7 +123,8 @@ def _evals(run_dir: Path, out: Path) -> tuple[list[tuple[str, Path]], list[tuple
         for task, t in data.get("tasks", {}).items():
             for metric, m in t["metrics"].items():
                 if "value" in m:
-                    rows.append((data.get("model", results.parent.name), task, metric, m["value"]))
+                    checkpoint = Path(data.get("model", "")).name
+                    rows.append((f"{results.parent.name} {checkpoint}".strip(), task, metric, m["value"]))
     if not rows:
         return [], rows
     labels = sorted({f"{task}\n{metric}" for _, task, metric, _ in rows})
@@ -133,7 +134,7 @@ def _evals(run_dir: Path, out: Path) -> tuple[list[tuple[str, Path]], list[tuple
     for i, model in enumerate(models):
         values = {f"{t}\n{m}": v for mod, t, m, v in rows if mod == model}
         ax.bar([j + i * width for j in range(len(labels))], [values.get(k, 0) for k in labels], width,
-               label=Path(model).name)  # fmt: skip
+               label=model)  # fmt: skip
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
     ax.set(title="evaluation results by checkpoint")
     ax.legend(fontsize=8)
@@ -174,7 +175,7 @@ def report(run_dir: str | Path, out: Path | None = None, audited: Path | None = 
         for title, path in figures
     )
     table = "".join(
-        f"<tr><td>{html.escape(Path(m).name)}</td><td>{html.escape(t)}</td><td>{html.escape(k)}</td>"
+        f"<tr><td>{html.escape(m)}</td><td>{html.escape(t)}</td><td>{html.escape(k)}</td>"
         f"<td>{v:.4f}</td></tr>"
         for m, t, k, v in eval_rows
     )
