@@ -236,8 +236,9 @@ def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
         "pretrain.max_steps=4", "pretrain.global_batch_tokens=1024", "pretrain.micro_batch_size=4",
         "pretrain.warmup_steps=1", "pretrain.eval_every=2", "pretrain.checkpoint_every=2",
         "synth.max_per_kind=40",
-        "finetune.adapter=lora", "finetune.max_steps=2", "finetune.batch_size=2", "finetune.micro_batch_size=2",
-        "finetune.warmup_steps=1", "finetune.eval_every=2", "finetune.checkpoint_every=2",
+        "finetune.adapter=lora", "finetune.max_steps=2", "finetune.batch_size=2",
+        "finetune.micro_batch_size=2", "finetune.warmup_steps=1", "finetune.eval_every=2",
+        "finetune.checkpoint_every=2",
         "eval.builtin_items=8",
     ]  # fmt: skip
     args = ["run", str(quickstart), "--run-dir", str(tmp_path), "--workers", "1"]
