@@ -62,6 +62,11 @@ def test_release_is_complete_and_audits_as_class_one(run_dir):
     assert (out / "recipes/recipe.yaml").read_text() == (run_dir / "recipe.yaml").read_text()
     assert (out / "logs/pretrain/metrics.jsonl").exists() and (out / "eval/pretrain/results.json").exists()
     assert "SPDX-License-Identifier: MIT" in (out / "LICENSES/data.txt").read_text()
+    code_licence = (out / "LICENSES/code.txt").read_text()  # Apache-2.0: its whole text ships with us
+    assert (
+        code_licence.startswith("SPDX-License-Identifier: Apache-2.0")
+        and "END OF TERMS AND CONDITIONS" in code_licence
+    )
 
 
 def test_model_card_has_metadata_and_the_expected_sections(run_dir):

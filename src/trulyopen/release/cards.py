@@ -322,9 +322,21 @@ each curation step, so the rebuilt corpus can be compared with this one document
 """
 
 
-def licence_file(spdx: str, kind: str) -> str:
-    return f"""SPDX-License-Identifier: {spdx}
+def licence_text(spdx: str) -> str | None:
+    """The full text of a licence, where we have it offline: the ones this package ships, and the
+    Python licence from the running interpreter's own standard library (the quickstart's data)."""
+    import sysconfig
 
-The {kind} in this release are licensed under {spdx}.
-Full text: https://spdx.org/licenses/{spdx}.html
-"""
+    shipped = Path(__file__).with_name("licences") / f"{spdx}.txt"
+    if shipped.is_file():
+        return shipped.read_text()
+    if spdx == "Python-2.0":
+        stdlib = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+        return stdlib.read_text() if stdlib.is_file() else None
+    return None
+
+
+def licence_file(spdx: str, kind: str) -> str:
+    head = f"SPDX-License-Identifier: {spdx}\n\nThe {kind} in this release are licensed under {spdx}.\n"
+    text = licence_text(spdx)
+    return head + (f"\n{text}" if text else f"Full text: https://spdx.org/licenses/{spdx}.html\n")
