@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from trulyopen.ledger import Ledger
 from trulyopen.recipe import Recipe, ReleaseConfig
 
 
@@ -45,8 +46,7 @@ def gather(
     for weights in model_dir.glob("*.safetensors"):
         with safe_open(str(weights), "pt") as f:
             parameters += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    ledger = [json.loads(x) for x in (run_dir / "ledger.jsonl").read_text().splitlines() if x.strip()]
-    stages = {e["stage"]: e for e in ledger if "seconds" in e}
+    stages = {e["stage"]: e for e in Ledger(run_dir).entries() if "seconds" in e}
     manifest = _json(run_dir / "data" / "manifest.json")
     evals = {}
     for results in sorted((run_dir / "eval").glob("*/results.json")):

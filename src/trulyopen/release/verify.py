@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from trulyopen.files import sha256_file
-from trulyopen.ledger import code_version, machine_summary, source_hash
+from trulyopen.ledger import Ledger, code_version, machine_summary, source_hash
 
 
 class VerifyError(ValueError):
@@ -38,6 +38,13 @@ class VerifyError(ValueError):
 class Report:
     checked: int = 0  # files whose hash was checked
     problems: list[str] = field(default_factory=list)
+    hashes: dict[str, str] = field(default_factory=dict)  # relative path -> sha256, each file hashed once
+
+    def sha256(self, root: Path, path: Path) -> str:
+        name = path.relative_to(root).as_posix()
+        if name not in self.hashes:
+            self.hashes[name] = sha256_file(path)
+        return self.hashes[name]
 
 
 def _sums(root: Path, report: Report) -> None:
@@ -55,7 +62,7 @@ def _sums(root: Path, report: Report) -> None:
         path = root / name
         if not path.is_file():
             report.problems.append(f"{name}: missing")
-        elif (actual := sha256_file(path)) != digest:
+        elif (actual := report.sha256(root, path)) != digest:
             report.problems.append(f"{name}: changed (sha256 {actual[:16]}..., recorded {digest[:16]}...)")
         report.checked += 1
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
@@ -65,10 +72,8 @@ def _sums(root: Path, report: Report) -> None:
 
 def _stage_entries(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """(last ledger entry of each stage, last recorded sha256 of each output path)."""
-    ledger = root / "logs" / "ledger.jsonl"
-    entries = [json.loads(x) for x in ledger.read_text().splitlines() if x.strip()] if ledger.exists() else []
     stages, hashes = {}, {}
-    for e in entries:
+    for e in Ledger(root / "logs").entries():
         if "/" not in e["stage"]:
             stages[e["stage"]] = e
         for out in e.get("outputs", []):
@@ -76,12 +81,11 @@ def _stage_entries(root: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return stages, hashes
 
 
-def _checkpoints(root: Path, report: Report) -> None:
+def _checkpoints(root: Path, report: Report, stages: dict[str, dict], recorded: dict[str, str]) -> None:
     table = root / "checkpoints.csv"
     if not table.is_file():
         report.problems.append("checkpoints.csv: missing")
         return
-    stages, recorded = _stage_entries(root)
     shards = root / "data" / "shards" / "shards.json"
     fingerprint = json.loads(shards.read_text())["fingerprint"] if shards.is_file() else None
     for row in csv.DictReader(table.open()):
@@ -91,11 +95,11 @@ def _checkpoints(root: Path, report: Report) -> None:
         if not weights.exists():
             report.problems.append(f"{row['path']}: missing (listed in checkpoints.csv)")
             continue
-        if sha256_file(weights) != row["sha256"]:
+        if report.sha256(root, weights) != row["sha256"]:
             report.problems.append(f"{weights.relative_to(root)}: not the weights checkpoints.csv records")
         for f in sorted(ckpt.iterdir()):
             name = f.relative_to(root).as_posix()
-            if name in recorded and sha256_file(f) != recorded[name]:
+            if name in recorded and report.sha256(root, f) != recorded[name]:
                 report.problems.append(f"{name}: not the file the ledger recorded when training")
         state = json.loads((ckpt / "state.json").read_text())
         entry = stages.get(row["stage"])
@@ -116,7 +120,7 @@ def _checkpoints(root: Path, report: Report) -> None:
             )
 
 
-def _code(root: Path, report: Report) -> None:
+def _code(root: Path, report: Report, stages: dict[str, dict]) -> None:
     version_file, package = root / "code" / "version.json", root / "code" / "trulyopen"
     if not version_file.is_file() or not package.is_dir():
         report.problems.append("code/: missing (the source that ran and its version.json)")
@@ -124,7 +128,6 @@ def _code(root: Path, report: Report) -> None:
     version = json.loads(version_file.read_text())
     if source_hash(package) != version["source_sha256"]:
         report.problems.append("code/trulyopen: its source hash is not the one in code/version.json")
-    stages, _ = _stage_entries(root)
     for stage, entry in stages.items():
         if entry.get("code_version", {}).get("source_sha256") not in (None, version["source_sha256"]):
             report.problems.append(f"logs/ledger.jsonl: stage {stage} ran other code than code/ holds")
@@ -134,8 +137,9 @@ def verify(directory: str | Path) -> Report:
     root = Path(directory)
     report = Report()
     _sums(root, report)
-    _checkpoints(root, report)
-    _code(root, report)
+    stages, recorded = _stage_entries(root)
+    _checkpoints(root, report, stages, recorded)
+    _code(root, report, stages)
     return report
 
 
