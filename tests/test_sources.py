@@ -84,12 +84,15 @@ def test_python_stdlib_source_excludes_site_packages():
 
 
 def test_strict_mode_stops_at_first_problem(tmp_path):
-    from trulyopen.data.curate import read_all
+    from trulyopen.data.curate import curate
+    from trulyopen.data.executor.local import LocalExecutor
 
-    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe")
-    cfg = DataConfig(sources=[SourceConfig(name="t", type="text", path=tmp_path, license="MIT")], strict=True)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.txt").write_bytes(b"\xff\xfe")
+    src = SourceConfig(name="t", type="text", path=tmp_path / "in", license="MIT")
+    cfg = DataConfig(sources=[src], strict=True)
     with pytest.raises(DataError, match=r"bad.txt: invalid UTF-8 at byte 0 \(data.strict"):
-        read_all(cfg, {"t": input_files(cfg.sources[0])})
+        curate(cfg, tmp_path / "out", {"t": input_files(src)}, LocalExecutor(1), key={})
 
 
 def test_hub_source_takes_the_dataset_path(monkeypatch):

@@ -34,8 +34,19 @@ def config_hash(*sections: BaseModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def file_record(path: Path, root: Path | None = None) -> dict[str, Any]:
-    """{path, size, sha256} of a file; the path is relative to `root` when the file lies under it."""
+def file_record(path: Path | str, root: Path | None = None) -> dict[str, Any]:
+    """{path, size, sha256} of a file; the path is relative to `root` when the file lies under it.
+    An fsspec URL (a bucket's object) is read through fsspec and recorded by its URL."""
+    if isinstance(path, str) and "://" in path:
+        import fsspec
+
+        h = hashlib.sha256()
+        with fsspec.open(path, "rb") as f:
+            size = 0
+            while block := f.read(1 << 20):
+                h.update(block)
+                size += len(block)
+        return {"path": path, "size": size, "sha256": h.hexdigest()}
     shown = path
     if root is not None:
         try:

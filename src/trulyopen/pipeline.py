@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,7 +64,10 @@ def _data_run(ctx: Context, records: list[dict]) -> list[Path]:
     files = {src.name: sources.input_files(src) for src in cfg.sources}
     rest = iter(records)  # records come in the order of _data_inputs: sources first, in order
     write_json(ctx.data / "sources.json", {name: [next(rest) for _ in fs] for name, fs in files.items()})
-    record = curate.curate(cfg, ctx.data, files, ctx.workers)
+    # finished tasks are kept only for the same config, inputs and code
+    key = {"config": config_hash(cfg), "inputs": records, "code": code_version().get("source_sha256")}
+    with executor_for(ctx) as executor:
+        record = curate.curate(cfg, ctx.data, files, executor, key, fresh=ctx.fresh)
     read, last = record["steps"][0], record["steps"][-1]
     s = record["splits"]
     print(
@@ -71,10 +75,31 @@ def _data_run(ctx: Context, records: list[dict]) -> list[Path]:
         f"(train {s['train']['docs']:,}, val {s['val']['docs']:,}), {last['bytes_out'] / 1e6:.1f} MB; "
         + "; ".join(f"{st['step']} removed {sum(st['removed'].values()):,}" for st in record["steps"][2:])
     )
-    return [
-        ctx.data / n
-        for n in ("sources.json", "corpus/train.jsonl", "corpus/val.jsonl", "removed.jsonl", "curation.json")
-    ]
+    if record["problem_count"]:
+        first = "; ".join(_where(p) for p in record["problems"][:3])
+        print(
+            f"data: {record['problem_count']:,} input records or files skipped ({first}"
+            f"{'; ...' if record['problem_count'] > 3 else ''}); all of them in {ctx.data / 'problems.jsonl'}"
+        )
+    names = ("sources.json", "corpus/train.jsonl", "corpus/val.jsonl", "removed.jsonl", "problems.jsonl")
+    return [ctx.data / n for n in (*names, "curation.json")]
+
+
+def _where(problem: dict) -> str:
+    return str(sources.Problem(**problem))
+
+
+@contextmanager
+def executor_for(ctx: Context):
+    """The data executor of the recipe, closed (a local Ray shut down) when the stage ends."""
+    from trulyopen.data.executor import make_executor
+
+    executor = make_executor(ctx.recipe.data, ctx.workers)
+    try:
+        yield executor
+    finally:
+        if hasattr(executor, "close"):
+            executor.close()
 
 
 def _tokenizer_inputs(ctx: Context) -> list[Path]:
@@ -107,20 +132,32 @@ def _shards_inputs(ctx: Context) -> list[Path]:
 
 def _shards_run(ctx: Context, records: list[dict]) -> list[Path]:
     out = ctx.data / "shards"
-    record = shards.build_shards(
-        ctx.data / "corpus", ctx.run_dir / "tokenizer", out, ctx.recipe.shards.shard_tokens, ctx.workers
-    )
+    key = {
+        "config": config_hash(ctx.recipe.shards),
+        "inputs": records,
+        "code": code_version().get("source_sha256"),
+    }
+    with executor_for(ctx) as executor:
+        record = shards.build_shards(
+            ctx.data / "corpus", ctx.run_dir / "tokenizer", out, ctx.recipe.shards, executor, key, ctx.fresh
+        )
     curation = json.loads((ctx.data / "curation.json").read_text())
     stats = json.loads((ctx.run_dir / "tokenizer/stats.json").read_text())
     source_files = json.loads((ctx.data / "sources.json").read_text())
     manifest = card.build_manifest(ctx.recipe, source_files, curation, stats, record)
-    card.write_card(manifest, curation["doc_chars"], ctx.data)
+    card.write_card(manifest, curation["length_histogram"], ctx.data)
     sp = record["splits"]
     print(
         f"shards: train {sp['train']['tokens']:,} tokens, val {sp['val']['tokens']:,} tokens "
         f"({record['dtype']}), fingerprint {record['fingerprint'][:16]}"
     )
-    files = sorted(p for p in out.iterdir() if p.is_file() and ".tmp" not in p.name)
+    files = [
+        out / f["path"]
+        for split in record["splits"].values()
+        for s in split["shards"]
+        for f in s["files"].values()
+    ]
+    files = sorted([*files, out / "shards.json"])
     return files + [ctx.data / n for n in ("manifest.json", "DATACARD.md", "doc_lengths.png")]
 
 

@@ -1,6 +1,6 @@
 """Progress for long steps: a live line on a terminal, a line every few seconds in a log.
 
-Shows done/total, items/s, MB/s and ETA. Written by hand because it is twenty lines and must behave
+Shows done/total, items/s (and documents/s when the items are tasks), MB/s and ETA. Written by hand because it is twenty lines and must behave
 the same in a terminal, in CI logs and inside tests (where it stays quiet unless asked).
 """
 
@@ -19,18 +19,24 @@ class Progress:
         unit: str = "docs",
         interval: float | None = None,
         quiet: bool = False,
+        docs: bool = False,
+        already: int = 0,
     ):
         self.label, self.total, self.unit = label, total, unit
         self.tty = sys.stderr.isatty()
         self.quiet = quiet or os.environ.get("TRULYOPEN_QUIET") == "1"
         self.interval = interval if interval is not None else (0.2 if self.tty else 5.0)
-        self.done = 0
+        self.show_docs = docs  # items are tasks: also count the documents they held
+        self.already = already  # done before this run (resumed); not in the rates
+        self.done = already
+        self.docs = 0
         self.nbytes = 0
         self.start = self.last = time.perf_counter()
 
-    def update(self, n: int = 1, nbytes: int = 0) -> None:
+    def update(self, n: int = 1, nbytes: int = 0, docs: int = 0) -> None:
         self.done += n
         self.nbytes += nbytes
+        self.docs += docs
         now = time.perf_counter()
         if now - self.last >= self.interval:
             self.last = now
@@ -40,13 +46,15 @@ class Progress:
         if self.quiet:
             return
         dt = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / dt
+        rate = (self.done - self.already) / dt
         parts = [
             f"{self.label:<14}",
             f"{self.done:,}" + (f"/{self.total:,}" if self.total else ""),
             self.unit,
         ]
-        parts.append(f"{rate:,.0f} {self.unit}/s")
+        parts.append(f"{rate:,.2f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s")
+        if self.show_docs:
+            parts.append(f"{self.docs / dt:,.0f} docs/s")
         if self.nbytes:
             parts.append(f"{self.nbytes / dt / 1e6:.1f} MB/s")
         if final:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(Exception):
@@ -44,10 +44,11 @@ class SourceConfig(Section):
         "hf-disk (a dataset saved with datasets.save_to_disk) or hf-hub (a dataset name on the hub)."
     )
     license: str = Field(description="SPDX licence identifier of the source, e.g. Python-2.0 or CC-BY-4.0.")
-    path: Path | None = Field(
+    path: Path | str | None = Field(
         default=None,
-        description="File or directory to read (directory, text, jsonl, parquet, hf-disk); "
-        "relative paths are resolved against the recipe's directory.",
+        description="File or directory to read (directory, text, jsonl, parquet, hf-disk): a local path "
+        "(relative paths are resolved against the recipe's directory) or an fsspec URL such as "
+        "s3://bucket/crawl/, gs://..., hf://datasets/org/name/ or memory://...",
     )
     dataset: str | None = Field(default=None, description="Dataset name on the hub (hf-hub only).")
     split: str = Field(default="train", description="Dataset split to read (hf-disk, hf-hub).")
@@ -59,6 +60,22 @@ class SourceConfig(Section):
     text_field: str = Field(
         default="text", description="Field or column holding the text (jsonl, parquet, hf-*)."
     )
+    id_field: str | None = Field(
+        default=None,
+        description="Field or column holding the record's own id (jsonl, parquet, hf-*): the document id "
+        "becomes <source>/<id>, and the file:line (or #row) location is kept beside it in the metadata.",
+    )
+    meta_fields: list[str] = Field(
+        default_factory=list,
+        description="Fields or columns (url, date, ...) that travel with each document into the corpus, "
+        "removed.jsonl and the manifest (jsonl, parquet, hf-*); a record without one gets null.",
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path_or_url(cls, v: Any) -> Any:
+        """A string with '://' stays a URL (read through fsspec); anything else is a local path."""
+        return Path(v) if isinstance(v, str) and "://" not in v else v
 
     @model_validator(mode="after")
     def _needs(self) -> SourceConfig:
@@ -150,12 +167,60 @@ class SplitConfig(Section):
     )
 
 
+class RayConfig(Section):
+    address: str | None = Field(
+        default=None,
+        description="Address of a running Ray cluster (ray.init(address=...)), e.g. 'auto' or "
+        "'ray://head:10001'; unset: a local Ray is started for the stage with one CPU per worker.",
+    )
+    max_retries: int = Field(default=3, ge=0, description="Times Ray retries a failed task before naming it.")
+    object_store_mb: int = Field(
+        default=256, ge=64, description="Object store of a local Ray started for you (tasks pass only paths)."
+    )
+
+
+class SlurmConfig(Section):
+    partition: str | None = Field(
+        default=None, description="Partition (sbatch --partition); unset: the default."
+    )
+    time: str = Field(default="02:00:00", description="Time limit of each array task (sbatch --time).")
+    mem: str = Field(default="4G", description="Memory of each array task (sbatch --mem).")
+    max_parallel: int | None = Field(
+        default=None, ge=1, description="Array tasks running at once (sbatch --array=...%N); unset: no limit."
+    )
+    python: str | None = Field(
+        default=None,
+        description="Python that runs each task on the nodes (it must import trulyopen); unset: this one.",
+    )
+    sbatch_args: list[str] = Field(
+        default_factory=list, description="More sbatch options, e.g. ['--account=lm', '--qos=normal']."
+    )
+    poll_seconds: float = Field(default=2.0, gt=0, description="How often squeue is asked about the job.")
+
+
 class DataConfig(Section):
+    # Where tasks run never changes what they make, so it is left out of the stage's config hash.
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"executor", "ray", "slurm"})
     sources: list[SourceConfig] = Field(min_length=1, description="Where the text comes from.")
     strict: bool = Field(
         default=False,
         description="Stop at the first bad file or record instead of skipping and counting it.",
     )
+    executor: Literal["local", "ray", "slurm"] = Field(
+        default="local",
+        description="Where the data stage's tasks run: processes on this machine (--workers), Ray Core "
+        "tasks (the 'ray' extra), or one Slurm job array per step on a shared file system. The output "
+        "bytes are the same on each.",
+    )
+    task_bytes: int = Field(
+        default=64_000_000,
+        ge=1024,
+        description="Largest logical task: inputs are cut into tasks of at most this many bytes (files, "
+        "line-aligned byte ranges of plain JSONL, Parquet row groups); a corpus under 64 tasks' worth is "
+        "cut into about 64 tasks of at least 1 MB. The layout depends on the corpus only.",
+    )
+    ray: RayConfig = Field(default_factory=RayConfig, description="Ray executor settings.")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm executor settings.")
     clean: CleanConfig = Field(default_factory=CleanConfig, description="Normalisation and cleaning.")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Length and repetition filters.")
     pii: PIIConfig = Field(default_factory=PIIConfig, description="Personal data scrubbing.")
@@ -602,7 +667,7 @@ class Recipe(Section):
         that names an existing directory there becomes its absolute path (else it is a hub name)."""
         for _, owner, key in self._path_fields():
             path = owner[key] if isinstance(key, int) else getattr(owner, key)
-            if path is not None and not path.is_absolute():
+            if isinstance(path, Path) and not path.is_absolute():
                 path = (base / path).resolve()
                 owner.__setitem__(key, path) if isinstance(key, int) else setattr(owner, key, path)
         ft = self.finetune
@@ -614,7 +679,7 @@ class Recipe(Section):
         missing = []
         for dotted, owner, key in self._path_fields():
             path = owner[key] if isinstance(key, int) else getattr(owner, key)
-            if path is not None and not path.exists():
+            if isinstance(path, Path) and not path.exists():  # URLs are checked when read
                 missing.append((dotted, path))
         return missing
 

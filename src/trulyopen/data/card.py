@@ -31,6 +31,8 @@ def build_manifest(
                 else str(src.path or "python standard library"),
                 "files": files,
                 "bytes": sum(f["size"] for f in files),
+                "id_field": src.id_field,
+                "meta_fields": src.meta_fields,
             }
         )
     return {
@@ -38,6 +40,8 @@ def build_manifest(
         "sources": sources,
         "steps": curation["steps"],
         "problems": curation["problems"],
+        "problem_count": curation["problem_count"],
+        "tasks": curation["tasks"],
         "dedup": curation["dedup"],
         "contamination": curation["contamination"],
         "splits": {
@@ -58,8 +62,9 @@ def build_manifest(
     }
 
 
-def plot_lengths(doc_chars: list[int], path: Path) -> None:
-    """Histogram of document lengths (characters, log scale), with fixed metadata for stable bytes."""
+def plot_lengths(histogram: dict[str, list], path: Path) -> None:
+    """Histogram of document lengths (characters, log scale, counted per task in fixed bins), with
+    fixed metadata for stable bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,9 +72,10 @@ def plot_lengths(doc_chars: list[int], path: Path) -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    lengths = np.maximum(np.asarray(doc_chars, dtype=float), 1)
-    bins = np.logspace(np.log10(lengths.min()), np.log10(lengths.max() + 1), 40)
-    ax.hist(lengths, bins=bins, color="#3b6ea5")
+    edges, counts = np.asarray(histogram["edges"]), np.asarray(histogram["counts"])
+    used = np.flatnonzero(counts)
+    lo, hi = (used[0], used[-1] + 1) if len(used) else (0, 1)
+    ax.stairs(counts[lo:hi], edges[lo : hi + 1], fill=True, color="#3b6ea5")
     ax.set_xscale("log")
     ax.set_xlabel("document length (characters)")
     ax.set_ylabel("documents")
@@ -94,10 +100,10 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
-def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) -> None:
+def write_card(manifest: dict[str, Any], length_histogram: dict[str, list], out_dir: Path) -> None:
     """Write manifest.json, DATACARD.md and doc_lengths.png into `out_dir`."""
     write_json(out_dir / "manifest.json", manifest)
-    plot_lengths(doc_chars, out_dir / "doc_lengths.png")
+    plot_lengths(length_histogram, out_dir / "doc_lengths.png")
     m = manifest
     lines = [
         f"# Data card: {m['run']}",
@@ -133,14 +139,29 @@ def write_card(manifest: dict[str, Any], doc_chars: list[int], out_dir: Path) ->
         "",
     ]
     if m["problems"]:
-        lines += [f"{len(m['problems'])} input files or records could not be used and were skipped:", ""]
+        count = m.get("problem_count", len(m["problems"]))
+        lines += [f"{count:,} input files or records could not be used and were skipped:", ""]
         lines += [
-            f"- `{p['file']}`" + (f" line {p['line']}" if p.get("line") else "") + f": {p['reason']}"
+            f"- `{p['file']}`"
+            + (f" line {p['line']}" if p.get("line") else "")
+            + (f" row {p['row']}" if p.get("row") is not None else "")
+            + f": {p['reason']}"
             for p in m["problems"][:20]
         ]
-        if len(m["problems"]) > 20:
-            lines.append(f"- ... and {len(m['problems']) - 20} more (see manifest.json)")
+        if count > 20:
+            lines.append(f"- ... and {count - 20:,} more (see problems.jsonl)")
         lines.append("")
+    t = m.get("tasks")
+    if t:
+        lines += [
+            "## Tasks",
+            "",
+            f"The inputs were cut into {t['count']:,} logical tasks of at most {_mb(t['task_bytes'])} "
+            f"(files, line-aligned byte ranges, row groups), with {t['exact_partitions']} exact-dedup "
+            f"partitions and {t['band_partitions']} LSH band partitions; the layout depends on the corpus "
+            "alone, so the output is the same bytes wherever and on however many workers it ran.",
+            "",
+        ]
     d = m["dedup"]
     p = d["near_params"]
     lines += [

@@ -95,14 +95,14 @@ class MinHasher:
         return (mins >> np.uint64(32)).astype(np.uint32)
 
 
-def _find(parent: np.ndarray, i: int) -> int:
+def find(parent: np.ndarray, i: int) -> int:
     while parent[i] != i:
         parent[i] = parent[parent[i]]
         i = parent[i]
     return i
 
 
-def _bucket_pairs(members: np.ndarray) -> np.ndarray:
+def bucket_pairs(members: np.ndarray) -> np.ndarray:
     """Candidate pairs of one LSH bucket: all pairs, or for a huge bucket (boilerplate) each member
     with the first and with its neighbour, so the work stays linear."""
     m = len(members)
@@ -114,36 +114,46 @@ def _bucket_pairs(members: np.ndarray) -> np.ndarray:
     return np.stack([members[i], members[j]], axis=1)
 
 
+def band_keys(sig: np.ndarray, bands: int) -> np.ndarray:
+    """A 64-bit key per (document, band) from the band's rows of the signature; a rare collision
+    is caught by verification."""
+    n, perm = sig.shape
+    rows = perm // bands
+    by_band = sig[:, : bands * rows].reshape(n, bands, rows).astype(np.uint64)
+    keys = np.zeros((n, bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for r in range(rows):
+            keys = keys * _KEY_MULT + by_band[:, :, r]
+    return keys
+
+
 def lsh_clusters(sig: np.ndarray, bands: int, threshold: float) -> np.ndarray:
     """For each document, the index of its cluster's representative (the smallest index).
 
     Documents without shingles (all-EMPTY signatures) are never clustered: exact dedup covers them.
+    The data stage does the same by partitions (`trulyopen.data.curate`); this is the in-memory form.
     """
-    n, perm = sig.shape
-    rows = perm // bands
+    n = len(sig)
     parent = np.arange(n)
     idx = np.flatnonzero((sig != EMPTY).any(axis=1))
+    keys_all = band_keys(sig[idx], bands)
     pairs = []
     for b in range(bands):
-        band = sig[idx, b * rows : (b + 1) * rows].astype(np.uint64)
-        keys = np.zeros(len(idx), dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for r in range(rows):  # a 64-bit key per band; a rare collision is caught by verification
-                keys = keys * _KEY_MULT + band[:, r]
+        keys = keys_all[:, b]
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
         sizes = np.diff(np.r_[starts, len(keys)])
         for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-            pairs.append(_bucket_pairs(idx[order[start : start + size]]))
+            pairs.append(bucket_pairs(idx[order[start : start + size]]))
     if pairs:
         cand = np.unique(np.concatenate(pairs), axis=0)
         similar = (sig[cand[:, 0]] == sig[cand[:, 1]]).mean(axis=1) >= threshold
         for i, j in cand[similar]:
-            ri, rj = _find(parent, int(i)), _find(parent, int(j))
+            ri, rj = find(parent, int(i)), find(parent, int(j))
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
-    return np.array([_find(parent, i) for i in range(n)])
+    return np.array([find(parent, i) for i in range(n)])
 
 
 def near_duplicates(texts: Sequence[str], cfg: DedupConfig) -> np.ndarray:

@@ -1,83 +1,64 @@
-"""The shards stage: tokenise the corpus into flat memory-mapped token arrays.
+"""The shards stage: tokenise the corpus into flat memory-mapped token arrays, one task at a time.
 
-For each split, documents are encoded in worker processes (fixed chunks, results in order) and
-written one after another, each followed by the end-of-text token, into shard files:
+Each split's corpus file is cut into line-aligned byte ranges (tasks; the layout depends on the
+corpus only). A task encodes its documents, each followed by the end-of-text token, and writes its
+own shard files as numpy arrays, starting a new one past `shard_tokens` tokens:
 
-    data/shards/train_0000.bin   tokens, little-endian uint16 (uint32 when the vocabulary needs it)
-    data/shards/train_0000.idx   int64 offsets: document k is tokens[idx[k]:idx[k+1]]
-    data/shards/train_0000.ids   one document id per line, in the same order
+    data/shards/train_00000_00.bin   tokens, little-endian uint16 (uint32 when the vocabulary needs it)
+    data/shards/train_00000_00.idx   int64 offsets: document k is tokens[idx[k]:idx[k+1]]
+    data/shards/train_00000_00.ids   one document id per line, in the same order
 
-`shards.json` lists every file with its sha256 and a fingerprint of the whole tokenised set (the
-tokenizer's hash and every shard's hash, in order), which later stages use to tie training order
-and checkpoints to exactly this data. The bytes do not depend on the number of workers.
+The tasks run through the data stage's executor (local processes, Ray, Slurm) and hand back only
+file names and hashes, never tokens. `shards.json` then indexes every file in order, with its
+sha256 and a fingerprint of the whole tokenised set (the tokenizer's hash and every shard's hash,
+in order), which later stages use to tie training order and checkpoints to exactly this data. The
+bytes do not depend on where or on how many workers the tasks ran.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from trulyopen.data.executor import TaskStep, open_work, run_step
+from trulyopen.data.tasks import line_ranges, task_size
 from trulyopen.files import atomic_open, sha256_file, write_json
-from trulyopen.parallel import ordered_map
-from trulyopen.progress import Progress
+from trulyopen.recipe import ShardsConfig
 
-CHUNK_DOCS = 64
-_tok = None
-_eot: int = 0
+CHUNK_DOCS = 64  # documents per encode_batch call
+TASK_BYTES = 64_000_000  # largest task of corpus JSONL
 
 
-def _init(tokenizer_file: str, eot: str, threads: bool = True) -> None:
-    global _tok, _eot
-    if not threads:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+@functools.cache
+def _tokenizer(path: str, stamp: tuple[int, int]):
     from tokenizers import Tokenizer
 
-    _tok = Tokenizer.from_file(tokenizer_file)
-    _eot = _tok.token_to_id(eot)
-
-
-def _encode(texts: list[str]) -> list[list[int]]:
-    # encode_batch_fast skips character offsets, which we do not need (tokenizers >= 0.21)
-    encode = getattr(_tok, "encode_batch_fast", _tok.encode_batch)
-    return [e.ids + [_eot] for e in encode(texts, add_special_tokens=False)]
-
-
-def _chunks(corpus: Path):
-    """(ids, texts) chunks of a corpus JSONL file."""
-    ids, texts = [], []
-    with open(corpus, encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            ids.append(rec["id"])
-            texts.append(rec["text"])
-            if len(texts) == CHUNK_DOCS:
-                yield ids, texts
-                ids, texts = [], []
-    if texts:
-        yield ids, texts
+    return Tokenizer.from_file(path)
 
 
 class ShardWriter:
     """Writes documents' tokens into numbered shard files, each completed under a temporary name."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+    def __init__(self, out_dir: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self._open()
 
     def _open(self) -> None:
-        self.name = f"{self.split}_{len(self.shards):04d}"
+        self.name = f"{self.prefix}_{len(self.shards):02d}"
         self.tokens: list[np.ndarray] = []
         self.offsets = [0]
         self.ids: list[str] = []
 
-    def add(self, doc_id: str, ids: list[int]) -> None:
-        self.tokens.append(np.asarray(ids, dtype=self.dtype))
+    def add(self, doc_id: str, ids: np.ndarray) -> None:
+        self.tokens.append(ids)
         self.offsets.append(self.offsets[-1] + len(ids))
         self.ids.append(doc_id)
         if self.offsets[-1] >= self.shard_tokens:
@@ -102,40 +83,103 @@ class ShardWriter:
         self._open()
 
 
+def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
+    """Tokenise one byte range of a split's corpus file into the task's own shard files."""
+    from trulyopen.data.sources import _lines
+
+    path = ctx["tokenizer"]
+    st = os.stat(path)
+    tok = _tokenizer(path, (st.st_mtime_ns, st.st_size))
+    eot = np.array([tok.token_to_id(ctx["eot"])], dtype=np.int64)
+    dtype = np.dtype(ctx["dtype"])
+    writer = ShardWriter(Path(ctx["out"]), f"{task['split']}_{task['index']:05d}", dtype, ctx["shard_tokens"])
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # skips offsets (tokenizers >= 0.21)
+    ids, texts, docs, nbytes = [], [], 0, 0
+
+    def flush() -> None:
+        for doc_id, enc in zip(ids, encode(texts, add_special_tokens=False), strict=True):
+            writer.add(doc_id, np.concatenate([np.asarray(enc.ids, dtype=np.int64), eot]).astype(dtype))
+        ids.clear()
+        texts.clear()
+
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per task: the tasks fill the cores
+    try:
+        for line in _lines(task["file"], task["start"], task["stop"]):
+            rec = json.loads(line)
+            ids.append(rec["id"])
+            texts.append(rec["text"])
+            docs += 1
+            nbytes += len(line) + 1
+            if len(texts) == CHUNK_DOCS:
+                flush()
+        flush()
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    writer.flush()
+    return {"docs": docs, "bytes": nbytes, "shards": writer.shards}
+
+
 def build_shards(
-    corpus_dir: Path, tokenizer_dir: Path, out_dir: Path, shard_tokens: int, workers: int
+    corpus_dir: Path,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    cfg: ShardsConfig,
+    executor: Any,
+    key: dict[str, Any],
+    fresh: bool = False,
 ) -> dict:
-    """Tokenise train and val splits into `out_dir`; return the shards record (also shards.json)."""
+    """Tokenise train and val splits into `out_dir`; return the shards record (also shards.json).
+    Finished tasks (data/shards_work/) are kept for the same key, so a killed stage resumes."""
     from tokenizers import Tokenizer
 
     from trulyopen.data.tokenizer import EOT
 
     tokenizer_file = tokenizer_dir / "tokenizer.json"
-    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    vocab = tok.get_vocab_size()
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)
+    work = out_dir.with_name(out_dir.name + "_work")
+    open_work(work, key, fresh)
+    if not (work / "steps").exists():  # a new start: shards of an earlier, different run of this stage go
+        shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*_*.*"):  # shards of an earlier, different run of this stage
-        old.unlink()
+    ctx = {
+        "tokenizer": str(tokenizer_file),
+        "eot": EOT,
+        "dtype": dtype.name,
+        "out": str(out_dir),
+        "shard_tokens": cfg.shard_tokens,
+    }
+    tasks = []
+    for split in ("train", "val"):
+        corpus = corpus_dir / f"{split}.jsonl"
+        size = task_size(corpus.stat().st_size, TASK_BYTES)
+        for a, b, _ in line_ranges(corpus, size):
+            tasks.append(
+                {
+                    "split": split,
+                    "index": sum(t["split"] == split for t in tasks),
+                    "file": str(corpus),
+                    "start": a,
+                    "stop": b,
+                }
+            )
+    step = TaskStep("shards", "trulyopen.data.shards:shard_task", ctx, tasks, str(work / "steps" / "shards"))
+    results = run_step(executor, step)
     splits = {}
     for split in ("train", "val"):
-        writer = ShardWriter(out_dir, split, dtype, shard_tokens)
-        chunks = list(_chunks(corpus_dir / f"{split}.jsonl"))
-        n_docs = sum(len(ids) for ids, _ in chunks)
-        with Progress(f"shards {split}", n_docs) as bar:
-            # one tokenizer thread per process when the processes already use every core
-            init_args = (str(tokenizer_file), EOT, workers <= 1)
-            encoded = ordered_map(_encode, (texts for _, texts in chunks), workers, _init, init_args)
-            for (ids, texts), token_lists in zip(chunks, encoded, strict=True):
-                for doc_id, toks in zip(ids, token_lists, strict=True):
-                    writer.add(doc_id, toks)
-                bar.update(len(ids), sum(len(t.encode()) for t in texts))
-        writer.flush()
+        parts = [s for t, r in zip(tasks, results, strict=True) if t["split"] == split for s in r["shards"]]
         splits[split] = {
-            "docs": sum(s["docs"] for s in writer.shards),
-            "tokens": sum(s["tokens"] for s in writer.shards),
-            "shards": writer.shards,
+            "docs": sum(s["docs"] for s in parts),
+            "tokens": sum(s["tokens"] for s in parts),
+            "shards": parts,
         }
-    fp = hashlib.sha256(sha256_file(tokenizer_file).encode())
+    tokenizer_sha = sha256_file(tokenizer_file)
+    fp = hashlib.sha256(tokenizer_sha.encode())
     for split in ("train", "val"):
         for shard in splits[split]["shards"]:
             for ext in ("bin", "idx", "ids"):
@@ -143,12 +187,13 @@ def build_shards(
     record = {
         "dtype": dtype.name,
         "vocab_size": vocab,
-        "eot_id": Tokenizer.from_file(str(tokenizer_file)).token_to_id(EOT),
-        "tokenizer_sha256": sha256_file(tokenizer_file),
+        "eot_id": tok.token_to_id(EOT),
+        "tokenizer_sha256": tokenizer_sha,
         "splits": splits,
         "fingerprint": fp.hexdigest(),
     }
     write_json(out_dir / "shards.json", record)
+    shutil.rmtree(work, ignore_errors=True)
     return record
 
 

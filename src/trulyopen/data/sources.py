@@ -1,24 +1,33 @@
 """Sources: where documents come from, each with a name, a licence and stable document ids.
 
-A source yields `Document`s and, for input it cannot use, `Problem`s that name the file and line
-or row. The caller decides whether a problem is skipped and counted or fatal (`data.strict`).
+A source is read one logical task at a time (`trulyopen.data.tasks` cuts it: groups of files,
+line-aligned byte ranges of plain JSONL, one compressed file, ranges of Parquet row groups or of a
+dataset's rows), streamed, so memory holds one record, not the corpus. It yields `Document`s and,
+for input it cannot use, `Problem`s that name the file and line, row or compressed byte offset.
+The caller decides whether a problem is skipped and counted or fatal (`data.strict`).
 
 Document ids are `<source>/<relative path>` for file trees, `<source>/<file>:<line>` for JSONL and
-`<source>/<file>#<row>` for tables, so the same input always gets the same id.
+`<source>/<file>#<row>` for tables, so the same input always gets the same id; with `id_field`, the
+record's own id: `<source>/<id>`, with the location kept in the metadata. Local paths and fsspec
+URLs (s3://, gs://, hf://, memory://) take the same code path: only opening and listing differ.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import json
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from trulyopen.recipe import SourceConfig
+
+File = Path | str  # a local path, or an fsspec URL
 
 BINARY_SNIFF = 8192
 
@@ -71,28 +80,61 @@ def _matches(rel: str, patterns: list[str]) -> bool:
 DEFAULT_INCLUDE = {
     "python-stdlib": ["**/*.py"],
     "text": ["**/*.txt"],
-    "jsonl": ["**/*.jsonl"],
+    "jsonl": ["**/*.jsonl", "**/*.jsonl.gz", "**/*.json.gz", "**/*.jsonl.zst", "**/*.jsonl.zstd"],
     "parquet": ["**/*.parquet"],
 }
+COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+
+
+def compression(file: File) -> str | None:
+    """'gzip' or 'zstd' from the file name, None for a plain file."""
+    return COMPRESSED.get(os.path.splitext(str(file))[1])
+
+
+def is_url(file: File) -> bool:
+    return isinstance(file, str) and "://" in file
 
 
 def _include(cfg: SourceConfig) -> list[str]:
     return DEFAULT_INCLUDE.get(cfg.type, cfg.include) if cfg.include == ["**/*"] else cfg.include
 
 
-def _root(cfg: SourceConfig) -> Path:
-    return stdlib_dir() if cfg.type == "python-stdlib" else Path(cfg.path)
+def _root(cfg: SourceConfig) -> File:
+    return stdlib_dir() if cfg.type == "python-stdlib" else cfg.path
 
 
-def input_files(cfg: SourceConfig) -> list[Path]:
-    """Every file the source reads, sorted, so the corpus order never depends on the file system."""
-    if cfg.type == "hf-hub":
-        return []
+def _url_fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def file_size(file: File) -> int:
+    if is_url(file):
+        fs, path = _url_fs(file)
+        return int(fs.size(path))
+    return os.path.getsize(file)
+
+
+def open_raw(file: File) -> IO[bytes]:
+    """The file's bytes as they lie on disk or in the bucket (not decompressed)."""
+    if is_url(file):
+        fs, path = _url_fs(file)
+        return fs.open(path, "rb")
+    return open(file, "rb")
+
+
+def _walk(cfg: SourceConfig) -> list[tuple[str, File]]:
+    """(relative path, file) of every file under the source's root, unfiltered."""
     root = _root(cfg)
+    if is_url(root):
+        fs, base = _url_fs(root)
+        if fs.isfile(base):
+            return [(base.rsplit("/", 1)[-1], root)]
+        return [(relative(fs.unstrip_protocol(p), cfg), fs.unstrip_protocol(p)) for p in fs.find(base)]
+    root = Path(root)
     if root.is_file():
-        return [root]
-    include = _include(cfg) if cfg.type != "hf-disk" else ["**/*"]
-    exclude = list(cfg.exclude)
+        return [(root.name, root)]
     # The standard library's folder also holds installed packages: never walk into them.
     skip_dirs = (
         {"__pycache__", "site-packages", "dist-packages"} if cfg.type == "python-stdlib" else {"__pycache__"}
@@ -102,20 +144,33 @@ def input_files(cfg: SourceConfig) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)
         prefix = os.path.relpath(dirpath, root)
         prefix = "" if prefix == "." else prefix.replace(os.sep, "/") + "/"
-        for name in filenames:
-            rel = prefix + name
-            if (
-                _matches(rel, include)
-                and not _matches(rel, exclude)
-                and os.path.isfile(os.path.join(dirpath, name))
-            ):
-                found.append(root / rel)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        found += [
+            (prefix + n, root / (prefix + n)) for n in filenames if os.path.isfile(os.path.join(dirpath, n))
+        ]
+    return found
 
 
-def _rel(path: Path, cfg: SourceConfig) -> str:
+def input_files(cfg: SourceConfig) -> list[File]:
+    """Every file the source reads, sorted, so the corpus order never depends on the file system."""
+    if cfg.type == "hf-hub":
+        return []
+    if cfg.type == "hf-disk":
+        return [f for _, f in sorted(_walk(cfg))]
+    include, exclude = _include(cfg), list(cfg.exclude)
+    single = len(walked := _walk(cfg)) == 1 and walked[0][1] == _root(cfg)
+    return [
+        f for rel, f in sorted(walked) if single or (_matches(rel, include) and not _matches(rel, exclude))
+    ]
+
+
+def relative(file: File, cfg: SourceConfig) -> str:
+    """The file's path relative to its source's root (its name when the source is one file)."""
     root = _root(cfg)
-    return path.name if root.is_file() else path.relative_to(root).as_posix()
+    if is_url(root):
+        base, path = _url_fs(root)[1].rstrip("/"), _url_fs(file)[1]
+        return path[len(base) + 1 :] if path.startswith(base + "/") else path.rsplit("/", 1)[-1]
+    root, file = Path(root), Path(file)
+    return file.name if root.is_file() or not file.is_relative_to(root) else file.relative_to(root).as_posix()
 
 
 def decode(data: bytes, policy: str) -> tuple[str | None, str | None]:
@@ -130,13 +185,17 @@ def decode(data: bytes, policy: str) -> tuple[str | None, str | None]:
         return (data.decode("utf-8", errors="replace"), reason) if policy == "replace" else (None, reason)
 
 
-def _read_files(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[Document | Problem]:
+# ----------------------------------------------------------------------------- one task's records
+
+
+def _read_files(cfg: SourceConfig, files: list[File], policy: str) -> Iterator[Document | Problem]:
     for path in files:
-        rel = _rel(path, cfg)
+        rel = relative(path, cfg)
         try:
-            data = path.read_bytes()
+            with open_raw(path) as f:
+                data = f.read()
         except OSError as e:
-            yield Problem(cfg.name, str(path), f"unreadable: {e.strerror}")
+            yield Problem(cfg.name, str(path), f"unreadable: {e.strerror or e}")
             continue
         text, reason = decode(data, policy)
         if text is None:
@@ -146,30 +205,87 @@ def _read_files(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[D
         yield Document(f"{cfg.name}/{rel}", text, cfg.name, meta)
 
 
-def _read_jsonl(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[Document | Problem]:
-    for path in files:
-        rel = _rel(path, cfg)
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            yield Problem(cfg.name, str(path), f"unreadable: {e.strerror}")
-            continue
-        lines = data.split(b"\n")
-        if lines[-1] == b"":  # the newline that ends the file does not open an empty record
-            lines.pop()
-        for lineno, raw in enumerate(lines, start=1):
+class CorruptInput(Exception):
+    """A compressed stream that ends early or holds bad data; `offset` is the compressed byte."""
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(message)
+        self.offset = offset
+
+
+def _lines(file: File, start: int, stop: int | None, block: int = 1 << 22) -> Iterator[bytes]:
+    """Lines (without the newline) of bytes [start, stop) of a plain file, or of the whole
+    decompressed stream of a compressed one, read in blocks."""
+    kind = compression(file)
+    with open_raw(file) as raw:
+        if kind is None:
+            raw.seek(start)
+            stream, left = raw, (stop - start if stop is not None else None)
+        elif kind == "gzip":
+            stream, left = gzip.GzipFile(fileobj=raw), None
+        else:
+            import zstandard
+
+            stream, left = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), None
+        carry = b""
+        while True:
+            try:
+                data = stream.read(block if left is None else min(block, left))
+            except (EOFError, OSError, zlib.error) as e:
+                raise CorruptInput(f"corrupt or truncated {kind} data ({e})", raw.tell()) from None
+            except Exception as e:  # zstandard.ZstdError, without importing it for plain files
+                if type(e).__name__ != "ZstdError":
+                    raise
+                raise CorruptInput(f"corrupt or truncated {kind} data ({e})", raw.tell()) from None
+            if not data:
+                break
+            if left is not None:
+                left -= len(data)
+            parts = (carry + data).split(b"\n")
+            carry = parts.pop()
+            yield from parts
+            if left == 0:
+                break
+        if carry:
+            yield carry
+
+
+def _fields(cfg: SourceConfig, record: dict, where: dict) -> tuple[str | None, dict | None, str | None]:
+    """(document id suffix, metadata, problem) from a record's id and meta fields."""
+    meta = dict(where)
+    meta.update({f: record.get(f) for f in cfg.meta_fields})
+    if cfg.id_field is None:
+        return None, meta, None
+    rid = record.get(cfg.id_field)
+    if rid is None or isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+        return (
+            None,
+            None,
+            f"id field '{cfg.id_field}' " + ("missing" if rid is None else "not a string or integer"),
+        )
+    return str(rid), meta, None
+
+
+def _read_jsonl(
+    cfg: SourceConfig, file: File, start: int, stop: int | None, first_line: int, policy: str
+) -> Iterator[Document | Problem]:
+    rel = relative(file, cfg)
+    lineno = first_line - 1
+    try:
+        for raw in _lines(file, start, stop):
+            lineno += 1
             where = {"line": lineno, "nbytes": len(raw) + 1}
             if not raw.strip():
-                yield Problem(cfg.name, str(path), "empty line", **where)
+                yield Problem(cfg.name, str(file), "empty line", **where)
                 continue
             line, reason = decode(raw, policy)
             if line is None:
-                yield Problem(cfg.name, str(path), reason, **where)
+                yield Problem(cfg.name, str(file), reason, **where)
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                yield Problem(cfg.name, str(path), f"invalid JSON: {e.msg}", **where)
+                yield Problem(cfg.name, str(file), f"invalid JSON: {e.msg}", **where)
                 continue
             text = record.get(cfg.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
@@ -178,70 +294,127 @@ def _read_jsonl(cfg: SourceConfig, files: list[Path], policy: str) -> Iterator[D
                     if not isinstance(record, dict) or cfg.text_field not in record
                     else "not a string"
                 )
-                yield Problem(cfg.name, str(path), f"field '{cfg.text_field}' {what}", **where)
+                yield Problem(cfg.name, str(file), f"field '{cfg.text_field}' {what}", **where)
                 continue
-            yield Document(f"{cfg.name}/{rel}:{lineno}", text, cfg.name, {"path": rel, "line": lineno})
+            rid, meta, problem = _fields(cfg, record, {"path": rel, "line": lineno})
+            if problem:
+                yield Problem(cfg.name, str(file), problem, **where)
+                continue
+            yield Document(f"{cfg.name}/{rid or f'{rel}:{lineno}'}", text, cfg.name, meta)
+    except CorruptInput as e:
+        yield Problem(
+            cfg.name, str(file), f"{e} at byte {e.offset}; the rest of the file is skipped", line=lineno + 1
+        )
+    except OSError as e:
+        yield Problem(cfg.name, str(file), f"unreadable: {e.strerror or e}")
 
 
-def _rows(cfg: SourceConfig, file: str, rel: str, columns: dict[str, list]) -> Iterator[Document | Problem]:
-    """Documents from a table's text column; shared by Parquet files and `datasets` datasets."""
-    if cfg.text_field not in columns:
-        have = ", ".join(sorted(columns)) or "none"
-        yield Problem(cfg.name, file, f"no column '{cfg.text_field}' (columns: {have})")
-        return
-    for row, text in enumerate(columns[cfg.text_field]):
+def _rows(
+    cfg: SourceConfig, file: str, rel: str, columns: dict[str, list], first_row: int = 0
+) -> Iterator[Document | Problem]:
+    """Documents from a table's columns; shared by Parquet row groups and `datasets` datasets."""
+    wanted = [cfg.text_field] + ([cfg.id_field] if cfg.id_field else [])
+    for name in wanted:
+        if name not in columns:
+            have = ", ".join(sorted(columns)) or "none"
+            yield Problem(cfg.name, file, f"no column '{name}' (columns: {have})")
+            return
+    texts = columns[cfg.text_field]
+    for i, text in enumerate(texts):
+        row = first_row + i
         if not isinstance(text, str):
             yield Problem(
                 cfg.name, file, f"column '{cfg.text_field}' is {type(text).__name__}, not text", row=row
             )
             continue
-        yield Document(f"{cfg.name}/{rel}#{row}", text, cfg.name, {"path": rel, "row": row})
+        record = {k: columns[k][i] if k in columns else None for k in {*cfg.meta_fields, *wanted[1:]}}
+        rid, meta, problem = _fields(cfg, record, {"path": rel, "row": row})
+        if problem:
+            yield Problem(cfg.name, file, problem, row=row)
+            continue
+        yield Document(f"{cfg.name}/{rid or f'{rel}#{row}'}", text, cfg.name, _plain(meta))
 
 
-def _read_parquet(cfg: SourceConfig, files: list[Path]) -> Iterator[Document | Problem]:
+def _plain(meta: dict) -> dict:
+    """Metadata as JSON values: dates and other column types become text."""
+    return {k: v if v is None or isinstance(v, str | int | float | bool) else str(v) for k, v in meta.items()}
+
+
+def _columns(cfg: SourceConfig) -> list[str]:
+    return [c for c in (cfg.text_field, cfg.id_field, *cfg.meta_fields) if c]
+
+
+def _read_parquet(
+    cfg: SourceConfig, file: File, groups: tuple[int, int], first_row: int
+) -> Iterator[Document | Problem]:
     import pyarrow.parquet as pq
 
-    for path in files:
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow raises several types for a broken file
-            yield Problem(cfg.name, str(path), f"not a readable Parquet file: {e}")
-            continue
-        yield from _rows(
-            cfg, str(path), _rel(path, cfg), {n: table.column(n).to_pylist() for n in table.column_names}
-        )
+    try:
+        with open_raw(file) as raw:
+            pf = pq.ParquetFile(raw)
+            present = set(pf.schema_arrow.names)
+            wanted = [c for c in _columns(cfg) if c in present]
+            row = first_row
+            for g in range(*groups):
+                table = pf.read_row_group(g, columns=wanted)
+                cols = {n: table.column(n).to_pylist() for n in table.column_names}
+                if cfg.text_field not in cols:  # report the table's own columns
+                    cols = dict.fromkeys(present)
+                yield from _rows(cfg, str(file), relative(file, cfg), cols, row)
+                row += table.num_rows
+    except Exception as e:  # pyarrow raises several types for a broken file
+        yield Problem(cfg.name, str(file), f"not a readable Parquet file: {e}")
 
 
-def _read_dataset(cfg: SourceConfig) -> Iterator[Document | Problem]:
-    """hf-disk and hf-hub take the same path: load a `datasets.Dataset`, then read its text column."""
+def load_dataset(cfg: SourceConfig):
+    """The source's `datasets.Dataset` (hf-disk and hf-hub take the same path), or a Problem."""
     import datasets
 
     if cfg.type == "hf-disk":
         ds = datasets.load_from_disk(str(cfg.path))
-        where = str(cfg.path)
     else:
         ds = datasets.load_dataset(cfg.dataset, split=cfg.split)
-        where = f"hub:{cfg.dataset}"
     if isinstance(ds, datasets.DatasetDict):
         if cfg.split not in ds:
-            yield Problem(cfg.name, where, f"no split '{cfg.split}' (splits: {', '.join(ds)})")
-            return
+            return Problem(cfg.name, dataset_where(cfg), f"no split '{cfg.split}' (splits: {', '.join(ds)})")
         ds = ds[cfg.split]
-    columns = (
-        {n: ds[n] for n in ds.column_names}
-        if cfg.text_field in ds.column_names
-        else dict.fromkeys(ds.column_names)
-    )
-    yield from _rows(cfg, where, cfg.split, columns)
+    return ds
 
 
-def read_source(cfg: SourceConfig, files: list[Path], undecodable: str) -> Iterator[Document | Problem]:
-    """All documents of one source, in a fixed order, with problems in between."""
-    if cfg.type in ("python-stdlib", "directory", "text"):
-        yield from _read_files(cfg, files, undecodable)
-    elif cfg.type == "jsonl":
-        yield from _read_jsonl(cfg, files, undecodable)
-    elif cfg.type == "parquet":
-        yield from _read_parquet(cfg, files)
+def dataset_where(cfg: SourceConfig) -> str:
+    return str(cfg.path) if cfg.type == "hf-disk" else f"hub:{cfg.dataset}"
+
+
+def _read_dataset(cfg: SourceConfig, rows: tuple[int, int] | None) -> Iterator[Document | Problem]:
+    ds = load_dataset(cfg)
+    if isinstance(ds, Problem):
+        yield ds
+        return
+    start, stop = rows if rows is not None else (0, len(ds))
+    present = set(ds.column_names)
+    if cfg.text_field not in present:
+        yield from _rows(cfg, dataset_where(cfg), cfg.split, dict.fromkeys(ds.column_names))
+        return
+    part = ds.select_columns([c for c in _columns(cfg) if c in present])[start:stop]
+    yield from _rows(cfg, dataset_where(cfg), cfg.split, part, start)
+
+
+def read_task(cfg: SourceConfig, task: dict, policy: str) -> Iterator[Document | Problem]:
+    """The documents of one task (see `trulyopen.data.tasks`), in order, with problems in between."""
+    kind = task["kind"]
+    if kind == "files":
+        yield from _read_files(cfg, task["files"], policy)
+    elif kind == "lines":
+        yield from _read_jsonl(cfg, task["file"], task["start"], task["stop"], task["first"], policy)
+    elif kind == "row_groups":
+        yield from _read_parquet(cfg, task["file"], (task["start"], task["stop"]), task["first"])
     else:
-        yield from _read_dataset(cfg)
+        yield from _read_dataset(cfg, (task["start"], task["stop"]) if task.get("stop") is not None else None)
+
+
+def read_source(cfg: SourceConfig, files: list[File], undecodable: str) -> Iterator[Document | Problem]:
+    """All documents of one source, in a fixed order: its tasks one after another."""
+    from trulyopen.data.tasks import source_tasks
+
+    for task in source_tasks(cfg, files, task_bytes=1 << 62):
+        yield from read_task(cfg, task, undecodable)

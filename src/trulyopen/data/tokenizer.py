@@ -8,6 +8,7 @@ chat roles and a chat template, so `transformers.AutoTokenizer.from_pretrained(d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from trulyopen.files import write_json
 from trulyopen.recipe import TokenizerConfig
 
 EOT = "<|endoftext|>"
+VAL_SAMPLE_CHARS = 20_000_000  # bytes per token is measured on at most this much of the val split
 PAD = "<|pad|>"
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
@@ -31,13 +33,25 @@ CHAT_TEMPLATE = (
 
 
 def corpus_texts(path: Path, max_chars: int | None = None) -> Iterator[str]:
-    """Texts of a corpus JSONL file, in order, stopping after `max_chars` characters."""
+    """Texts of a corpus JSONL file, in order, stopping after `max_chars` characters.
+
+    When the file holds more than `max_chars` (bytes standing in for characters), documents are
+    sampled by a hash of their id at the rate that fills the budget, so the sample is deterministic,
+    bounded, and spread over the whole corpus rather than its first sources."""
+    rate = 1.0
+    if max_chars is not None and path.stat().st_size > max_chars:
+        rate = max_chars / path.stat().st_size
     seen = 0
     with open(path, encoding="utf-8") as f:
         for line in f:
-            text = json.loads(line)["text"]
-            yield text
-            seen += len(text)
+            rec = json.loads(line)
+            if (
+                rate < 1
+                and int.from_bytes(hashlib.sha256(rec["id"].encode()).digest()[:8], "big") >= rate * 2**64
+            ):
+                continue
+            yield rec["text"]
+            seen += len(rec["text"])
             if max_chars is not None and seen >= max_chars:
                 return
 
@@ -89,13 +103,16 @@ def build_tokenizer(cfg: TokenizerConfig, corpus_dir: Path, out: Path) -> dict[s
     else:
         tok = train_tokenizer(corpus_texts(corpus_dir / "train.jsonl", cfg.max_train_chars), cfg)
         save_hf(tok, tmp)
-        origin = {"trained_on": "train split", "max_train_chars": cfg.max_train_chars}
+        origin = {
+            "trained_on": "train split (a sample by id hash when larger than max_train_chars)",
+            "max_train_chars": cfg.max_train_chars,
+        }
     if not (tmp / "tokenizer.json").exists():
         raise FileNotFoundError(f"{cfg.path}: no tokenizer.json (a Hugging Face fast tokenizer is needed)")
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size()
-    val = list(corpus_texts(corpus_dir / "val.jsonl"))
+    val = list(corpus_texts(corpus_dir / "val.jsonl", VAL_SAMPLE_CHARS))
     stats = {
         **origin,
         "vocab_size": vocab,

@@ -1,0 +1,59 @@
+"""Local executor: the tasks in worker processes on this machine (in this process for one worker).
+
+Workers are spawned, not forked, so they start clean even when the parent has threads. A worker
+that dies (killed, out of memory) breaks the pool: the pool is made anew and the unfinished tasks
+run again, up to MAX_RETRIES times for the same task, which is then named.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from trulyopen.data.executor import TaskFailed, TaskStep, run_task
+
+MAX_RETRIES = 3
+
+
+def _init() -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers fill the cores
+
+
+class LocalExecutor:
+    def __init__(self, workers: int):
+        self.workers = max(1, workers)
+
+    def run(self, step: TaskStep, todo: list[int]) -> Iterator[tuple[int, dict]]:
+        if self.workers == 1 or len(todo) <= 1:
+            for i in todo:
+                yield i, run_task(step, i)
+            return
+        failures = dict.fromkeys(todo, 0)
+        left = list(todo)
+        while left:
+            with ProcessPoolExecutor(min(self.workers, len(left)), mp.get_context("spawn"), _init) as pool:
+                running = {pool.submit(run_task, step, i): i for i in left}
+                try:
+                    while running:
+                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            i = running.pop(future)
+                            result = future.result()
+                            left.remove(i)
+                            yield i, result
+                except BrokenProcessPool:
+                    for i in running.values():
+                        failures[i] += 1
+                        if failures[i] > MAX_RETRIES:
+                            raise TaskFailed(
+                                f"data {step.name}: task {i} ({_describe(step.tasks[i])}) lost its worker "
+                                f"process {failures[i]} times (killed, or out of memory?)"
+                            ) from None
+
+
+def _describe(task: dict) -> str:
+    where = task.get("file") or (task.get("files") or ["?"])[0]
+    return f"{where}" + (f" bytes {task['start']}-{task['stop']}" if task.get("stop") is not None else "")
