@@ -6,8 +6,9 @@ or, from Python, `generate(out_dir, total_compressed_bytes, files, seed=0, plant
 Standard library and numpy only; not a trulyopen module.
 
 OUT_DIR gets `part-00000.jsonl.gz` ... `part-<files-1>.jsonl.gz`, filled one after the other, each to
-total_compressed_bytes / files (to within about 0.1%: a file's last batches are sized from its
-compression ratio so far), and `planted.json`. Each line is one document,
+about total_compressed_bytes / files (a file's last batches are sized from its compression ratio so
+far; the total comes out within about 1% above the target), and `planted.json`. Each line is one
+document,
 
     {"id":"doc-<n>","url":"https://example.org/<n>","date":"2026-MM-DD","text":"..."}
 
@@ -15,27 +16,32 @@ with n counting from 0 over all files in order. The text is English-like: VOCAB 
 words (letters drawn with English letter frequencies; frequent words short, as in English) drawn from
 a Zipf-Mandelbrot distribution, P_PHRASE of the time as one of PHRASES stock phrases of 2-5 words
 (themselves Zipf-distributed), which gives gzip the repeated word sequences it finds in real text; in
-sentences of about 14 words with commas, capitalised first words and full stops, in paragraphs
-separated by a blank line. Documents are 200-8000 characters, log-normally distributed (median about
-LEN_MEDIAN). gzip level 1 compresses the JSONL about 2.7x (level 6: about 3.1x), like real web text.
+sentences of about 15 words with commas, capitalised first words and full stops, in paragraphs
+separated by a blank line. Documents are about 200-8000 characters, log-normally distributed (median
+LEN_MEDIAN, mean about 1,500; a copy's length differs from its original's by its edits). The JSONL
+compresses 2.7x with gzip level 1 (written here), 2.9x at level 3 and 3.2x at level 6, like real web
+text; texts are ASCII, so characters and UTF-8 bytes are the same count.
 
 A `plant_fraction` of the documents are near duplicates of an earlier document: the original is drawn
 uniformly from a reservoir sample of all earlier documents, of every file written so far, and is
 copied at most once; copies are never copied. About `edit_fraction` of the original's words are
-edited, in spans of 1..`edit_span` words or phrases, each span deleted or replaced by as many fresh
-ones (even odds). Spans, like the edited lines of benchmarks/data_pipeline.py's plants, keep most
-5-word shingles (planted pairs' Jaccard similarity on 5-word shingles: median about 0.8); 5% of
-words edited one at a time (edit_span=1) would leave (1-0.05)^5 / (2 - (1-0.05)^5) = 0.63, which 14x8
-LSH finds about a third of the time.
+edited, in spans of 1..`edit_span` units (a word or a phrase; a span is cut short rather than edit
+more than the remaining words, but for a phrase), each span deleted or replaced by as many fresh
+units (even odds). Spans, like the edited lines of benchmarks/data_pipeline.py's plants, keep most
+5-word shingles: on 5-word shingles of the lower-cased words the planted pairs' Jaccard similarity
+has a median of about 0.83 (10th percentile 0.73), so 14x8 LSH finds about 0.90 of them; unrelated
+documents are at about 0.005. 5% of words edited one at a time (edit_span=1 on words) would leave
+(1-0.05)^5 / (2 - (1-0.05)^5) = 0.63, which 14x8 LSH finds about a third of the time.
 
-planted.json: {"pairs": [[original id, copy id], ...], "docs", "raw_text_bytes" (UTF-8 of the texts,
-which are ASCII), "jsonl_bytes" (the files uncompressed), "compressed_bytes", "files" (the same per
-file), "params"}. `generate` returns the same dict without "pairs" (it has "planted": how many) and
-with "seconds".
+planted.json: {"pairs": [[original id, copy id], ...], "docs", "raw_text_bytes" (UTF-8 of the texts),
+"jsonl_bytes" (the files uncompressed), "compressed_bytes", "planted", "compression_ratio" (JSONL /
+compressed), "text_compression_ratio", "files" (the byte and document counts per file), "params"}.
+`generate` returns the same dict without "pairs" and with "seconds".
 
 Deterministic: the same arguments give the same bytes (numpy's PCG64 from `seed`; gzip headers carry
-no name and mtime 0; batch sizes depend on the data only). Text is generated in one thread while a
-second one compresses the previous batch (zlib releases the GIL).
+no name and mtime 0; batch sizes depend on the data only, not on timing). Text is generated in one
+thread, about 33 MB/s of text per core, while a second thread compresses the previous batch (zlib
+level 1, about 75 MB/s of JSONL; zlib releases the GIL): about 36 MB/s of text on two cores.
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ from pathlib import Path
 import numpy as np
 
 VOCAB = 50_000
-ZIPF_S, ZIPF_Q = 1.05, 2.7  # p(rank r) ~ 1 / (r + q)^s, for words and for phrases
-PHRASES, P_PHRASE = 40_000, 0.5  # a text unit is a stock phrase with probability P_PHRASE
+ZIPF_S, ZIPF_Q = 1.1, 2.7  # p(rank r) ~ 1 / (r + q)^s, for words and for phrases
+PHRASES, P_PHRASE = 20_000, 0.6  # a text unit is a stock phrase with probability P_PHRASE
 PHRASE_WORDS = (2, 5)
 TABLE_BITS = 20  # uniform integer -> rank lookup tables
 LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
@@ -100,6 +106,8 @@ class _Units:
                 words.append(w)
                 if len(words) == VOCAB:
                     break
+        if len(words) < VOCAB:  # never seen: 2 * VOCAB candidates hold far more distinct words
+            raise RuntimeError(f"only {len(words)} distinct words drawn")
         self.word_table = _rank_table(VOCAB)
         self.phrase_table = _rank_table(PHRASES)
         phrases = []
@@ -194,6 +202,8 @@ class _Generator:
         while edited < target:
             span = int(rng.integers(1, self.edit_span + 1))
             start = int(rng.integers(0, max(1, n - span + 1)))
+            while span > 1 and nw[start : start + span].sum() > target - edited:  # no overshoot past
+                span -= 1  # one unit (a phrase is up to five words)
             sl = slice(start, min(n, start + span))
             edited += int(nw[sl].sum())
             if rng.random() < 0.5:
@@ -252,7 +262,7 @@ class _Generator:
         seen = self.fresh_seen + 1 + np.arange(len(fresh))
         self.fresh_seen += len(fresh)
         slots = rng.integers(0, seen)
-        for k, slot in zip(fresh.tolist(), slots.tolist()):
+        for k, slot in zip(fresh.tolist(), slots.tolist(), strict=True):
             if len(self.reservoir) < RESERVOIR:  # (copies take originals out of it)
                 slot = len(self.reservoir)
                 self.reservoir.append(None)  # type: ignore[arg-type]
@@ -269,7 +279,9 @@ class _Generator:
         months, days = rng.integers(1, 13, n_docs), rng.integers(1, 29, n_docs)
         mv = memoryview(text)
         out: list = []
-        for i, s, e, m, d in zip(ids.tolist(), byte_start.tolist(), byte_end.tolist(), months.tolist(), days.tolist()):
+        for i, s, e, m, d in zip(
+            ids.tolist(), byte_start.tolist(), byte_end.tolist(), months.tolist(), days.tolist(), strict=True
+        ):
             out += [PREFIX % (i, i, m, d), mv[s:e], b'"}\n']
         n_para = int(np.count_nonzero(punct == PARAGRAPH))
         return b"".join(out), len(text) - 2 * n_para, n_docs
@@ -344,7 +356,13 @@ def generate(
         size = comp.close()
         gen.ratio = jsonl / size
         file_stats.append(
-            {"file": path.name, "docs": docs, "raw_text_bytes": raw, "jsonl_bytes": jsonl, "compressed_bytes": size}
+            {
+                "file": path.name,
+                "docs": docs,
+                "raw_text_bytes": raw,
+                "jsonl_bytes": jsonl,
+                "compressed_bytes": size,
+            }
         )
     seconds = time.perf_counter() - t0
     keys = ("docs", "raw_text_bytes", "jsonl_bytes", "compressed_bytes")
@@ -384,7 +402,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plant-fraction", type=float, default=0.02)
     ap.add_argument("--edit-fraction", type=float, default=EDIT_FRACTION)
-    ap.add_argument("--edit-span", type=int, default=EDIT_SPAN, help="edits are spans of 1..N words or phrases")
+    ap.add_argument(
+        "--edit-span", type=int, default=EDIT_SPAN, help="edits are spans of 1..N words or phrases"
+    )
     a = ap.parse_args()
     r = generate(a.out_dir, int(a.gb * 1e9), a.files, a.seed, a.plant_fraction, a.edit_fraction, a.edit_span)
     s = r["seconds"]
@@ -392,7 +412,8 @@ def main() -> None:
         f"{r['docs']:,} documents ({r['planted']:,} planted near duplicates) in {a.files} files: "
         f"{r['compressed_bytes'] / 1e6:,.1f} MB compressed, {r['jsonl_bytes'] / 1e6:,.1f} MB JSONL "
         f"({r['compression_ratio']:.2f}x), {r['raw_text_bytes'] / 1e6:,.1f} MB of text; {s:.1f} s: "
-        f"{r['compressed_bytes'] / 1e6 / s:.1f} MB/s compressed, {r['raw_text_bytes'] / 1e6 / s:.1f} MB/s of text"
+        f"{r['compressed_bytes'] / 1e6 / s:.1f} MB/s compressed, "
+        f"{r['raw_text_bytes'] / 1e6 / s:.1f} MB/s of text"
     )
     print(json.dumps(r))
 

@@ -11,6 +11,7 @@ import typer
 import yaml
 
 from trulyopen import pipeline
+from trulyopen.data.executor import TaskFailed
 from trulyopen.data.sources import DataError
 from trulyopen.evaluate.contamination import CorpusError
 from trulyopen.evaluate.taskfile import TaskError
@@ -56,6 +57,7 @@ def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) ->
         raise typer.Exit(2) from None
     except (
         DataError,
+        TaskFailed,
         FileNotFoundError,
         TrainingError,
         DataMismatchError,

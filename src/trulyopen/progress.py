@@ -1,6 +1,7 @@
 """Progress for long steps: a live line on a terminal, a line every few seconds in a log.
 
-Shows done/total, items/s (and documents/s when the items are tasks), MB/s and ETA. Written by hand because it is twenty lines and must behave
+Shows done/total, items/s (and documents/s when the items are tasks), MB/s and ETA. Written by
+hand because it is twenty lines and must behave
 the same in a terminal, in CI logs and inside tests (where it stays quiet unless asked).
 """
 
@@ -57,6 +58,8 @@ class Progress:
             parts.append(f"{self.docs / dt:,.0f} docs/s")
         if self.nbytes:
             parts.append(f"{self.nbytes / dt / 1e6:.1f} MB/s")
+        if self.already:
+            parts.append(f"({self.already:,} done before, resumed)")
         if final:
             parts.append(f"in {dt:.1f}s")
         elif self.total and rate > 0:

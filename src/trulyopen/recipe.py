@@ -184,7 +184,9 @@ class SlurmConfig(Section):
         default=None, description="Partition (sbatch --partition); unset: the default."
     )
     time: str = Field(default="02:00:00", description="Time limit of each array task (sbatch --time).")
-    mem: str = Field(default="4G", description="Memory of each array task (sbatch --mem).")
+    mem: str | None = Field(
+        default=None, description="Memory of each array task (sbatch --mem, e.g. 4G); unset: the cluster's."
+    )
     max_parallel: int | None = Field(
         default=None, ge=1, description="Array tasks running at once (sbatch --array=...%N); unset: no limit."
     )

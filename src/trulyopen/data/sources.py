@@ -15,7 +15,6 @@ URLs (s3://, gs://, hf://, memory://) take the same code path: only opening and 
 from __future__ import annotations
 
 import fnmatch
-import gzip
 import json
 import os
 import sysconfig
@@ -213,6 +212,42 @@ class CorruptInput(Exception):
         self.offset = offset
 
 
+def _decompressed(raw: IO[bytes], kind: str, block: int) -> Iterator[bytes]:
+    """Decompressed blocks of a gzip (possibly multi-member) or zstd stream, fed a block of
+    compressed bytes at a time, so that everything before a cut or a bad byte is still read and
+    the bad offset is known."""
+    import zstandard
+
+    def new():
+        return (
+            zlib.decompressobj(wbits=31) if kind == "gzip" else zstandard.ZstdDecompressor().decompressobj()
+        )
+
+    dec, offset, pending = new(), 0, b""
+    while True:
+        data = pending or raw.read(block)
+        pending = b""
+        if not data:
+            break
+        try:
+            out = dec.decompress(data)
+        except (zlib.error, zstandard.ZstdError) as e:
+            raise CorruptInput(f"corrupt {kind} data ({e})", offset) from None
+        offset += len(data) - len(dec.unused_data)
+        if out:
+            yield out
+        if dec.eof and dec.unused_data:  # the next gzip member or zstd frame
+            pending, dec = dec.unused_data, new()
+        elif dec.eof:
+            pending, dec = b"", new()
+            nxt = raw.read(block)
+            if not nxt:
+                return
+            pending = nxt
+    if not dec.eof and offset:
+        raise CorruptInput(f"truncated {kind} data (the stream ends before its end marker)", offset)
+
+
 def _lines(file: File, start: int, stop: int | None, block: int = 1 << 22) -> Iterator[bytes]:
     """Lines (without the newline) of bytes [start, stop) of a plain file, or of the whole
     decompressed stream of a compressed one, read in blocks."""
@@ -220,34 +255,27 @@ def _lines(file: File, start: int, stop: int | None, block: int = 1 << 22) -> It
     with open_raw(file) as raw:
         if kind is None:
             raw.seek(start)
-            stream, left = raw, (stop - start if stop is not None else None)
-        elif kind == "gzip":
-            stream, left = gzip.GzipFile(fileobj=raw), None
-        else:
-            import zstandard
-
-            stream, left = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), None
-        carry = b""
-        while True:
-            try:
-                data = stream.read(block if left is None else min(block, left))
-            except (EOFError, OSError, zlib.error) as e:
-                raise CorruptInput(f"corrupt or truncated {kind} data ({e})", raw.tell()) from None
-            except Exception as e:  # zstandard.ZstdError, without importing it for plain files
-                if type(e).__name__ != "ZstdError":
-                    raise
-                raise CorruptInput(f"corrupt or truncated {kind} data ({e})", raw.tell()) from None
-            if not data:
-                break
+            left = stop - start if stop is not None else None
+            blocks = iter(lambda: raw.read(block if left is None else min(block, left)), b"")
             if left is not None:
-                left -= len(data)
+                blocks = _bounded(blocks, left)
+        else:
+            blocks = _decompressed(raw, kind, 1 << 16)
+        carry = b""
+        for data in blocks:
             parts = (carry + data).split(b"\n")
             carry = parts.pop()
             yield from parts
-            if left == 0:
-                break
         if carry:
             yield carry
+
+
+def _bounded(blocks: Iterator[bytes], left: int) -> Iterator[bytes]:
+    for data in blocks:
+        yield data[:left]
+        left -= len(data)
+        if left <= 0:
+            return
 
 
 def _fields(cfg: SourceConfig, record: dict, where: dict) -> tuple[str | None, dict | None, str | None]:
@@ -302,9 +330,7 @@ def _read_jsonl(
                 continue
             yield Document(f"{cfg.name}/{rid or f'{rel}:{lineno}'}", text, cfg.name, meta)
     except CorruptInput as e:
-        yield Problem(
-            cfg.name, str(file), f"{e} at byte {e.offset}; the rest of the file is skipped", line=lineno + 1
-        )
+        yield Problem(cfg.name, str(file), f"{e} at byte {e.offset}", line=lineno + 1)
     except OSError as e:
         yield Problem(cfg.name, str(file), f"unreadable: {e.strerror or e}")
 

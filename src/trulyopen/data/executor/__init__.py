@@ -81,7 +81,8 @@ def run_step(executor: Any, step: TaskStep) -> list[dict[str, Any]]:
     label = f"data {step.name}"
     with Progress(label, len(step.tasks), unit="tasks", docs=True, already=len(results)) as bar:
         for i, result in executor.run(step, todo):
-            results[i] = result
+            # as read back from its done file (sorted keys), so a resumed task's result is the same
+            results[i] = json.loads(json.dumps(result, sort_keys=True))
             bar.update(1, result.get("bytes", 0), result.get("docs", 0))
     return [results[i] for i in range(len(step.tasks))]
 

@@ -9,6 +9,7 @@ named, with its error.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 from trulyopen.data.executor import TaskFailed, TaskStep, require, run_task
@@ -23,6 +24,21 @@ def _run_in_ray(step: TaskStep, i: int) -> dict:
     return run_task(step, i)
 
 
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast on an address nobody answers at (ray.init would retry for minutes)."""
+    if not address or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise RecipeError(
+            f"data.ray.address: no Ray cluster answers at {address} ({e}); start one with `ray start --head` "
+            "or unset data.ray.address to start a local Ray"
+        ) from None
+
+
 class RayExecutor:
     def __init__(self, cfg: RayConfig, workers: int):
         self.cfg, self.workers = cfg, max(1, workers)
@@ -34,6 +50,7 @@ class RayExecutor:
         if ray.is_initialized():  # a cluster this process already joined (a notebook, the tests)
             return
         kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        _probe(self.cfg.address)
         try:
             if self.cfg.address:
                 ray.init(address=self.cfg.address, **kwargs)

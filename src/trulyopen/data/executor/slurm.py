@@ -37,13 +37,13 @@ def job_script(step: TaskStep, cfg: SlurmConfig, first: int, count: int) -> str:
         f"#SBATCH --output={work}/logs/%A_%a.out",
         "#SBATCH --cpus-per-task=1",
         f"#SBATCH --time={cfg.time}",
-        f"#SBATCH --mem={cfg.mem}",
+        *([f"#SBATCH --mem={cfg.mem}"] if cfg.mem else []),
         *([f"#SBATCH --partition={cfg.partition}"] if cfg.partition else []),
         *(f"#SBATCH {a}" for a in cfg.sbatch_args),
         "set -euo pipefail",
         "export TOKENIZERS_PARALLELISM=false TRULYOPEN_QUIET=1",
-        f"exec {shlex.quote(python)} -m trulyopen.data.executor.worker {shlex.quote(str(work / 'spec.json'))} "
-        f'"$(( SLURM_ARRAY_TASK_ID + {first} ))"',
+        f"exec {shlex.quote(python)} -m trulyopen.data.executor.worker "
+        f'{shlex.quote(str(work / "spec.json"))} "$(( SLURM_ARRAY_TASK_ID + {first} ))"',
         "",
     ]
     return "\n".join(lines)
