@@ -118,3 +118,29 @@ def test_words_are_letters_and_digits_and_numbers_collapse():
     assert len(h) == len(expected)
     assert len(set(h.tolist())) == len(set(expected))
     assert h[0] == h[3] and h[6] == h[7] and h[5] == h[9] and h[1] != h[2]
+
+
+def test_top_ngram_fractions_of_a_batch_equal_gophers_counter_definition():
+    """The numpy form, many texts at once, against the direct definition on text.split() words."""
+    from collections import Counter
+
+    from trulyopen.data.clean import top_ngram_char_fractions
+
+    def direct(text: str, n: int) -> float:
+        words = text.split()
+        if len(words) < n:
+            return 0.0
+        gram, count = Counter(zip(*(words[i:] for i in range(n)), strict=False)).most_common(1)[0]
+        total = sum(map(len, words))
+        return count * sum(map(len, gram)) / total if count >= 2 and total else 0.0
+
+    rng = random.Random(4)
+    texts = ["", "a", "a b a b a b", "x\u2028y x\u2028y x\u2028y", "é é é é 🙂 🙂 🙂", "a\x1cb a\x1cb a\x1cb"]
+    texts += ["buy now " * 50, "a b c a b c d e f a b c", make_doc(rng, 30)]
+    # short words from a small set: many ties between n-grams of different lengths
+    texts += [
+        " ".join(rng.choice(["aa", "b", "ccc", "a", "bb"]) for _ in range(rng.randrange(40)))
+        for _ in range(500)
+    ]
+    for n in (1, 2, 3, 5):
+        assert list(top_ngram_char_fractions(texts, n)) == [direct(t, n) for t in texts]

@@ -1,8 +1,8 @@
 """Progress for long steps: a live line on a terminal, a line every few seconds in a log.
 
 Shows done/total, items/s (and documents/s when the items are tasks), MB/s and ETA. Written by
-hand because it is twenty lines and must behave
-the same in a terminal, in CI logs and inside tests (where it stays quiet unless asked).
+hand because it is twenty lines and must behave the same in a terminal, in CI logs and inside tests
+(where it stays quiet unless asked).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Progress:
             self.unit,
         ]
         parts.append(f"{rate:,.2f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s")
-        if self.show_docs:
+        if self.show_docs and self.docs:
             parts.append(f"{self.docs / dt:,.0f} docs/s")
         if self.nbytes:
             parts.append(f"{self.nbytes / dt / 1e6:.1f} MB/s")

@@ -8,10 +8,13 @@ dominated by one repeated n-gram is rarely worth training on.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections import Counter
 
+import numpy as np
+
+from trulyopen.data.ngrams import BMP, _mix, ngram_hashes, span_hashes
 from trulyopen.recipe import CleanConfig, FilterConfig, PIIConfig
 
 # Control characters except tab, newline and carriage return.
@@ -56,19 +59,75 @@ def duplicate_line_fraction(text: str) -> float:
 
 def top_ngram_char_fraction(text: str, n: int) -> float:
     """Share of word characters covered by the most frequent word n-gram (Gopher's top_n_gram)."""
-    words = text.split()
-    if len(words) < n:
-        return 0.0
-    grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
-    gram, count = grams.most_common(1)[0]
-    if count < 2:
-        return 0.0
-    total = sum(map(len, words))
-    return count * sum(map(len, gram)) / total if total else 0.0
+    return float(top_ngram_char_fractions([text], n)[0])
+
+
+@functools.cache
+def _space_table() -> np.ndarray:
+    """str.isspace() of every code point of the BMP (no whitespace lies beyond it)."""
+    return np.array([chr(cp).isspace() for cp in range(BMP)], dtype=bool)
+
+
+def top_ngram_char_fractions(texts: list[str], n: int) -> np.ndarray:
+    """top_ngram_char_fraction of many texts at once, with numpy over their code points.
+
+    Words are what `text.split()` gives (runs of non-whitespace). For each text, the word n-grams
+    (hashed) are counted; the most frequent one (ties: the one seen first, as Counter.most_common
+    picks) covers count x its words' characters of all word characters; 0 when no n-gram repeats.
+    """
+    out = np.zeros(len(texts))
+    cps = np.frombuffer("\n".join(texts).encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    if not len(cps):
+        return out
+    space = _space_table()[np.minimum(cps, BMP - 1)] & (cps < BMP)
+    edges = np.diff((~space).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    owner = np.searchsorted(np.r_[0, np.cumsum(lengths + 1)[:-1]], starts, side="right") - 1
+    chars = ends - starts
+    total = np.bincount(owner, weights=chars, minlength=len(texts))
+    grams = ngram_hashes(span_hashes(cps, starts, ends), n)
+    if not len(grams):
+        return out
+    first_word = np.flatnonzero(owner[: len(grams)] == owner[n - 1 :])  # n-grams inside one text
+    text, gram = owner[first_word], grams[first_word]  # in text order, then position order
+    csum = np.r_[0, np.cumsum(chars)]
+    gram_chars = csum[first_word + n] - csum[first_word]
+    # count each (text, n-gram): one sort of a key that mixes the text into the n-gram's hash
+    key = gram ^ _mix((text + 1).astype(np.uint64))
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])
+    group = np.empty(len(key), dtype=np.int64)
+    group[order] = np.repeat(np.arange(len(start)), np.diff(np.r_[start, len(key)]))
+    count = np.diff(np.r_[start, len(key)])[group]  # per occurrence, in text order
+    # per text: the first occurrence of a most frequent n-gram is that n-gram's first occurrence
+    t_start = np.flatnonzero(np.r_[True, text[1:] != text[:-1]])
+    t_max = np.maximum.reduceat(count, t_start)
+    hit = np.flatnonzero(count == np.repeat(t_max, np.diff(np.r_[t_start, len(text)])))
+    best = hit[np.r_[True, text[hit][1:] != text[hit][:-1]]]
+    t, c = text[best], count[best]
+    repeated = c >= 2
+    out[t[repeated]] = c[repeated] * gram_chars[best][repeated] / total[t[repeated]]
+    return out
+
+
+def filter_reasons(texts: list[str], cfg: FilterConfig) -> list[str | None]:
+    """filter_reason of many texts at once (the repetition n-grams are counted for all together)."""
+    fractions = (
+        top_ngram_char_fractions(texts, cfg.top_ngram_size)
+        if cfg.max_top_ngram_char_fraction is not None and texts
+        else None
+    )
+    return [_reason(t, cfg, None if fractions is None else fractions[i]) for i, t in enumerate(texts)]
 
 
 def filter_reason(text: str, cfg: FilterConfig) -> str | None:
     """Why the document is dropped (a short reason the manifest counts), or None to keep it."""
+    return filter_reasons([text], cfg)[0]
+
+
+def _reason(text: str, cfg: FilterConfig, top_ngram: float | None) -> str | None:
     if len(text) < cfg.min_chars:
         return "too_short"
     if len(text) > cfg.max_chars:
@@ -76,7 +135,6 @@ def filter_reason(text: str, cfg: FilterConfig) -> str | None:
     if cfg.max_duplicate_line_fraction is not None:
         if duplicate_line_fraction(text) > cfg.max_duplicate_line_fraction:
             return "duplicate_lines"
-    if cfg.max_top_ngram_char_fraction is not None:
-        if top_ngram_char_fraction(text, cfg.top_ngram_size) > cfg.max_top_ngram_char_fraction:
-            return "repeated_ngram"
+    if top_ngram is not None and top_ngram > cfg.max_top_ngram_char_fraction:
+        return "repeated_ngram"
     return None

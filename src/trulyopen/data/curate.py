@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from trulyopen.data.clean import clean_text, filter_reason
+from trulyopen.data.clean import clean_text, filter_reasons
 from trulyopen.data.decontam import Decontaminator, eval_set_files, load_eval_ngrams
 from trulyopen.data.dedup import EMPTY, MinHasher, band_keys, bucket_pairs, find
 from trulyopen.data.executor import TaskStep, open_work, run_step
@@ -38,7 +38,7 @@ from trulyopen.data.tasks import plan as plan_tasks
 from trulyopen.files import atomic_open, write_json
 from trulyopen.recipe import DataConfig
 
-CHUNK_DOCS = 64  # documents per MinHash batch
+CHUNK_DOCS = 256  # documents filtered and signed together (numpy calls per batch, not per text)
 MAX_EXACT_PARTITIONS = 64
 TASKS_PER_BAND_PARTITION = 16  # each band is cut so that one of its partitions holds ~16 tasks' keys
 LENGTH_BINS = np.logspace(0, 8, 81)  # document length histogram: characters, 10 bins per decade
@@ -136,13 +136,34 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
     if ctx["eval_ngrams"]:  # cached per process, keyed by the file's identity
         st = Path(ctx["eval_ngrams"]).stat()
         decon = _decontaminator(ctx["eval_ngrams"], (st.st_mtime_ns, st.st_size), cfg.decontamination.ngram)
-    n_problems, nbytes, hashes, sigs, contaminated, batch = 0, [], [], [], [], []
-    ids = []
+    n_problems, nbytes, chars, val, hashes, sigs, contaminated, ids = 0, [], [], [], [], [], [], []
+    chunk: list[tuple[Document, str]] = []  # (document, cleaned text), filtered and signed together
 
-    def flush_batch() -> None:
-        if minhasher is not None and batch:
-            sigs.append(minhasher.signatures(batch))
-        batch.clear()
+    def flush(kept, removed) -> None:
+        reasons = filter_reasons([text for _, text in chunk], cfg.filters)
+        passed = []
+        for (doc, text), reason in zip(chunk, reasons, strict=True):
+            size = len(text.encode())
+            if reason is not None:
+                filt.remove(reason, size)
+                fields = {f: doc.meta[f] for f in src.meta_fields}
+                removed.write(_removed_record(doc.id, {"fields": fields}, "filter", reason))
+                continue
+            row = len(nbytes)
+            record = {"id": doc.id, "source": doc.source, "meta": doc.meta, "text": text}
+            kept.write(json.dumps(record, ensure_ascii=False) + "\n")
+            ids.append(doc.id)
+            nbytes.append(size)
+            chars.append(len(text))
+            val.append(split_of(doc.id, cfg.split.val_fraction) == "val")
+            hashes.append(hashlib.sha256(text.encode()).digest()[:16])
+            matches = decon.matches(text) if decon is not None else []
+            if matches:
+                contaminated.append([row, matches])
+            passed.append(text)
+        if minhasher is not None and passed:
+            sigs.append(minhasher.signatures(passed))
+        chunk.clear()
 
     with (
         open(tmp / "kept.jsonl", "w", encoding="utf-8") as kept,
@@ -160,35 +181,18 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
                 read.remove(reason, item.nbytes)
                 continue
             doc: Document = item
-            raw_bytes = len(doc.text.encode())
             read.docs_in += 1
             read.docs_out += 1
-            read.bytes_out += raw_bytes
+            read.bytes_out += len(doc.text.encode())
             if doc.meta.pop("replaced_bytes", False):
                 read.changed["invalid_utf8_replaced"] += 1
             text, changes = clean_text(doc.text, cfg.clean, cfg.pii)
-            size = len(text.encode())
             clean.changed.update(changes)
-            clean.bytes_out += size
-            fields = {f: doc.meta[f] for f in src.meta_fields}
-            reason = filter_reason(text, cfg.filters)
-            if reason is not None:
-                filt.remove(reason, size)
-                removed.write(_removed_record(doc.id, {"fields": fields}, "filter", reason))
-                continue
-            row = len(nbytes)
-            record = {"id": doc.id, "source": doc.source, "meta": doc.meta, "text": text}
-            kept.write(json.dumps(record, ensure_ascii=False) + "\n")
-            ids.append(doc.id)
-            nbytes.append(size)
-            hashes.append(hashlib.sha256(text.encode()).digest()[:16])
-            matches = decon.matches(text) if decon is not None else []
-            if matches:
-                contaminated.append([row, matches])
-            batch.append(text)
-            if len(batch) == CHUNK_DOCS:
-                flush_batch()
-        flush_batch()
+            clean.bytes_out += len(text.encode())
+            chunk.append((doc, text))
+            if len(chunk) == CHUNK_DOCS:
+                flush(kept, removed)
+        flush(kept, removed)
     clean.docs_in = clean.docs_out = filt.docs_in = read.docs_out
     clean.bytes_in = read.bytes_out
     filt.bytes_in = clean.bytes_out
@@ -196,6 +200,8 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
 
     n = len(nbytes)
     np.save(tmp / "nbytes.npy", np.asarray(nbytes, dtype=np.int64))
+    np.save(tmp / "chars.npy", np.asarray(chars, dtype=np.int64))
+    np.save(tmp / "val.npy", np.asarray(val, dtype=bool))
     _write_ids(tmp, ids)
     h = np.frombuffer(b"".join(hashes), dtype="<u8").reshape(n, 2) if n else np.zeros((0, 2), np.uint64)
     row_ids = np.arange(n, dtype=np.uint64)
@@ -392,7 +398,7 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
         exact.update(_task_slice(np.load(f, mmap_mode="r"), t))
     near = _task_slice(np.load(work / "near_removed.npy", mmap_mode="r"), t) if cfg.dedup.near else {}
     contaminated = {row: sets for row, sets in task["contaminated"]}
-    nbytes = np.load(src / "nbytes.npy")
+    nbytes, chars, val = (np.load(src / f"{name}.npy") for name in ("nbytes", "chars", "val"))
     steps = {name: Step(name) for name in ("exact_dedup", "near_dedup", "decontamination")}
     splits = {s: {"docs": 0, "bytes": 0} for s in ("train", "val")}
     contamination: Counter = Counter()
@@ -402,7 +408,7 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
     with (
         open(src / "kept.jsonl", encoding="utf-8") as kept,
         atomic_open(out / "train.jsonl") as train,
-        atomic_open(out / "val.jsonl") as val,
+        atomic_open(out / "val.jsonl") as val_file,
         atomic_open(out / "removed.jsonl") as removed,
     ):
         for row, line in enumerate(kept):
@@ -430,12 +436,11 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
                     _removed_record(record["id"], {"fields": fields}, verdict[0], verdict[1], **verdict[2])
                 )
                 continue
-            record = json.loads(line)
-            name = split_of(record["id"], cfg.split.val_fraction)
-            (val if name == "val" else train).write(line)
+            name = "val" if val[row] else "train"
+            (val_file if name == "val" else train).write(line)
             splits[name]["docs"] += 1
             splits[name]["bytes"] += size
-            lengths.append(len(record["text"]))
+            lengths.append(int(chars[row]))
     return {
         "docs": len(nbytes),
         "bytes": int(nbytes.sum()),

@@ -85,21 +85,52 @@ def _mix(h: np.ndarray) -> np.ndarray:
 
 def word_hashes(text: str) -> np.ndarray:
     """64-bit hash of every word of `text`, in order."""
-    cps = np.frombuffer(text.lower().encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return batch_word_hashes([text])[0]
+
+
+def batch_word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(hash of every word of every text, in order; the index of the text each word is in).
+
+    The texts are hashed as one string joined by newlines (which end any word), so numpy is called
+    a few times per batch instead of per text; a word's hash is the same as in `word_hashes(text)`.
+    """
+    joined = "\n".join(texts).lower()
+    cps = np.frombuffer(joined.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
     if not len(cps):
-        return np.empty(0, dtype=np.uint64)
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    text_starts = np.r_[0, np.cumsum(lengths + 1)[:-1]]  # where each text starts in the joined string
     classes = _classes(cps)
+    position = None  # original position of each kept code point, where digits were collapsed
     is_digit = (classes & DIGIT).astype(bool)
     if is_digit.any():  # every run of digits becomes a single "0"
         keep = ~(is_digit & np.concatenate([[False], is_digit[:-1]]))
+        position = np.flatnonzero(keep)
         cps, classes = np.where(is_digit, np.uint32(_ZERO), cps)[keep], classes[keep]
     edges = np.diff((classes & WORD).astype(np.int8), prepend=np.int8(0), append=np.int8(0))
     starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    hashes = span_hashes(cps, starts, ends)
+    at = starts if position is None else position[starts]
+    return hashes, np.searchsorted(text_starts, at, side="right") - 1
+
+
+def span_hashes(cps: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """64-bit hash of each span [start, end) of the code points, the same wherever it stands."""
     powers, inverse = _power_tables(len(cps))
     with np.errstate(over="ignore"):
         prefix = np.zeros(len(cps) + 1, dtype=np.uint64)
         np.cumsum(cps * powers[: len(cps)], out=prefix[1:])
         return _mix((prefix[ends] - prefix[starts]) * inverse[starts])
+
+
+def batch_ngram_hashes(hashes: np.ndarray, owner: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n-gram hashes of a batch from `batch_word_hashes`, without the n-grams that cross from one
+    text into the next; and the text each n-gram belongs to."""
+    grams = ngram_hashes(hashes, n)
+    if not len(grams):
+        return grams, np.empty(0, dtype=np.int64)
+    inside = owner[: len(grams)] == owner[n - 1 :]
+    return grams[inside], owner[: len(grams)][inside]
 
 
 def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:

@@ -23,8 +23,11 @@ def _init() -> None:
 
 
 class LocalExecutor:
+    """One pool for all the steps of a stage (workers start once), made anew if a worker dies."""
+
     def __init__(self, workers: int):
         self.workers = max(1, workers)
+        self.pool: ProcessPoolExecutor | None = None
 
     def run(self, step: TaskStep, todo: list[int]) -> Iterator[tuple[int, dict]]:
         if self.workers == 1 or len(todo) <= 1:
@@ -34,24 +37,34 @@ class LocalExecutor:
         failures = dict.fromkeys(todo, 0)
         left = list(todo)
         while left:
-            with ProcessPoolExecutor(min(self.workers, len(left)), mp.get_context("spawn"), _init) as pool:
-                running = {pool.submit(run_task, step, i): i for i in left}
-                try:
-                    while running:
-                        finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                        for future in finished:
-                            i = running.pop(future)
-                            result = future.result()
-                            left.remove(i)
-                            yield i, result
-                except BrokenProcessPool:
-                    for i in running.values():
-                        failures[i] += 1
-                        if failures[i] > MAX_RETRIES:
-                            raise TaskFailed(
-                                f"data {step.name}: task {i} ({_describe(step.tasks[i])}) lost its worker "
-                                f"process {failures[i]} times (killed, or out of memory?)"
-                            ) from None
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.workers, mp.get_context("spawn"), _init)
+            running = {self.pool.submit(run_task, step, i): i for i in left}
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        i = running.pop(future)
+                        result = future.result()
+                        left.remove(i)
+                        yield i, result
+            except BrokenProcessPool:
+                self.close()
+                for i in running.values():
+                    failures[i] += 1
+                    if failures[i] > MAX_RETRIES:
+                        raise TaskFailed(
+                            f"data {step.name}: task {i} ({_describe(step.tasks[i])}) lost its worker "
+                            f"process {failures[i]} times (killed, or out of memory?)"
+                        ) from None
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 def _describe(task: dict) -> str:
