@@ -9,6 +9,7 @@ named, with its error.
 
 from __future__ import annotations
 
+import atexit
 import socket
 from collections.abc import Iterator
 
@@ -93,6 +94,8 @@ class RayExecutor:
                 ray.cancel(ref, force=True)
 
     def close(self) -> None:
+        """A Ray this process started stays up for the next stage (data, then shards) and is shut
+        down when the process ends: starting one takes seconds."""
         if self.started:
-            self.ray.shutdown()
+            atexit.register(self.ray.shutdown)
             self.started = False
