@@ -186,6 +186,19 @@ class TreeRss:
         }
 
 
+def measured(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[float, dict]:
+    """Run a command with its output in `log`; its wall time and its process tree's memory."""
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        rss = TreeRss(proc.pid)
+        code = proc.wait()
+        wall, mem = time.perf_counter() - t0, rss.stop()
+    if code != 0:
+        raise RuntimeError(f"{cmd[1]} failed; see {log}")
+    return wall, mem
+
+
 def recall(pairs: list[list[str]], removed_file: Path, prefix: str) -> float:
     """Share of planted pairs in one cluster, from removed.jsonl's duplicate_of links."""
     parent: dict[str, str] = {}
@@ -239,17 +252,7 @@ def ours(name: str, data_dir: Path, tok: Path, workdir: Path, workers: int, exec
         "--workers",
         str(workers),
     ]
-    log = open(workdir / f"{name}.log", "w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TRULYOPEN_QUIET": "0"}
-    )
-    rss = TreeRss(proc.pid)
-    code = proc.wait()
-    wall = time.perf_counter() - t0
-    mem = rss.stop()
-    if code != 0:
-        raise RuntimeError(f"{name} failed; see {workdir / f'{name}.log'}")
+    wall, mem = measured(cmd, workdir / f"{name}.log", {"TRULYOPEN_QUIET": "0"})
     seconds = {
         json.loads(x)["stage"]: json.loads(x)["seconds"]
         for x in (run_dir / "ledger.jsonl").read_text().splitlines()
@@ -284,14 +287,7 @@ def datatrove(name: str, data_dir: Path, tok: Path, workdir: Path, workers: int,
     cmd = [str(python), str(DT_HELPER), str(data_dir), str(out), "--work", str(work)]
     cmd += ["--tokenizer", str(tok / "tokenizer.json"), "--tasks", str(n_files), "--workers", str(workers)]
     cmd += ["--word-tokenizer", "whitespace"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(workdir / f"{name}.log", "w"))
-    rss = TreeRss(proc.pid)
-    code = proc.wait()
-    wall = time.perf_counter() - t0
-    mem = rss.stop()
-    if code != 0:
-        raise RuntimeError(f"datatrove failed; see {workdir / f'{name}.log'}")
+    wall, mem = measured(cmd, workdir / f"{name}.log", {})
     r = json.loads(out.read_text())
     shutil.rmtree(work, ignore_errors=True)
     meta = json.loads((data_dir / "planted.json").read_text())

@@ -348,10 +348,15 @@ needs_slurm = pytest.mark.skipif(
 
 @needs_slurm
 def test_slurm_job_arrays_give_the_same_bytes(scale, tmp_path):
+    """Every step as a real job array (one task per input file, to keep the arrays short)."""
+    whole = ["data.task_bytes=100000000"]
+    local = _data(scale["recipe"], tmp_path / "local", 1, whole)
     run = _data(
-        scale["recipe"], tmp_path / "slurm", 1, ["data.executor=slurm", "data.slurm.poll_seconds=0.5"]
+        scale["recipe"], tmp_path / "slurm", 1, whole + ["data.executor=slurm", "data.slurm.poll_seconds=0.5"]
     )
-    assert _hashes(run) == _hashes(scale["run"])
+    assert _hashes(run) == _hashes(local)
+    logs = list((tmp_path / "slurm/data").rglob("*.out"))
+    assert not logs  # the work folder, job scripts and logs included, goes once the stage is done
 
 
 @needs_slurm
@@ -367,3 +372,17 @@ def test_a_failing_slurm_task_names_its_job_and_log(tmp_path):
         run_step(SlurmExecutor(SlurmConfig(poll_seconds=0.5)), step)
     log = Path(str(e.value).split("log: ")[1].split(";")[0])
     assert "task 0 fails on purpose" in log.read_text()
+
+
+def test_a_task_that_keeps_failing_on_ray_is_named(tmp_path, ray_cluster):
+    from trulyopen.data.executor import TaskFailed, TaskStep, run_step
+    from trulyopen.data.executor.ray import RayExecutor
+    from trulyopen.recipe import RayConfig
+
+    step = TaskStep(
+        "boom", "tests.test_data_scale:fail_task", {}, [{"n": 0}, {"n": 1}], str(tmp_path / "boom")
+    )
+    with pytest.raises(
+        TaskFailed, match=r"data boom: task \d failed 2 times on Ray: RuntimeError: task \d fails"
+    ):
+        run_step(RayExecutor(RayConfig(max_retries=1), 2), step)
