@@ -72,6 +72,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # stage 3 draws a tqdm bar
 
+from _datatrove_minhash import WhitespaceTokenizer  # noqa: E402 (str.split() words, as in that benchmark)
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
 from datatrove.pipeline.base import PipelineStep  # noqa: E402
 from datatrove.pipeline.dedup.minhash import (  # noqa: E402
@@ -86,23 +87,9 @@ from datatrove.pipeline.tokens import DocumentTokenizer  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 from datatrove.utils.hashing import HashConfig  # noqa: E402
 from datatrove.utils.typeshelper import Languages  # noqa: E402
-from datatrove.utils.word_tokenizers import WordTokenizer  # noqa: E402
 from loguru import logger  # noqa: E402
 
 STAGES = ("signatures", "buckets", "clusters", "filter", "tokenize")
-
-
-class WhitespaceTokenizer(WordTokenizer):
-    """`str.split()` words: the cheapest word tokenizer datatrove can be given (its default is spaCy)."""
-
-    def word_tokenize(self, text: str) -> list[str]:
-        return text.split()
-
-    def sent_tokenize(self, text: str) -> list[str]:
-        return [text]
-
-    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
-        return [(0, len(text))]
 
 
 class RecordIds(PipelineStep):

@@ -140,6 +140,9 @@ def test_gz_zst_parquet_read_with_ids_metadata_and_tasks(scale):
     assert {t["kind"] for t in layout} == {"lines", "row_groups"}
     assert sum(1 for t in layout if t.get("file", "").endswith("c.jsonl")) > 1  # plain JSONL was cut
     assert m["sources"][0]["meta_fields"] == ["url"] and m["sources"][0]["id_field"] == "id"
+    web, tab = m["sources"]
+    assert (web["docs_read"], tab["docs_read"]) == (72, 24)  # per-source counts
+    assert (web["docs_kept"], tab["docs_kept"]) == (70, 23) and web["problems"] == 0
     assert m["steps"][0]["bytes_in"] == sum(f["size"] for s in m["sources"] for f in s["files"])
     assert "logical tasks" in (run / "data/DATACARD.md").read_text()
 
@@ -386,3 +389,26 @@ def test_a_task_that_keeps_failing_on_ray_is_named(tmp_path, ray_cluster):
         TaskFailed, match=r"data boom: task \d failed 2 times on Ray: RuntimeError: task \d fails"
     ):
         run_step(RayExecutor(RayConfig(max_retries=1), 2), step)
+
+
+def test_a_saved_dataset_and_a_parquet_file_cut_into_row_tasks_read_as_a_whole(tmp_path):
+    import datasets
+
+    from trulyopen.data.sources import read_task
+    from trulyopen.data.tasks import source_tasks
+
+    rows = [{"text": make_doc(random.Random(i), 5), "key": f"k{i}"} for i in range(40)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet", row_group_size=7)
+    for cfg in (
+        SourceConfig(name="h", type="hf-disk", path=tmp_path / "ds", license="MIT", id_field="key"),
+        SourceConfig(name="h", type="parquet", path=tmp_path / "t.parquet", license="MIT", id_field="key"),
+    ):
+        files = input_files(cfg)
+        tasks = source_tasks(cfg, files, task_bytes=4000)
+        assert len(tasks) > 3
+        parts = [d for t in tasks for d in read_task(cfg, t, "skip")]
+        whole = list(read_source(cfg, files, "skip"))
+        assert [(d.id, d.text, d.meta) for d in parts] == [(d.id, d.text, d.meta) for d in whole]
+        assert [d.id for d in whole] == [f"h/k{i}" for i in range(40)]
+        assert whole[39].meta["row"] == 39

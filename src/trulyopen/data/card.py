@@ -33,6 +33,7 @@ def build_manifest(
                 "bytes": sum(f["size"] for f in files),
                 "id_field": src.id_field,
                 "meta_fields": src.meta_fields,
+                **curation.get("sources", {}).get(src.name, {}),
             }
         )
     return {
@@ -113,11 +114,12 @@ def write_card(manifest: dict[str, Any], length_histogram: dict[str, list], out_
         "",
         "## Sources",
         "",
-        "| source | type | licence | location | files | size |",
-        "|---|---|---|---|---|---|",
+        "| source | type | licence | location | files | size | documents read | kept |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in m["sources"]:
         row = [s["name"], s["type"], s["license"], f"`{s['location']}`", len(s["files"]), _mb(s["bytes"])]
+        row += [f"{s.get('docs_read', 0):,}", f"{s.get('docs_kept', 0):,} ({_mb(s.get('bytes_kept', 0))})"]
         lines.append("| " + " | ".join(map(str, row)) + " |")
     lines += [
         "",

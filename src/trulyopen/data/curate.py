@@ -222,7 +222,7 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
     tmp.rename(out)
     return {
         "docs": read.docs_in,
-        "bytes": task["bytes"],
+        "bytes": read.bytes_out,  # text read (decompressed): what the progress line counts
         "kept": n,
         "problems": n_problems,
         "contaminated": contaminated,
@@ -534,6 +534,15 @@ def curate(
                 splits[name][k] += result["splits"][name][k]
         contamination.update(result["contamination"])
         lengths += np.asarray(result["lengths"])
+    per_source = {
+        s.name: {"docs_read": 0, "problems": 0, "docs_kept": 0, "bytes_kept": 0} for s in cfg.sources
+    }
+    for t, a, w in zip(tasks, analysed, written, strict=True):
+        tally = per_source[cfg.sources[t["source"]].name]
+        tally["docs_read"] += a["steps"][0]["docs_out"]
+        tally["problems"] += a["problems"]
+        tally["docs_kept"] += sum(w["splits"][name]["docs"] for name in splits)
+        tally["bytes_kept"] += sum(w["splits"][name]["bytes"] for name in splits)
     kept_steps = [
         s
         for s in steps.values()
@@ -574,6 +583,7 @@ def curate(
             "eval_sets": {str(p): contamination.get(str(p), 0) for p in eval_files},
         },
         "splits": splits,
+        "sources": per_source,
         "length_histogram": {"edges": LENGTH_BINS.tolist(), "counts": lengths.tolist()},
         "tasks": {
             "count": len(tasks),

@@ -36,6 +36,7 @@ from trulyopen.files import atomic_open, sha256_file, write_json
 from trulyopen.recipe import ShardsConfig
 
 CHUNK_DOCS = 256  # documents per encode_batch call
+CHECK_DOCS = 16  # documents of each task encoded by both encoders, which must agree
 TASK_BYTES = 64_000_000  # largest task of corpus JSONL
 
 
@@ -59,7 +60,8 @@ def _fast_tokenizer(path: str, stamp: tuple[int, int]):
 
 
 def _encoder(path: str, texts: list[str]):
-    """The fastest encoder that gives the same ids as `tokenizers` on this task's first texts."""
+    """The fastest encoder that gives the same ids as `tokenizers` on these texts (a task's first
+    CHECK_DOCS documents: `tokenizers` takes as long on them as fastokens on the whole chunk)."""
     st = os.stat(path)
     reference = _tokenizer(path, (st.st_mtime_ns, st.st_size))
     fast = _fast_tokenizer(path, (st.st_mtime_ns, st.st_size))
@@ -124,7 +126,7 @@ def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
     def flush() -> None:
         nonlocal encode, encoder
         if encode is None:  # checked against `tokenizers` on the task's first chunk
-            encode, encoder = _encoder(ctx["tokenizer"], texts)
+            encode, encoder = _encoder(ctx["tokenizer"], texts[:CHECK_DOCS])
         for doc_id, enc in zip(ids, encode(texts, add_special_tokens=False), strict=True):
             writer.add(doc_id, np.concatenate([np.asarray(enc.ids, dtype=np.int64), eot]).astype(dtype))
         ids.clear()
