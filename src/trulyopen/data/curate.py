@@ -35,7 +35,7 @@ from trulyopen.data.dedup import EMPTY, MinHasher, band_keys, bucket_pairs, find
 from trulyopen.data.executor import TaskStep, open_work, run_step
 from trulyopen.data.sources import DataError, Document, File, Problem, read_task
 from trulyopen.data.tasks import plan as plan_tasks
-from trulyopen.files import atomic_open, write_json
+from trulyopen.files import atomic_open, remember_sha256, write_json
 from trulyopen.recipe import DataConfig
 
 CHUNK_DOCS = 256  # documents filtered and signed together (numpy calls per batch, not per text)
@@ -405,11 +405,12 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
     lengths: list[int] = []
     ids = _Ids(ctx)
     out.mkdir(parents=True, exist_ok=True)
+    row = -1
     with (
         open(src / "kept.jsonl", encoding="utf-8") as kept,
-        atomic_open(out / "train.jsonl") as train,
-        atomic_open(out / "val.jsonl") as val_file,
-        atomic_open(out / "removed.jsonl") as removed,
+        atomic_open(out / "train.jsonl", durable=False) as train,
+        atomic_open(out / "val.jsonl", durable=False) as val_file,
+        atomic_open(out / "removed.jsonl", durable=False) as removed,
     ):
         for row, line in enumerate(kept):
             size = int(nbytes[row])
@@ -441,9 +442,16 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
             splits[name]["docs"] += 1
             splits[name]["bytes"] += size
             lengths.append(int(chars[row]))
+    if row + 1 != len(nbytes):  # a per-task file a power cut shortened (they are not flushed to the disk)
+        raise DataError(
+            f"{src / 'kept.jsonl'}: {row + 1} lines where its task wrote {len(nbytes)}; run again"
+        )
     return {
         "docs": len(nbytes),
         "bytes": int(nbytes.sum()),
+        "sizes": {
+            name: (out / name).stat().st_size for name in ("train.jsonl", "val.jsonl", "removed.jsonl")
+        },
         "steps": [s.as_dict() for s in steps.values()],
         "splits": splits,
         "contamination": dict(contamination),
@@ -455,10 +463,25 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
 
 
 def _concat(parts: list[Path], out: Path) -> None:
-    with atomic_open(out, "wb") as f:
+    """The parts one after another, hashed on the way (the ledger then need not read it again)."""
+    h = hashlib.sha256()
+    with atomic_open(out, "wb", durable=False) as f:  # the ledger's hash stands for its integrity
         for part in parts:
             with open(part, "rb") as src:
-                shutil.copyfileobj(src, f, 1 << 22)
+                while block := src.read(1 << 22):
+                    h.update(block)
+                    f.write(block)
+    remember_sha256(out, h.hexdigest())
+
+
+def _check_sizes(work: Path, tasks: list[dict], written: list[dict]) -> None:
+    """Per-task files are not flushed to the disk (a power cut could shorten them): each must still
+    have the size its task recorded, or the run stops rather than gather it."""
+    for t, w in zip(tasks, written, strict=True):
+        for name, size in w["sizes"].items():
+            path = work / "write" / f"{t['index']:05d}" / name
+            if not path.is_file() or path.stat().st_size != size:
+                raise DataError(f"{path}: not the {size} bytes its task wrote; run again with --force data")
 
 
 def curate(
@@ -552,6 +575,7 @@ def curate(
         why = "; ".join(f"{s.name}: {dict(s.removed)}" for s in kept_steps if s.removed)
         raise DataError(f"the corpus is empty after filtering ({why or 'no documents were read'})")
 
+    _check_sizes(work, tasks, written)
     corpus = out_dir / "corpus"
     for split in ("train", "val"):
         _concat(

@@ -32,7 +32,7 @@ import numpy as np
 
 from trulyopen.data.executor import TaskStep, open_work, run_step
 from trulyopen.data.tasks import line_ranges, task_size
-from trulyopen.files import atomic_open, sha256_file, write_json
+from trulyopen.files import atomic_open, remember_sha256, sha256_bytes, sha256_file, write_json
 from trulyopen.recipe import ShardsConfig
 
 CHUNK_DOCS = 256  # documents per encode_batch call
@@ -104,9 +104,9 @@ class ShardWriter:
             ("ids", ("\n".join(self.ids) + "\n").encode()),
         ):
             path = self.out_dir / f"{self.name}.{ext}"
-            with atomic_open(path, "wb") as f:
+            with atomic_open(path, "wb", durable=False) as f:  # its hash (below) stands for it
                 f.write(blob)
-            files[ext] = {"path": path.name, "sha256": sha256_file(path)}
+            files[ext] = {"path": path.name, "sha256": sha256_bytes(blob)}
         self.shards.append(
             {"name": self.name, "docs": len(self.ids), "tokens": self.offsets[-1], "files": files}
         )
@@ -208,6 +208,9 @@ def build_shards(
             "tokens": sum(s["tokens"] for s in parts),
             "shards": parts,
         }
+    for shard in (s for split in splits.values() for s in split["shards"]):  # hashed by the tasks
+        for f in shard["files"].values():
+            remember_sha256(out_dir / f["path"], f["sha256"])
     tokenizer_sha = sha256_file(tokenizer_file)
     fp = hashlib.sha256(tokenizer_sha.encode())
     for split in ("train", "val"):

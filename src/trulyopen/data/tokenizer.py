@@ -89,7 +89,9 @@ def bytes_per_token(tokenizer_file: Path, texts: list[str]) -> float | None:
     if not texts:
         return None
     tok = Tokenizer.from_file(str(tokenizer_file))
-    n_tokens = sum(len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False))
+    n_tokens = 0
+    for i in range(0, len(texts), 256):  # in chunks: an Encoding per text holds far more than its ids
+        n_tokens += sum(len(e.ids) for e in tok.encode_batch(texts[i : i + 256], add_special_tokens=False))
     return sum(len(t.encode()) for t in texts) / max(n_tokens, 1)
 
 
