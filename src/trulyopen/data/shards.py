@@ -74,37 +74,47 @@ def _encoder(path: str, texts: list[str]):
 
 
 class ShardWriter:
-    """Writes documents' tokens into numbered shard files, each completed under a temporary name."""
+    """Streams documents' tokens into numbered shard files: tokens go to the .bin file as they come
+    (hashed on the way), so a task holds its offsets and ids, not its tokens; each file is renamed
+    into place when complete."""
 
     def __init__(self, out_dir: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
-        self.out_dir, self.prefix, self.dtype, self.shard_tokens = out_dir, prefix, dtype, shard_tokens
+        self.out_dir, self.prefix, self.shard_tokens = out_dir, prefix, shard_tokens
+        self.dtype = dtype.newbyteorder("<")
         self.shards: list[dict[str, Any]] = []
         self._open()
 
     def _open(self) -> None:
         self.name = f"{self.prefix}_{len(self.shards):02d}"
-        self.tokens: list[np.ndarray] = []
+        self.bin = self.out_dir / f"{self.name}.bin"
+        self.tmp = self.bin.with_name(f"{self.bin.name}.tmp-{os.getpid()}")
+        self.file = open(self.tmp, "wb")
+        self.hash = hashlib.sha256()
         self.offsets = [0]
         self.ids: list[str] = []
 
     def add(self, doc_id: str, ids: np.ndarray) -> None:
-        self.tokens.append(ids)
+        blob = ids.astype(self.dtype, copy=False).tobytes()
+        self.file.write(blob)
+        self.hash.update(blob)
         self.offsets.append(self.offsets[-1] + len(ids))
         self.ids.append(doc_id)
         if self.offsets[-1] >= self.shard_tokens:
             self.flush()
 
     def flush(self) -> None:
+        self.file.close()
         if not self.ids:
+            self.tmp.unlink()
             return
-        files = {}
+        os.replace(self.tmp, self.bin)  # no fsync: its hash (in shards.json and the ledger) stands for it
+        files = {"bin": {"path": self.bin.name, "sha256": self.hash.hexdigest()}}
         for ext, blob in (
-            ("bin", np.concatenate(self.tokens).astype(self.dtype.newbyteorder("<")).tobytes()),
             ("idx", np.asarray(self.offsets, dtype="<i8").tobytes()),
             ("ids", ("\n".join(self.ids) + "\n").encode()),
         ):
             path = self.out_dir / f"{self.name}.{ext}"
-            with atomic_open(path, "wb", durable=False) as f:  # its hash (below) stands for it
+            with atomic_open(path, "wb", durable=False) as f:
                 f.write(blob)
             files[ext] = {"path": path.name, "sha256": sha256_bytes(blob)}
         self.shards.append(
@@ -112,12 +122,18 @@ class ShardWriter:
         )
         self._open()
 
+    def close(self) -> None:
+        """Finish the last shard (none is left open)."""
+        self.flush()
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
 
 def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
     """Tokenise one byte range of a split's corpus file into the task's own shard files."""
     from trulyopen.data.sources import _lines
 
-    eot = np.array([ctx["eot_id"]], dtype=np.int64)
+    eot = ctx["eot_id"]
     dtype = np.dtype(ctx["dtype"])
     writer = ShardWriter(Path(ctx["out"]), f"{task['split']}_{task['index']:05d}", dtype, ctx["shard_tokens"])
     ids, texts, docs, nbytes = [], [], 0, 0
@@ -128,7 +144,10 @@ def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
         if encode is None:  # checked against `tokenizers` on the task's first chunk
             encode, encoder = _encoder(ctx["tokenizer"], texts[:CHECK_DOCS])
         for doc_id, enc in zip(ids, encode(texts, add_special_tokens=False), strict=True):
-            writer.add(doc_id, np.concatenate([np.asarray(enc.ids, dtype=np.int64), eot]).astype(dtype))
+            tokens = np.empty(len(enc.ids) + 1, dtype=dtype)
+            tokens[:-1] = enc.ids
+            tokens[-1] = eot
+            writer.add(doc_id, tokens)
         ids.clear()
         texts.clear()
 
@@ -149,7 +168,7 @@ def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = before
-    writer.flush()
+    writer.close()
     return {"docs": docs, "bytes": nbytes, "shards": writer.shards, "encoder": encoder}
 
 
@@ -227,6 +246,8 @@ def build_shards(
         "fingerprint": fp.hexdigest(),
     }
     write_json(out_dir / "shards.json", record)
+    for stale in out_dir.glob("*.tmp-*"):  # left by a task that was killed
+        stale.unlink()
     shutil.rmtree(work, ignore_errors=True)
     return record
 
