@@ -32,6 +32,7 @@ class Progress:
         self.done = already
         self.docs = 0
         self.nbytes = 0
+        self.peak_rss_mb = 0.0  # the largest worker's peak memory, where the items report it
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int = 1, nbytes: int = 0, docs: int = 0) -> None:
@@ -60,6 +61,8 @@ class Progress:
             parts.append(f"{self.nbytes / dt / 1e6:.1f} MB/s")
         if self.already:
             parts.append(f"({self.already:,} done before, resumed)")
+        if self.peak_rss_mb:
+            parts.append(f"peak {self.peak_rss_mb:,.0f} MB a worker")
         if final:
             parts.append(f"in {dt:.1f}s")
         elif self.total and rate > 0:

@@ -361,20 +361,20 @@ def clusters_task(ctx: dict, task: dict) -> dict[str, Any]:
 
 
 class _Ids:
-    """Document ids by global id, read from the analyse tasks' ids files (duplicates' originals)."""
+    """Document ids by global id, read from the analyse tasks' ids files (duplicates' originals).
+    One per write task: its cache of offsets goes with it (a worker runs many tasks)."""
 
     def __init__(self, ctx: dict):
         self.ctx = ctx
-
-    @functools.cache  # noqa: B019 (one instance per task; the cache dies with it)
-    def _task(self, t: int) -> tuple[np.ndarray, Path]:
-        folder = _task_dir(self.ctx, "analyse", t)
-        return np.load(folder / "ids_offsets.npy"), folder / "ids.txt"
+        self.offsets: dict[int, np.ndarray] = {}
 
     def __getitem__(self, gid: int) -> str:
-        offsets, path = self._task(gid >> 32)
-        row = gid & 0xFFFFFFFF
-        with open(path, "rb") as f:
+        t, row = gid >> 32, gid & 0xFFFFFFFF
+        folder = _task_dir(self.ctx, "analyse", t)
+        if t not in self.offsets:
+            self.offsets[t] = np.load(folder / "ids_offsets.npy")
+        offsets = self.offsets[t]
+        with open(folder / "ids.txt", "rb") as f:
             f.seek(int(offsets[row]))
             return json.loads(f.read(int(offsets[row + 1] - offsets[row])))
 

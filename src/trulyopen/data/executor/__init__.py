@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import resource
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,6 +55,8 @@ def _function(path: str):
 def run_task(step: TaskStep, i: int) -> dict[str, Any]:
     """Run task i of a step here and record its result; what every executor calls."""
     result = _function(step.fn)(step.context, step.tasks[i])
+    # this process's peak memory so far (a worker runs many tasks), for the progress line
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     write_json(step.done_file(i), result)
     return result
 
@@ -77,13 +80,16 @@ def run_step(executor: Any, step: TaskStep) -> list[dict[str, Any]]:
     for i in range(len(step.tasks)):
         if step.done_file(i).is_file():
             results[i] = json.loads(step.done_file(i).read_text())
+            results[i].pop("peak_rss_mb", None)
     todo = [i for i in range(len(step.tasks)) if i not in results]
     label = f"data {step.name}"
     with Progress(label, len(step.tasks), unit="tasks", docs=True, already=len(results)) as bar:
         for i, result in executor.run(step, todo):
             # as read back from its done file (sorted keys), so a resumed task's result is the same
+            peak = result.pop("peak_rss_mb", 0)  # shown, not kept: results must not depend on the run
             results[i] = json.loads(json.dumps(result, sort_keys=True))
             bar.update(1, result.get("bytes", 0), result.get("docs", 0))
+            bar.peak_rss_mb = max(bar.peak_rss_mb, peak)
     return [results[i] for i in range(len(step.tasks))]
 
 
