@@ -72,7 +72,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # stage 3 draws a tqdm bar
 
-from _datatrove_minhash import WhitespaceTokenizer  # noqa: E402 (str.split() words, as in that benchmark)
+from _datatrove_minhash import WhitespaceTokenizer, _version  # noqa: E402 (str.split() words, as in that benchmark)
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
 from datatrove.pipeline.base import PipelineStep  # noqa: E402
 from datatrove.pipeline.dedup.minhash import (  # noqa: E402
@@ -563,13 +563,6 @@ def main() -> None:
 def _cpu_self() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
