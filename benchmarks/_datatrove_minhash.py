@@ -123,13 +123,7 @@ def main() -> None:
 
     with args.docs.open("rb") as f:
         docs = [Document(text=loads(line)["text"], id=str(i)) for i, line in enumerate(f)]
-    cfg = MinhashConfig(
-        n_grams=args.n_grams,
-        num_buckets=args.buckets,
-        hashes_per_bucket=args.hashes_per_bucket,
-        seed=args.seed,
-        hash_config=HashConfig(precision=64, hash_fc="xxhash"),
-    )
+    cfg = minhash_config(args)
     # "eng" is what MinhashDedupSignature uses when no language is given: spacy.blank("en").
     language = Languages.english if args.tokenizer == "spacy" else WhitespaceTokenizer()
     runs = []
@@ -165,6 +159,17 @@ def main() -> None:
 
 def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def minhash_config(args: argparse.Namespace) -> MinhashConfig:
+    """datatrove's MinHash settings from the command line (shared with _datatrove_scale.py)."""
+    return MinhashConfig(
+        n_grams=args.n_grams,
+        num_buckets=args.buckets,
+        hashes_per_bucket=args.hashes_per_bucket,
+        seed=args.seed,
+        hash_config=HashConfig(precision=64, hash_fc="xxhash"),
+    )
 
 
 def _version(dist: str) -> str | None:

@@ -72,11 +72,10 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # stage 3 draws a tqdm bar
 
-from _datatrove_minhash import WhitespaceTokenizer, _version  # noqa: E402 (str.split() words, as in that benchmark)
+from _datatrove_minhash import WhitespaceTokenizer, _version, minhash_config  # noqa: E402 (str.split() words, as in that benchmark)
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
 from datatrove.pipeline.base import PipelineStep  # noqa: E402
 from datatrove.pipeline.dedup.minhash import (  # noqa: E402
-    MinhashConfig,
     MinhashDedupBuckets,
     MinhashDedupCluster,
     MinhashDedupFilter,
@@ -85,7 +84,6 @@ from datatrove.pipeline.dedup.minhash import (  # noqa: E402
 from datatrove.pipeline.readers import JsonlReader  # noqa: E402
 from datatrove.pipeline.tokens import DocumentTokenizer  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
-from datatrove.utils.hashing import HashConfig  # noqa: E402
 from datatrove.utils.typeshelper import Languages  # noqa: E402
 from loguru import logger  # noqa: E402
 
@@ -306,13 +304,7 @@ def main() -> None:
         shutil.rmtree(d, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
-    cfg = MinhashConfig(
-        n_grams=args.n_grams,
-        num_buckets=args.buckets,
-        hashes_per_bucket=args.hashes_per_bucket,
-        seed=args.seed,
-        hash_config=HashConfig(precision=64, hash_fc="xxhash"),
-    )
+    cfg = minhash_config(args)
     language = Languages.english if args.word_tokenizer == "spacy" else WhitespaceTokenizer()
     bucket_tasks = args.bucket_tasks or args.buckets
     if bucket_tasks % args.buckets:

@@ -14,7 +14,7 @@ import unicodedata
 
 import numpy as np
 
-from trulyopen.data.ngrams import BMP, _mix, ngram_hashes, span_hashes
+from trulyopen.data.ngrams import BMP, mix, ngram_hashes, span_hashes
 from trulyopen.recipe import CleanConfig, FilterConfig, PIIConfig
 
 # Control characters except tab, newline and carriage return.
@@ -94,7 +94,7 @@ def top_ngram_char_fractions(texts: list[str], n: int) -> np.ndarray:
     csum = np.r_[0, np.cumsum(chars)]
     gram_chars = csum[first_word + n] - csum[first_word]
     # count each (text, n-gram): one sort of a key that mixes the text into the n-gram's hash
-    key = gram ^ _mix((text + 1).astype(np.uint64))
+    key = gram ^ mix((text + 1).astype(np.uint64))
     order = np.argsort(key, kind="stable")
     sorted_key = key[order]
     start = np.flatnonzero(np.r_[True, sorted_key[1:] != sorted_key[:-1]])

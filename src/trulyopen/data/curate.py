@@ -110,10 +110,11 @@ def _decontaminator(path: str, stamp: tuple[int, int], n: int) -> Decontaminator
         return Decontaminator({name: z[f"set{k}"] for k, name in enumerate(names)}, n)
 
 
-def _removed_record(doc_id: str, meta: dict, step: str, reason: str, **extra: Any) -> str:
+def _removed_record(doc_id: str, fields: dict, step: str, reason: str, **extra: Any) -> str:
+    """A removed.jsonl line; the source's meta_fields travel with it, where it has any."""
     record = {"id": doc_id, "step": step, "reason": reason, **extra}
-    if meta.get("fields"):
-        record["meta"] = meta["fields"]
+    if fields:
+        record["meta"] = fields
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
@@ -137,17 +138,17 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
         st = Path(ctx["eval_ngrams"]).stat()
         decon = _decontaminator(ctx["eval_ngrams"], (st.st_mtime_ns, st.st_size), cfg.decontamination.ngram)
     n_problems, nbytes, chars, val, hashes, sigs, contaminated, ids = 0, [], [], [], [], [], [], []
-    chunk: list[tuple[Document, str]] = []  # (document, cleaned text), filtered and signed together
+    chunk: list[tuple[Document, str, bytes]] = []  # (document, cleaned text, its UTF-8), filtered together
 
     def flush(kept, removed) -> None:
-        reasons = filter_reasons([text for _, text in chunk], cfg.filters)
+        reasons = filter_reasons([text for _, text, _ in chunk], cfg.filters)
         passed = []
-        for (doc, text), reason in zip(chunk, reasons, strict=True):
-            size = len(text.encode())
+        for (doc, text, data), reason in zip(chunk, reasons, strict=True):
+            size = len(data)
             if reason is not None:
                 filt.remove(reason, size)
                 fields = {f: doc.meta[f] for f in src.meta_fields}
-                removed.write(_removed_record(doc.id, {"fields": fields}, "filter", reason))
+                removed.write(_removed_record(doc.id, fields, "filter", reason))
                 continue
             row = len(nbytes)
             record = {"id": doc.id, "source": doc.source, "meta": doc.meta, "text": text}
@@ -156,7 +157,7 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
             nbytes.append(size)
             chars.append(len(text))
             val.append(split_of(doc.id, cfg.split.val_fraction) == "val")
-            hashes.append(hashlib.sha256(text.encode()).digest()[:16])
+            hashes.append(hashlib.sha256(data).digest()[:16])
             matches = decon.matches(text) if decon is not None else []
             if matches:
                 contaminated.append([row, matches])
@@ -188,8 +189,9 @@ def analyse_task(ctx: dict, task: dict) -> dict[str, Any]:
                 read.changed["invalid_utf8_replaced"] += 1
             text, changes = clean_text(doc.text, cfg.clean, cfg.pii)
             clean.changed.update(changes)
-            clean.bytes_out += len(text.encode())
-            chunk.append((doc, text))
+            data = text.encode()
+            clean.bytes_out += len(data)
+            chunk.append((doc, text, data))
             if len(chunk) == CHUNK_DOCS:
                 flush(kept, removed)
         flush(kept, removed)
@@ -433,9 +435,7 @@ def write_task(ctx: dict, task: dict) -> dict[str, Any]:
             if verdict is not None:
                 record = json.loads(line)
                 fields = {f: record["meta"].get(f) for f in cfg.sources[task["source"]].meta_fields}
-                removed.write(
-                    _removed_record(record["id"], {"fields": fields}, verdict[0], verdict[1], **verdict[2])
-                )
+                removed.write(_removed_record(record["id"], fields, verdict[0], verdict[1], **verdict[2]))
                 continue
             name = "val" if val[row] else "train"
             (val_file if name == "val" else train).write(line)

@@ -73,7 +73,7 @@ def _power_tables(n: int) -> tuple[np.ndarray, np.ndarray]:
     return _powers, _inverse_powers
 
 
-def _mix(h: np.ndarray) -> np.ndarray:
+def mix(h: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser: every input bit affects every output bit."""
     h = h ^ (h >> np.uint64(30))
     h *= _MIX1
@@ -120,7 +120,7 @@ def span_hashes(cps: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.nda
     with np.errstate(over="ignore"):
         prefix = np.zeros(len(cps) + 1, dtype=np.uint64)
         np.cumsum(cps * powers[: len(cps)], out=prefix[1:])
-        return _mix((prefix[ends] - prefix[starts]) * inverse[starts])
+        return mix((prefix[ends] - prefix[starts]) * inverse[starts])
 
 
 def batch_ngram_hashes(hashes: np.ndarray, owner: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,4 +142,4 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
         h = hashes[:count].copy()
         for j in range(1, n):
             h = h * _MULT + hashes[j : j + count]
-        return _mix(h)
+        return mix(h)

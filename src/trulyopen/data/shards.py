@@ -131,7 +131,7 @@ class ShardWriter:
 
 def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
     """Tokenise one byte range of a split's corpus file into the task's own shard files."""
-    from trulyopen.data.sources import _lines
+    from trulyopen.data.sources import read_lines
 
     eot = ctx["eot_id"]
     dtype = np.dtype(ctx["dtype"])
@@ -154,7 +154,7 @@ def shard_task(ctx: dict, task: dict) -> dict[str, Any]:
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per task: the tasks fill the cores
     try:
-        for line in _lines(task["file"], task["start"], task["stop"]):
+        for line in read_lines(task["file"], task["start"], task["stop"]):
             rec = json.loads(line)
             ids.append(rec["id"])
             texts.append(rec["text"])

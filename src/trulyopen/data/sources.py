@@ -248,7 +248,7 @@ def _decompressed(raw: IO[bytes], kind: str, block: int) -> Iterator[bytes]:
         raise CorruptInput(f"truncated {kind} data (the stream ends before its end marker)", offset)
 
 
-def _lines(file: File, start: int, stop: int | None, block: int = 1 << 22) -> Iterator[bytes]:
+def read_lines(file: File, start: int, stop: int | None, block: int = 1 << 22) -> Iterator[bytes]:
     """Lines (without the newline) of bytes [start, stop) of a plain file, or of the whole
     decompressed stream of a compressed one, read in blocks."""
     kind = compression(file)
@@ -300,7 +300,7 @@ def _read_jsonl(
     rel = relative(file, cfg)
     lineno = first_line - 1
     try:
-        for raw in _lines(file, start, stop):
+        for raw in read_lines(file, start, stop):
             lineno += 1
             where = {"line": lineno, "nbytes": len(raw) + 1}
             if not raw.strip():
