@@ -8,13 +8,20 @@
 
 The engine runs in one background thread; each HTTP request submits an engine request and reads
 its events from an asyncio queue. Limits: body size, prompt tokens, max tokens, concurrent
-requests (more wait in a bounded queue, then get 429) and time per request. A client that goes
-away mid-answer cancels its request, which frees its slot at the engine's next step.
+requests (more wait in a bounded queue, then get 429) and time per request, counted from its
+arrival, so a client that trickles its body is cut off too (408). A client that goes away
+mid-answer cancels its request, which frees its slot at the engine's next step.
+
+Every error, the framework's own (404, 405, 500) included, is answered in OpenAI's format, and
+/openapi.json describes the request bodies, so a schema-driven fuzzer can exercise them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -24,12 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException
 
 from trulyopen.infer.engine import Engine, Event
 from trulyopen.infer.engine import Request as EngineRequest
 from trulyopen.infer.sampling import SamplingParams
-from trulyopen.serve.protocol import APIError, ChatRequest, CompletionRequest, parse
+from trulyopen.serve.protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse, parse
+
+# Below this, sampling is greedy: dividing float32 logits by a smaller temperature can overflow to
+# inf, and NaN probabilities would fail every request in the engine's batch, not just this one.
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass
@@ -40,7 +54,7 @@ class Limits:
     max_concurrent: int = 32  # requests decoding at once (the engine's slots)
     max_queue: int = 64  # requests waiting for a slot; one more gets 429 at once
     queue_timeout_s: float = 30.0  # a waiting request gets 429 after this long
-    request_timeout_s: float = 300.0
+    request_timeout_s: float = 300.0  # from the request's arrival: receiving its body, waiting, answering
 
 
 class Admission:
@@ -98,6 +112,8 @@ class Server:
 
         self.engine, self.tok, self.name, self.limits, self.api_key = engine, tokenizer, name, limits, api_key
         self.max_prompt = limits.max_prompt_tokens or engine.max_len - 1
+        # token ids a prompt may hold: 0 .. vocab-1, the rows of the embedding table
+        self.vocab = engine.model.get_input_embeddings().num_embeddings
         try:
             self.chat = ChatRenderer(tokenizer)
             self.chat_stops = self.chat.stop_ids()
@@ -109,7 +125,11 @@ class Server:
 
     # ------------------------------------------------------------------ one request
     def check_key(self, authorization: str | None) -> None:
-        if self.api_key and authorization != f"Bearer {self.api_key}":
+        if not self.api_key:
+            return
+        # constant time: how long a wrong key takes must not tell how much of it was right
+        given, wanted = (authorization or "").encode(), f"Bearer {self.api_key}".encode()
+        if not hmac.compare_digest(given, wanted):
             raise APIError(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
 
     def params(self, body, stop_ids: tuple[int, ...], prompt_len: int) -> SamplingParams:
@@ -137,7 +157,7 @@ class Server:
             )
         return SamplingParams(
             max_new_tokens=wanted or self.limits.max_tokens,
-            temperature=body.temperature,
+            temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
             top_k=body.top_k,
             top_p=body.top_p,
             repetition_penalty=body.repetition_penalty,
@@ -151,14 +171,25 @@ class Server:
         return tuple(sorted({*stop_ids, *eos}))
 
     def prompt_ids(self, body) -> tuple[list[int], tuple[int, ...]]:
+        from jinja2 import TemplateError
+
         if isinstance(body, ChatRequest):
             if self.chat is None:
                 raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions")
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            return self.chat.prompt(messages), self.chat_stops
+            try:
+                return self.chat.prompt(messages), self.chat_stops
+            except TemplateError as e:  # a template's raise_exception (roles must alternate, ...)
+                raise APIError(
+                    400, f"the chat template refused the messages: {e}", param="messages"
+                ) from None
         if isinstance(body.prompt, list):
-            return list(body.prompt), ()
-        ids = self.tok(body.prompt, add_special_tokens=False)["input_ids"]
+            ids = list(body.prompt)
+            # an id past the embedding table would fail the forward of every request batched with it
+            if any(i >= self.vocab for i in ids):
+                raise APIError(400, f"token ids must be below the vocabulary's {self.vocab}", param="prompt")
+        else:
+            ids = self.tok(body.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         return ids, ()
@@ -197,6 +228,117 @@ def _sse(data) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
+def _error(err: APIError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+class Disconnected(Exception):
+    pass
+
+
+class BodyGuard:
+    """ASGI middleware that reads each request's whole body before the app sees it: at most
+    max_body_bytes (413, as soon as it is over, whatever Content-Length said), and by the
+    request's deadline (408). A client that trickles its body would otherwise hold a connection
+    and a handler for as long as it likes: uvicorn bounds no body's time."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        lim = self.server.limits
+        # the handler's request.state.deadline: one time for the whole request, from its arrival
+        scope.setdefault("state", {})["deadline"] = time.monotonic() + lim.request_timeout_s
+        close = {"connection": "close"}  # the rest of an unread body must not be read as a request
+        try:
+            async with asyncio.timeout(lim.request_timeout_s):
+                body = await self._read(scope, receive, lim.max_body_bytes)
+        except Disconnected:
+            return
+        except APIError as e:
+            return await _error(e, close)(scope, receive, send)
+        except TimeoutError:
+            err = APIError(408, "the request body did not arrive in time", "timeout", code="request_timeout")
+            return await _error(err, close)(scope, receive, send)
+
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, when the client goes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _read(scope, receive, limit: int) -> bytes:
+        def too_large(size: str) -> APIError:
+            message = f"the request body has {size} bytes; this server takes at most {limit}"
+            return APIError(413, message, code="body_too_large")
+
+        declared = dict(scope["headers"]).get(b"content-length", b"").decode("latin-1")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(declared)  # before reading any of it
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large(f"over {limit}")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+ERRORS = {  # for the OpenAPI schema: every error's body is an ErrorResponse
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "a bad request: the field is named in `param`",
+        401: "a missing or wrong API key",
+        404: "no such model",
+        408: "the body took longer than the request's time",
+        413: "the body is too large",
+        429: "the server is full: try again later",
+        500: "the generation failed",
+        504: "the answer took longer than the request's time",
+    }.items()
+}
+
+
+def _documented(cls: type) -> dict:
+    """The OpenAPI entry of a completion route: its request body (the handler parses the body
+    itself, to answer OpenAI-style errors, so FastAPI cannot see it), its answers and errors."""
+    schema = {"$ref": f"#/components/schemas/{cls.__name__}"}
+    body = {"required": True, "content": {"application/json": {"schema": schema}}}
+    ok = {
+        "description": "the answer (server-sent events when streamed)",
+        "content": {"text/event-stream": {}},
+    }
+    return {"openapi_extra": {"requestBody": body}, "responses": {200: ok, **ERRORS}}
+
+
+PAGE = Path(__file__).with_name("chat.html")
+
+
+def _page_policy(html: str) -> str:
+    """The chat page's Content-Security-Policy: only its own script runs (by hash) and it talks
+    only to this server. The page writes model output as text, never as markup; this is the second
+    line: were markup ever to slip in, no script or inline handler in it would run."""
+    script = html.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return (
+        f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 def build_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -208,21 +350,51 @@ def build_app(server: Server) -> FastAPI:
         server.engine.stop()
 
     app = FastAPI(title="trulyopen", lifespan=lifespan)
+    app.add_middleware(BodyGuard, server=server)
 
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return _error(exc)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        # the framework's own: an unknown path (404), a wrong method (405, with its Allow header)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return _error(APIError(exc.status_code, message), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):
+        # a bug: still an OpenAI error for the client (Starlette logs the traceback after this)
+        return _error(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            ref = "#/components/schemas/{model}"
+            _, defs = models_json_schema(
+                [(m, "validation") for m in (CompletionRequest, ChatRequest)], ref_template=ref
+            )
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(defs["$defs"])
+            for name in ("CompletionRequest", "ChatRequest"):  # this server holds one model
+                schemas[name]["properties"]["model"] = {"type": "string", "enum": [server.name]}
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/health")
     async def health():
         e = server.engine
         return {"status": "ok", "model": server.name, "running": len(e.running), "waiting": len(e.waiting)}
 
-    @app.get("/")
-    async def page():
-        return FileResponse(Path(__file__).with_name("chat.html"))
+    page_headers = {"content-security-policy": _page_policy(PAGE.read_text())}
 
-    @app.get("/v1/models")
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return FileResponse(PAGE, headers=page_headers)
+
+    @app.get("/v1/models", responses={401: ERRORS[401]})
     async def list_models(request: Request):
         server.check_key(request.headers.get("authorization"))
         model = {"id": server.name, "object": "model", "created": server.created, "owned_by": "trulyopen"}
@@ -230,23 +402,12 @@ def build_app(server: Server) -> FastAPI:
 
     async def handle(request: Request, cls):
         server.check_key(request.headers.get("authorization"))
-        size = int(request.headers.get("content-length") or 0)
-        if size > server.limits.max_body_bytes:
-            raise APIError(
-                413,
-                f"the request body has {size} bytes; this server takes at most "
-                f"{server.limits.max_body_bytes}",
-                code="body_too_large",
-            )
-        raw = await request.body()
-        if len(raw) > server.limits.max_body_bytes:
-            raise APIError(413, "the request body is too large", code="body_too_large")
-        body = parse(cls, raw)
+        body = parse(cls, await request.body())  # (BodyGuard has bounded its size and time)
         ids, stops = server.prompt_ids(body)
         params = server.params(body, stops, len(ids))
         chat = cls is ChatRequest
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        deadline = time.monotonic() + server.limits.request_timeout_s
+        deadline = request.state.deadline
         await server.admission.acquire()
         try:
             req, queue = server.submit(ids, params)
@@ -311,11 +472,11 @@ def build_app(server: Server) -> FastAPI:
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **_documented(CompletionRequest))
     async def completions(request: Request):
         return await handle(request, CompletionRequest)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **_documented(ChatRequest))
     async def chat_completions(request: Request):
         return await handle(request, ChatRequest)
 

@@ -1,13 +1,16 @@
 """The OpenAI API's request bodies and error format, as far as this server implements them.
 
-Requests are validated here, so a bad field gets a 400 that names it (`param`), as OpenAI does.
+Requests are validated here, strictly (no coercion of "16" to 16), so a bad field gets a 400 that
+names it (`param`), as OpenAI does.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+INT64 = 2**63  # OpenAI's seed is an int64; torch's generators take that range too
 
 
 class StreamOptions(BaseModel):
@@ -23,10 +26,12 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # (not OpenAI's; vLLM's extension)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)  # (vLLM's extension)
+    # (vLLM's extension) bounded: a penalty near 0 or very large turns logits into inf, and NaN
+    # probabilities would fail the engine's whole batch, not just this request
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=100.0)
     ignore_eos: bool = False  # (vLLM's extension) run to max_tokens: for benchmarks
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     n: Literal[1] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -41,22 +46,41 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int]
+    prompt: str | list[Annotated[int, Field(ge=0)]]  # token ids: the server checks the vocabulary's end
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # image_url and other parts: not read (text only)
+    type: str
+    text: str = ""
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict]
+    content: str | list[ContentPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content if part.type == "text")
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error this server answers (for the OpenAPI schema)."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):
@@ -73,14 +97,19 @@ class APIError(Exception):
 def parse(cls: type[BaseModel], raw: bytes) -> BaseModel:
     import json
 
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; JSON has neither
+
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(raw, parse_constant=no_constant)
+    # ValueError: bad JSON or UTF-8, NaN, an integer of over 4300 digits; RecursionError: deep nesting
+    except (ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:
-        return cls.model_validate(data)
+        # strict, as OpenAI's API: "16" is no integer and 0 no boolean (lax mode would take both)
+        return cls.model_validate(data, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
