@@ -1,3 +1,3 @@
-from trulyopen.cli import app
+from trulyopen.cli import main
 
-app()
+main()

@@ -3,25 +3,43 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
+from typer.core import TyperGroup
 
-from trulyopen import pipeline
-from trulyopen.data.executor import TaskFailed
-from trulyopen.data.sources import DataError
-from trulyopen.evaluate.contamination import CorpusError
-from trulyopen.evaluate.taskfile import TaskError
-from trulyopen.model.presets import ModelSpecError
-from trulyopen.recipe import RecipeError, load_recipe
-from trulyopen.release.bundle import ReleaseError
-from trulyopen.train import TrainingError
-from trulyopen.train.loader import DataMismatchError
+from trulyopen import errors
+
+
+class _Contract(TyperGroup):
+    """Every verb under the error contract of `trulyopen.errors`: a user's mistake is one line and
+    exit 2, a bug one line naming a crash report and exit 1, Ctrl-C one line and exit 130. (Here, not
+    only in `main`, so that the app behaves the same when a test invokes it.)"""
+
+    def invoke(self, ctx):
+        from typer.exceptions import TyperException
+
+        try:
+            return super().invoke(ctx)
+        except (TyperException, typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            raise typer.Exit(_interrupted()) from None
+        except errors.UserError as e:
+            raise typer.Exit(_fail(str(e))) from None
+        except OSError as e:
+            message = errors.os_error_message(e)
+            raise typer.Exit(_fail(message) if message else _crash(e)) from None
+        except Exception as e:
+            raise typer.Exit(_crash(e)) from None
+
 
 app = typer.Typer(
+    cls=_Contract,
     help="trulyopen: from raw text to a released language model in which every artifact is verifiable.",
     no_args_is_help=True,
     add_completion=False,
@@ -46,27 +64,13 @@ WorkersOpt = Annotated[
 
 
 def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) -> Path:
-    try:
-        r = load_recipe(recipe, overrides or [])
-        out = pipeline.run(r, run_dir, until=until, force=force or [], workers=workers)
-    except RecipeError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except (TaskError, CorpusError) as e:  # a task or corpus file the eval stage cannot read
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except (
-        DataError,
-        TaskFailed,
-        FileNotFoundError,
-        TrainingError,
-        DataMismatchError,
-        ModelSpecError,
-        ReleaseError,
-    ) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    return out
+    from trulyopen import pipeline
+    from trulyopen.recipe import load_recipe
+
+    r = load_recipe(recipe, overrides or [])
+    run_dir = run_dir or pipeline.default_run_dir(r)
+    errors.set_run_dir(run_dir)  # a crash report goes there
+    return pipeline.run(r, run_dir, until=until, force=force or [], workers=workers)
 
 
 @app.command()
@@ -182,35 +186,31 @@ def eval_(
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         _run(Path(target), set, run_dir, ["eval"], None, until="eval")
         return
-    try:
-        from trulyopen.evaluate import models
-        from trulyopen.evaluate.runner import evaluate_suite
-        from trulyopen.evaluate.taskfile import load_suite
+    from trulyopen.evaluate import models
+    from trulyopen.evaluate.runner import evaluate_suite
+    from trulyopen.evaluate.taskfile import load_suite
 
-        if tasks is None and lm_eval is None:
-            raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
-        em = models.load(target)
-        out = out or Path("runs") / "eval" / Path(em.source).name
-        if tasks is not None:
-            specs = load_suite(tasks)
-            evaluate_suite(em, specs, out)
-            if contamination:
-                from trulyopen.evaluate.contamination import contamination_report
-                from trulyopen.files import write_json
+    if tasks is None and lm_eval is None:
+        raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
+    em = models.load(target)
+    out = out or Path("runs") / "eval" / Path(em.source).name
+    if tasks is not None:
+        specs = load_suite(tasks)
+        evaluate_suite(em, specs, out)
+        if contamination:
+            from trulyopen.evaluate.contamination import contamination_report
+            from trulyopen.files import write_json
 
-                report = contamination_report(
-                    {t.name: t.path for t in specs}, {t.name: t.type for t in specs}, contamination
-                )
-                write_json(out / "contamination.json", report)
-                for name, r in report.items():
-                    typer.echo(f"contamination: {name}: {r}")
-        if lm_eval is not None:
-            from trulyopen.evaluate.harness import run_lm_eval
+            report = contamination_report(
+                {t.name: t.path for t in specs}, {t.name: t.type for t in specs}, contamination
+            )
+            write_json(out / "contamination.json", report)
+            for name, r in report.items():
+                typer.echo(f"contamination: {name}: {r}")
+    if lm_eval is not None:
+        from trulyopen.evaluate.harness import run_lm_eval
 
-            run_lm_eval(em, lm_eval.split(","), out / "lm_eval", include_path)
-    except (TaskError, CorpusError, FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        run_lm_eval(em, lm_eval.split(","), out / "lm_eval", include_path)
 
 
 @app.command()
@@ -224,11 +224,7 @@ def export(
     an adapter checkpoint gives the merged model and the adapter alone in OUT/adapter (peft format)."""
     from trulyopen.model.export import export_checkpoint
 
-    try:
-        export_checkpoint(checkpoint, out)
-    except (FileNotFoundError, ValueError, TrainingError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    export_checkpoint(checkpoint, out)
     typer.echo(f"exported {checkpoint} to {out}")
 
 
@@ -236,8 +232,8 @@ ModelArg = Annotated[
     str,
     typer.Argument(help="A run directory, a checkpoint, or a Hugging Face model (directory or hub name)."),
 ]
-MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", help="The most tokens to generate.")]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="The most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
 PrecisionOpt = Annotated[
     str, typer.Option("--precision", help="auto (bf16 where the hardware runs it fast), bf16 or fp32.")
 ]
@@ -246,11 +242,10 @@ PrecisionOpt = Annotated[
 def _load_for_inference(target: str, precision: str):
     from trulyopen.serve.launch import load
 
-    try:
-        return load(target, precision)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    if precision not in ("auto", "bf16", "fp32"):
+        raise typer.BadParameter(f"--precision {precision}: choose auto, bf16 or fp32")
+
+    return load(target, precision)
 
 
 @app.command()
@@ -259,8 +254,8 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     max_tokens: MaxTokensOpt = 128,
     temperature: TemperatureOpt = 0.8,
-    top_p: Annotated[float, typer.Option("--top-p")] = 0.95,
-    top_k: Annotated[int, typer.Option("--top-k", help="0 keeps every token.")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="0 keeps every token.")] = 0,
     seed: Annotated[int | None, typer.Option("--seed", help="The same seed gives the same text.")] = None,
     precision: PrecisionOpt = "auto",
 ):
@@ -296,7 +291,7 @@ def chat(
 def serve(
     model: ModelArg,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -307,12 +302,14 @@ def serve(
         str,
         typer.Option("--engine", help="trulyopen (built in), or vllm / sglang where installed with a GPU."),
     ] = "trulyopen",
-    max_concurrent: Annotated[int, typer.Option("--max-concurrent", help="Requests decoded at once.")] = 32,
+    max_concurrent: Annotated[
+        int, typer.Option("--max-concurrent", min=1, help="Requests decoded at once.")
+    ] = 32,
     max_queue: Annotated[
-        int, typer.Option("--max-queue", help="Requests waiting for a slot before 429.")
+        int, typer.Option("--max-queue", min=0, help="Requests waiting for a slot before 429.")
     ] = 64,
     max_tokens: Annotated[
-        int, typer.Option("--max-tokens", help="The most tokens a request may ask for.")
+        int, typer.Option("--max-tokens", min=1, help="The most tokens a request may ask for.")
     ] = 1024,
     max_prompt_tokens: Annotated[int | None, typer.Option("--max-prompt-tokens")] = None,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes")] = 1_000_000,
@@ -330,17 +327,13 @@ def serve(
     """Serve MODEL behind an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
     streaming), with a chat page at /. SIGTERM lets running requests finish, then stops."""
     from trulyopen.serve.app import Limits
-    from trulyopen.serve.launch import EngineUnavailable, serve_external
     from trulyopen.serve.launch import serve as serve_ours
+    from trulyopen.serve.launch import serve_external
 
     if engine != "trulyopen":
         if engine not in ("vllm", "sglang"):
             raise typer.BadParameter(f"--engine {engine}: choose trulyopen, vllm or sglang")
-        try:
-            raise typer.Exit(serve_external(engine, model, host, port, api_key))
-        except EngineUnavailable as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+        raise typer.Exit(serve_external(engine, model, host, port, api_key))
     limits = Limits(
         max_body_bytes=max_body_bytes,
         max_prompt_tokens=max_prompt_tokens,
@@ -349,11 +342,7 @@ def serve(
         max_queue=max_queue,
         request_timeout_s=request_timeout,
     )
-    try:
-        serve_ours(model, host, port, limits, api_key, precision, max_len)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    serve_ours(model, host, port, limits, api_key, precision, max_len)
 
 
 @app.command()
@@ -368,16 +357,12 @@ def inspect(
     (`inspect batch RUN_DIR --step N`)."""
     from trulyopen.inspect_run import show_batch, summarize
 
-    try:
-        if target == "batch":
-            if run_dir is None or step is None:
-                raise typer.BadParameter("usage: trulyopen inspect batch RUN_DIR --step N")
-            show_batch(run_dir, step)
-        else:
-            summarize(Path(target))
-    except (FileNotFoundError, ValueError) as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    if target == "batch":
+        if run_dir is None or step is None:
+            raise typer.BadParameter("usage: trulyopen inspect batch RUN_DIR --step N")
+        show_batch(run_dir, step)
+    else:
+        summarize(Path(target))
 
 
 @app.command()
@@ -421,14 +406,10 @@ def audit(
 ):
     """Score a directory against the Model Openness Framework: its 17 components, licences and
     classes (III Open Model, II Open Tooling, I Open Science), and the OSI Open Source AI Definition."""
-    from trulyopen.release.audit import AuditError, write
     from trulyopen.release.audit import audit as run_audit
+    from trulyopen.release.audit import write
 
-    try:
-        result = run_audit(directory)
-    except AuditError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    result = run_audit(directory)
     typer.echo(result.table())
     target = output or directory / "audit.json"
     write(result, target)
@@ -447,8 +428,9 @@ def report(
     from trulyopen.release.report import report as write_report
 
     if not run_dir.is_dir():
-        typer.echo(f"error: {run_dir}: not a directory", err=True)
-        raise typer.Exit(2)
+        raise errors.missing(run_dir, "run directory", "give a run directory, e.g. runs/quickstart")
+    if not (run_dir / "ledger.jsonl").exists():
+        raise errors.UserError(f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory")
     typer.echo(f"report: {write_report(run_dir, out)}")
 
 
@@ -462,19 +444,14 @@ def verify(
 ):
     """Check every hash in SHA256SUMS and the ledger, and that each checkpoint's data fingerprint,
     recipe and code version agree; with --replay STEP, retrain to STEP and compare the weights."""
-    from trulyopen.release.verify import VerifyError
     from trulyopen.release.verify import replay as run_replay
     from trulyopen.release.verify import verify as run_verify
 
-    try:
-        report = run_verify(directory)
-        for problem in report.problems:
-            typer.echo(f"problem: {problem}")
-        typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
-        result = run_replay(directory, replay) if replay is not None else None
-    except VerifyError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    report = run_verify(directory)
+    for problem in report.problems:
+        typer.echo(f"problem: {problem}")
+    typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
+    result = run_replay(directory, replay) if replay is not None else None
     if result is not None:
         stretch = f"replay: steps {result['from_step']}..{result['step']}"
         if result["identical"]:
@@ -489,5 +466,41 @@ def verify(
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover - `python -m trulyopen`
-    sys.exit(app())
+def main() -> None:
+    """`trulyopen`: the app, with usage errors (an unknown flag, a missing argument) in one line too."""
+    from typer.exceptions import TyperException
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loading bars around a one-line error
+    try:
+        code = app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+    except typer.Abort:  # click's name for Ctrl-C outside a verb
+        code = _interrupted()
+    except TyperException as e:  # a flag or argument the command does not take
+        ctx = getattr(e, "ctx", None)
+        command = ctx.command_path if ctx else "trulyopen"
+        code = _fail(f"{e.format_message().rstrip('.')}; see `{command} --help`")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> int:
+    line = " ".join(message.split())  # one line, whatever the message held
+    typer.echo(f"error: {line}", err=True)
+    return 2
+
+
+def _interrupted() -> int:
+    typer.echo(
+        f"interrupted; finished work is kept: rerun `trulyopen {' '.join(sys.argv[1:])}` to resume",
+        err=True,
+    )
+    return 130
+
+
+def _crash(e: BaseException) -> int:
+    report = errors.write_crash_report(e)
+    typer.echo(
+        f"error: internal error ({type(e).__name__}: {' '.join(str(e).split())[:200]}); this is a bug in "
+        f"trulyopen: the crash report is {report} (please attach it to an issue)",
+        err=True,
+    )
+    return 1

@@ -9,16 +9,17 @@ from rich.console import Console
 from rich.table import Table
 
 from trulyopen.data.card import step_reasons
+from trulyopen.errors import UserError, missing
 from trulyopen.ledger import Ledger
 
 
 def summarize(run_dir: Path, console: Console | None = None) -> None:
     console = console or Console()
+    if not run_dir.is_dir():
+        raise missing(run_dir, "run directory", "give a run directory, e.g. runs/quickstart")
     entries = Ledger(run_dir).entries()
     if not entries:
-        raise FileNotFoundError(
-            f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory (or nothing ran yet)"
-        )
+        raise UserError(f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory (or nothing ran yet)")
     latest = {e["stage"]: e for e in entries if "/" not in e["stage"]}  # not the per-checkpoint lines
     table = Table(title=f"run {run_dir}")
     for col in ("stage", "finished", "seconds", "inputs", "outputs", "output size"):
@@ -77,10 +78,10 @@ def show_batch(run_dir: Path, step: int, console: Console | None = None, excerpt
     console = console or Console()
     recipe_file = run_dir / "recipe.yaml"
     if not recipe_file.exists():
-        raise FileNotFoundError(f"{run_dir}: no recipe.yaml, so not a trulyopen run directory")
+        raise UserError(f"{run_dir}: no recipe.yaml, so not a trulyopen run directory; give a run directory")
     cfg = Recipe.model_validate(yaml.safe_load(recipe_file.read_text())).pretrain
     if step < 1 or step > cfg.max_steps:
-        raise ValueError(f"--step {step}: the run has steps 1 to {cfg.max_steps}")
+        raise UserError(f"--step {step}: the run has steps 1 to {cfg.max_steps}; give one of them")
     stream = TokenStream(run_dir / "data" / "shards", "train")
     plan = BatchPlan(stream, cfg.seq_len, cfg.global_batch_tokens // cfg.seq_len, cfg.seed)
     tok = Tokenizer.from_file(str(run_dir / "tokenizer" / "tokenizer.json"))

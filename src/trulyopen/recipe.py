@@ -17,8 +17,10 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trulyopen.errors import UserError
 
-class RecipeError(Exception):
+
+class RecipeError(UserError):
     """A recipe that cannot be used: the message names the file, the field and what was expected."""
 
 
@@ -290,6 +292,15 @@ class ModelConfig(Section):
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Extra fields passed to the transformers config as they are."
     )
+
+    @field_validator("size")
+    @classmethod
+    def _known_size(cls, size: str | None) -> str | None:
+        from trulyopen.model.presets import SIZES  # (no torch, no transformers: recipes load fast)
+
+        if size is not None and size not in SIZES:
+            raise ValueError(f"unknown preset '{size}' (presets: {', '.join(SIZES)})")
+        return size
 
     def dim_overrides(self) -> dict[str, int | None]:
         return {
@@ -739,16 +750,22 @@ def _describe(error: dict) -> str:
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override, validate and resolve a recipe; raise RecipeError naming file and field."""
     path = Path(path)
+    if path.is_dir():
+        what = "a checkpoint" if (path / "state.json").exists() else "a directory"
+        hint = f"; its recipe is {path / 'recipe.yaml'}" if (path / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"{path}: {what}, not a recipe file{hint}; give a recipe YAML file")
     if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+        raise RecipeError(f"{path}: recipe file not found; check the path (e.g. recipes/quickstart.yaml)")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise RecipeError(
+            f"{path}: not valid YAML: {' '.join(str(e).split())}; fix the line it names"
+        ) from None
     except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+        raise RecipeError(f"{path}: not a UTF-8 text file; give a recipe YAML file") from None
     if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: expected a mapping of fields at the top level")
+        raise RecipeError(f"{path}: expected a mapping of fields at the top level (name:, data:, ...)")
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(tree, key, value, str(path))
@@ -756,12 +773,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         lines = [_describe(err) for err in e.errors()]
-        raise RecipeError(f"{path}: " + "\n  ".join(lines)) from None
+        raise RecipeError(
+            f"{path}: " + "; ".join(lines) + "; see `trulyopen run --help` or the recipe docs"
+        ) from None
     recipe.resolve_paths(path.resolve().parent)
     missing = recipe.missing_paths()
     if missing:
         raise RecipeError(
-            f"{path}: " + "\n  ".join(f"field '{f}': path does not exist: {p}" for f, p in missing)
+            f"{path}: "
+            + "; ".join(f"field '{f}': path does not exist: {p}" for f, p in missing)
+            + "; check the paths"
         )
     return recipe
 

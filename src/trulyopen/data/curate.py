@@ -571,9 +571,17 @@ def curate(
         for s in steps.values()
         if s.name not in ("exact_dedup", "near_dedup") or getattr(cfg.dedup, s.name.split("_")[0])
     ]
+    _concat(
+        [work / "analyse" / f"{t['index']:05d}" / "problems.jsonl" for t in tasks], out_dir / "problems.jsonl"
+    )
+    problems = []
+    with open(out_dir / "problems.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if len(problems) == FIRST_PROBLEMS:
+                break
+            problems.append(json.loads(line))
     if not splits["train"]["docs"] + splits["val"]["docs"]:
-        why = "; ".join(f"{s.name}: {dict(s.removed)}" for s in kept_steps if s.removed)
-        raise DataError(f"the corpus is empty after filtering ({why or 'no documents were read'})")
+        raise DataError(_empty_corpus(cfg, files, per_source, kept_steps, problems, out_dir))
 
     _check_sizes(work, tasks, written)
     corpus = out_dir / "corpus"
@@ -584,15 +592,6 @@ def curate(
         )
     removed = [work / d / f"{t['index']:05d}" / "removed.jsonl" for t in tasks for d in ("analyse", "write")]
     _concat(removed, out_dir / "removed.jsonl")
-    _concat(
-        [work / "analyse" / f"{t['index']:05d}" / "problems.jsonl" for t in tasks], out_dir / "problems.jsonl"
-    )
-    problems = []
-    with open(out_dir / "problems.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if len(problems) == FIRST_PROBLEMS:
-                break
-            problems.append(json.loads(line))
     record = {
         "steps": [s.as_dict() for s in kept_steps],
         "problems": problems,
@@ -620,6 +619,35 @@ def curate(
     write_json(out_dir / "curation.json", record)
     shutil.rmtree(work, ignore_errors=True)  # finished: the per-task files are in the outputs now
     return record
+
+
+def _empty_corpus(
+    cfg: DataConfig,
+    files: dict[str, list[File]],
+    per_source: dict[str, dict],
+    steps: list[Step],
+    problems: list[dict],
+    out_dir: Path,
+) -> str:
+    """Why no document is left, naming the sources, the first bad records or the steps."""
+    if not any(files.values()):
+        where = "; ".join(
+            f"data.sources.{i} ({s.name}): {s.path}" + (f" with include {s.include}" if s.include else "")
+            for i, s in enumerate(cfg.sources)
+        )
+        return f"the corpus is empty: no input file was found ({where}); check each source's path and include"
+    bad = sum(t["problems"] for t in per_source.values())
+    read = sum(t["docs_read"] for t in per_source.values())
+    if not read:
+        first = "; ".join(str(Problem(**p)) for p in problems[:3])
+        return (
+            f"the corpus is empty: all {bad:,} input records were bad ({first}"
+            f"{'; ...' if bad > 3 else ''}); fix them (every one is listed in {out_dir / 'problems.jsonl'})"
+        )
+    why = "; ".join(
+        f"{s.name} removed {sum(s.removed.values()):,} ({dict(s.removed)})" for s in steps if s.removed
+    )
+    return f"the corpus is empty: {read:,} documents were read but {why}; loosen data.filters or data.dedup"
 
 
 def _files_of(task: dict) -> dict:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from trulyopen.errors import UserError
 from trulyopen.recipe import SourceConfig
 
 File = Path | str  # a local path, or an fsspec URL
@@ -59,7 +60,7 @@ class Problem:
         return f"{where}: {self.reason}"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Data that cannot be used at all (strict mode, an empty corpus, an unusable table)."""
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from trulyopen.errors import missing, reading, warn
 from trulyopen.files import write_json
 from trulyopen.recipe import TokenizerConfig
 
@@ -110,10 +111,20 @@ def build_tokenizer(cfg: TokenizerConfig, corpus_dir: Path, out: Path) -> dict[s
             "max_train_chars": cfg.max_train_chars,
         }
     if not (tmp / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{cfg.path}: no tokenizer.json (a Hugging Face fast tokenizer is needed)")
+        raise missing(
+            f"tokenizer.path: {cfg.path}/tokenizer.json",
+            "file",
+            "give a Hugging Face fast tokenizer's directory",
+        )
     from tokenizers import Tokenizer
 
-    vocab = Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size()
+    with reading(f"tokenizer.path: {cfg.path}/tokenizer.json" if cfg.path else tmp, "tokenizer"):
+        vocab = Tokenizer.from_file(str(tmp / "tokenizer.json")).get_vocab_size()
+    if cfg.path is None and vocab < cfg.vocab_size:
+        warn(
+            f"tokenizer: learned only {vocab:,} of the {cfg.vocab_size:,} tokens of tokenizer.vocab_size: "
+            "its training text is too small (add data, or lower tokenizer.vocab_size)"
+        )
     val = list(corpus_texts(corpus_dir / "val.jsonl", VAL_SAMPLE_CHARS))
     stats = {
         **origin,

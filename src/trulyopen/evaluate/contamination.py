@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from trulyopen.data.ngrams import ngram_hashes, word_hashes
+from trulyopen.errors import UserError
 from trulyopen.evaluate.taskfile import instance_text, load_instances
 
 MIN_WORDS = 8  # shorter items are not checked: a run of so few words is common by chance
 EXAMPLES = 5
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A corpus file that cannot be read; the message names the file and line."""
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from trulyopen.errors import UserError, missing, reading
+from trulyopen.locate import hub_error, locate
 from trulyopen.train import checkpoint
 
 
@@ -28,37 +30,38 @@ class EvalModel:
         return min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 4096)
 
 
-def newest_in_run(run_dir: Path) -> Path | None:
-    for stage in ("finetune", "pretrain"):
-        found = checkpoint.newest(run_dir / "checkpoints" / stage)
-        if found is not None:
-            return found
-    return None
-
-
 def load(target: str | Path) -> EvalModel:
+    """Load any of what `trulyopen.locate` accepts; bad or corrupt files are named, one line each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(target)
-    if path.is_dir() and (path / "ledger.jsonl").exists():
-        ckpt = newest_in_run(path)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: a run directory with no checkpoint to evaluate")
-        path = ckpt
-    if path.is_dir() and (path / "state.json").exists():
-        if (path / "adapter.safetensors").exists():
-            from trulyopen.finetune.base import base_of, merged
+    found = locate(target)
+    path = Path(found.path)
+    if found.kind == "checkpoint":
+        with reading(path, "checkpoint"):
+            if (path / "adapter.safetensors").exists():
+                from trulyopen.finetune.base import base_of, merged
 
-            model = merged(path, base_of(path)).eval()
-        else:
-            model = checkpoint.load_for_inference(path)
+                model = merged(path, base_of(path)).eval()
+            else:
+                model = checkpoint.load_for_inference(path)
         tok_dir = checkpoint.tokenizer_dir(path)
         if tok_dir is None:
-            raise FileNotFoundError(f"{path}: no tokenizer found for this checkpoint")
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+            raise missing(f"{path}: tokenizer", "tokenizer", "the run's tokenizer/ folder is gone")
+        with reading(tok_dir, "tokenizer"):
+            tok = AutoTokenizer.from_pretrained(str(tok_dir))
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(str(target))
+        try:
+            with reading(path, "Hugging Face model", local=found.kind == "hf-dir"):
+                model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32).eval()
+                tok = AutoTokenizer.from_pretrained(found.path)
+        except OSError as e:  # a hub name that the hub does not have, or no network
+            raise hub_error(found.path, e) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > vocab:
+        raise UserError(
+            f"{target}: the tokenizer has {len(tok):,} tokens but the model's embeddings only {vocab:,}; "
+            "use the tokenizer the model was trained with"
+        )
     return EvalModel(model, tok, str(target), str(path))

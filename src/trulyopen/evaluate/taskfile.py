@@ -30,6 +30,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trulyopen.errors import UserError
 from trulyopen.files import atomic_open
 from trulyopen.rewards.verifiers import VerifierError, parse_verifier
 
@@ -46,7 +47,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _COMMON = ("id", "meta")
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task file or suite that cannot be used; the message names the file and the line or field."""
 
 

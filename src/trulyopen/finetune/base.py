@@ -18,11 +18,15 @@ QLoRA keeps W in 4-bit NF4 (bitsandbytes) and computes in bf16 or fp32; only A a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from trulyopen.errors import reading
+from trulyopen.locate import hub_error, locate
 from trulyopen.recipe import FinetuneConfig
 from trulyopen.train import TrainingError, checkpoint
 
@@ -43,9 +47,12 @@ def resolve(cfg: FinetuneConfig, run_dir: Path) -> BaseRef:
                 "pretrain first, or name a model in finetune.base"
             )
         return BaseRef(str(ckpt), str(run_dir / "tokenizer"))
-    path = Path(cfg.base)
-    if not path.exists():
-        return BaseRef(cfg.base, cfg.base)  # a hub name
+    found = locate(cfg.base, "finetune.base")
+    if found.kind == "hub":
+        return BaseRef(cfg.base, cfg.base)
+    path = Path(found.path)
+    if found.kind == "hf-dir":  # a Hugging Face directory, or a release's model/
+        return BaseRef(str(path), str(path))
     if (path / "adapter.safetensors").exists():
         state = json.loads((path / "state.json").read_text())
         inner = resolve(cfg.model_copy(update={"base": state["base"]}), run_dir)
@@ -56,10 +63,22 @@ def resolve(cfg: FinetuneConfig, run_dir: Path) -> BaseRef:
     return BaseRef(str(path), str(tokenizer))
 
 
+@contextmanager
+def _loading(name_or_dir: str, what: str) -> Iterator[None]:
+    """A local base that cannot be read, or a hub name that cannot be fetched, as one line."""
+    local = Path(name_or_dir).exists()
+    try:
+        with reading(f"finetune.base: {name_or_dir}", what, local=local):
+            yield
+    except OSError as e:
+        raise hub_error(name_or_dir, e, "finetune.base") from None
+
+
 def load_tokenizer(ref: BaseRef):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(ref.tokenizer)
+    with _loading(ref.tokenizer, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(ref.tokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -97,13 +116,15 @@ def load_model(
             bnb_4bit_compute_dtype=compute_dtype,
         )
     if ref.adapter is not None:  # merge the earlier adapter in full precision, then quantise if asked
-        model = merged(ref.adapter, AutoModelForCausalLM.from_pretrained(ref.model, dtype=torch.float32))
+        with _loading(ref.model, "model"):
+            model = merged(ref.adapter, AutoModelForCausalLM.from_pretrained(ref.model, dtype=torch.float32))
         if cfg.adapter == "qlora":
             raise TrainingError(
                 "finetune.base: QLoRA on an adapter checkpoint: export it first, then use that"
             )
     else:
-        model = AutoModelForCausalLM.from_pretrained(ref.model, **kwargs)
+        with _loading(ref.model, "model"):
+            model = AutoModelForCausalLM.from_pretrained(ref.model, **kwargs)
     if cfg.adapter == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trulyopen.data.sources import DataError
+from trulyopen.errors import UserError
 from trulyopen.recipe import FinetuneDataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
 FORMATS_FOR = {"sft": ("chat", "prompt_completion"), "dpo": ("preference",), "grpo": ("grpo",)}
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError, ValueError):
     """A record that cannot be used; the message says why (the reader adds where)."""
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trulyopen.errors import UserError
 
-class RenderError(ValueError):
+
+class RenderError(UserError, ValueError):
     """The template cannot be used to find assistant tokens (the message says why)."""
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from trulyopen.errors import reading
+from trulyopen.locate import hub_error, locate
 from trulyopen.model.presets import Dims, ModelSpecError, build_config
 
 
@@ -39,7 +41,12 @@ def from_pretrained(name_or_dir: str | Path, vocab: int | None = None):
     """A Hugging Face checkpoint (local directory or hub name); checks it fits the tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_dir), dtype=torch.float32)
+    found = locate(name_or_dir, "model.init_from")
+    try:
+        with reading(f"model.init_from: {found.path}", "model", local=found.kind != "hub"):
+            model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32)
+    except OSError as e:
+        raise hub_error(found.path, e, "model.init_from") from None
     have = model.get_input_embeddings().weight.shape[0]
     if vocab is not None and vocab > have:
         raise ModelSpecError(

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import torch
 
+from trulyopen.errors import UserError, reading
+from trulyopen.locate import locate
+
 
 def export_hf(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> Path:
     """Write `model` to `out` in the Hugging Face format; a peft model is merged, and its adapter
@@ -45,9 +48,16 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """Export a trulyopen checkpoint of any stage: full weights, or an adapter merged into its base."""
     from trulyopen.train.checkpoint import load_for_inference, tokenizer_dir
 
-    ckpt = Path(ckpt)
+    found = locate(ckpt)
+    if found.kind != "checkpoint":
+        raise UserError(f"{ckpt}: already a Hugging Face model; export takes a checkpoint or a run directory")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out}: an existing file; give a directory to write the model into")
+    ckpt = Path(found.path)
     if (ckpt / "adapter.safetensors").exists():
         from trulyopen.finetune.base import base_of, with_adapter
 
-        return export_hf(with_adapter(ckpt, base_of(ckpt)).eval(), tokenizer_dir(ckpt), out)
+        with reading(ckpt, "adapter checkpoint"):
+            model = with_adapter(ckpt, base_of(ckpt)).eval()
+        return export_hf(model, tokenizer_dir(ckpt), out)
     return export_hf(load_for_inference(ckpt), tokenizer_dir(ckpt), out)

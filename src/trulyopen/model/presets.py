@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from trulyopen.errors import UserError
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -42,7 +44,7 @@ SIZES: dict[str, Dims] = {
 }
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(UserError, ValueError):
     """Dimensions or names that cannot make a model; the message names the field."""
 
 

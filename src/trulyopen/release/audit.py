@@ -16,11 +16,12 @@ from pathlib import Path
 
 import yaml
 
+from trulyopen.errors import UserError
 from trulyopen.files import write_json
 from trulyopen.release import mof
 
 
-class AuditError(ValueError):
+class AuditError(UserError, ValueError):
     """A mof.yml that cannot be read (the message names the file and the field)."""
 
 

@@ -26,11 +26,12 @@ from pathlib import Path
 
 import yaml
 
+from trulyopen.errors import UserError
 from trulyopen.files import sha256_file
 from trulyopen.ledger import Ledger, code_version, machine_summary, source_hash
 
 
-class VerifyError(ValueError):
+class VerifyError(UserError, ValueError):
     """A release that cannot be checked at all (no SHA256SUMS, no such step to replay)."""
 
 
@@ -159,7 +160,8 @@ def replay(directory: str | Path, step: int, workdir: Path | None = None) -> dic
     if target is None:
         steps = ", ".join(r["step"] for r in rows) or "none"
         raise VerifyError(
-            f"checkpoints.csv: no pretraining checkpoint at step {step} (released steps: {steps})"
+            f"--replay {step}: checkpoints.csv has no pretraining checkpoint at that step "
+            f"(released steps: {steps}); give one of them"
         )
     if not (root / "data" / "shards" / "shards.json").is_file() or not any(
         (root / "data" / "shards").glob("*.bin")

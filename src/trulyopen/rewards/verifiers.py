@@ -19,10 +19,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from trulyopen.errors import UserError
 from trulyopen.rewards.sandbox import run_many, run_python
 
 
-class VerifierError(ValueError):
+class VerifierError(UserError, ValueError):
     """A malformed verifier spec; the message says what is wrong (the caller adds file:line)."""
 
 

@@ -6,6 +6,7 @@ directory or hub name). bf16 is used where the hardware runs it fast (`precision
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import subprocess
@@ -15,8 +16,11 @@ from pathlib import Path
 
 import torch
 
+from trulyopen.errors import UserError
+from trulyopen.locate import locate
 
-class EngineUnavailable(RuntimeError):
+
+class EngineUnavailable(UserError, RuntimeError):
     pass
 
 
@@ -60,9 +64,24 @@ def serve(
 
     from trulyopen.serve.app import build_app
 
+    check_port(host, port)  # before loading the model: a taken port is known in a millisecond
     server = build_server(target, limits, api_key, precision, max_len)
     print(f"serving {server.name} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", flush=True)
     uvicorn.run(build_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line if `host:port` cannot be listened on (taken, or not this machine's)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR as uvicorn: TIME_WAIT is no obstacle
+            pass
+    except OSError as e:
+        reason = (
+            "is already in use" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror})"
+        )
+        raise UserError(f"--port {port}: {host}:{port} {reason}; choose another --port or --host") from None
 
 
 def serve_external(engine: str, target: str, host: str, port: int, api_key: str | None = None) -> int:
@@ -75,14 +94,13 @@ def serve_external(engine: str, target: str, host: str, port: int, api_key: str 
         )
     if not torch.cuda.is_available():
         raise EngineUnavailable(f"--engine {engine}: no GPU is present; use the built-in engine instead")
-    model_dir = Path(target)
-    if not (model_dir / "config.json").exists():  # a checkpoint or run: export it first
-        from trulyopen.evaluate.models import newest_in_run
+    found = locate(target)
+    model_dir = Path(found.path)
+    if found.kind == "checkpoint":  # vLLM and SGLang read the Hugging Face format: export it first
         from trulyopen.model.export import export_checkpoint
 
-        ckpt = newest_in_run(model_dir) if (model_dir / "ledger.jsonl").exists() else model_dir
         model_dir = Path(tempfile.mkdtemp(prefix="trulyopen-serve-"))
-        export_checkpoint(ckpt, model_dir)
+        export_checkpoint(Path(found.path), model_dir)
     name = Path(str(target).rstrip("/")).name
     # the two servers take the same options but one: how the model directory is named
     entry, model_opt = {

@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from trulyopen.errors import UserError
 from trulyopen.progress import Progress
 from trulyopen.recipe import RemoteModelConfig
 
@@ -49,7 +50,7 @@ JUDGE_PROMPT = (
 )
 
 
-class RemoteError(Exception):
+class RemoteError(UserError):
     """One request that failed for good (retries spent, or an answer we could not read)."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file
 
+from trulyopen.errors import missing, reading
 from trulyopen.files import write_json
 from trulyopen.train import TrainingError
 from trulyopen.train.distributed import World, barrier, full_state, load_full_state
@@ -120,14 +121,20 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     """Load weights, optimizer and RNG state from `path` into a (possibly sharded) model; every rank
     calls it. Returns the checkpoint's state.json."""
     adapter = (path / "adapter.safetensors").exists()
-    model_sd = load_file(str(path / ("adapter.safetensors" if adapter else "model.safetensors")))
+    weights = path / ("adapter.safetensors" if adapter else "model.safetensors")
+    with reading(weights, "checkpoint's weights"):
+        model_sd = load_file(str(weights))
     for name, source in _tied_names(model).items():
         if source in model_sd:
             model_sd[name] = model_sd[source]
-    optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
-    load_full_state(model, optimizer, model_sd, optim_sd, trainable_only=adapter)
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
-    return json.loads((path / "state.json").read_text())
+    with reading(path / "optimizer.pt", "checkpoint's optimizer state"):
+        optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
+    with reading(path, "checkpoint (its weights do not fit this model: another config?)"):
+        load_full_state(model, optimizer, model_sd, optim_sd, trainable_only=adapter)
+    with reading(path / "rng.pt", "checkpoint's random state"):
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+    with reading(path / "state.json", "checkpoint's state"):
+        return json.loads((path / "state.json").read_text())
 
 
 def thin(root: Path, keep_multiple: int) -> None:
@@ -151,10 +158,13 @@ def load_for_inference(path: Path) -> torch.nn.Module:
     """The model of checkpoint `path`, rebuilt from its own config.json, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not (path / "model.safetensors").exists() or not (path / "config.json").exists():
-        raise FileNotFoundError(
-            f"{path}: not a trulyopen checkpoint (needs config.json and model.safetensors)"
-        )
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
-    load_model(model, str(path / "model.safetensors"))
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).exists():
+            raise missing(
+                path / name, "file", "not a whole trulyopen checkpoint: restore it, or make it again"
+            )
+    with reading(path / "config.json", "model config"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    with reading(path / "model.safetensors", "weights file"):
+        load_model(model, str(path / "model.safetensors"))
     return model.eval()

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trulyopen.errors import UserError
 
-class DataMismatchError(Exception):
+
+class DataMismatchError(UserError):
     """A checkpoint's data fingerprint differs from the run's shards."""
 
 
@@ -89,9 +91,10 @@ class BatchPlan:
         self.stream, self.seq_len, self.batch, self.seed = stream, seq_len, batch, seed
         self.n_seq = len(stream) // (seq_len + 1)
         if self.n_seq < batch:
-            raise ValueError(
+            raise DataMismatchError(
                 f"the training split has {len(stream):,} tokens: fewer than one global batch of "
-                f"{batch} sequences of {seq_len + 1} tokens"
+                f"{batch} sequences of {seq_len + 1} tokens; add data, or lower pretrain.seq_len or "
+                "pretrain.global_batch_tokens"
             )
         self.steps_per_epoch = self.n_seq // batch  # the last partial batch of an epoch is dropped
         self._order_cache: tuple[int, np.ndarray] | None = None

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from trulyopen.errors import UserError
 from trulyopen.files import write_json
 from trulyopen.progress import Progress
 from trulyopen.recipe import DataConfig, RecipeError
@@ -43,7 +44,7 @@ class TaskStep:
         return self.done_dir / f"{i:05d}.json"
 
 
-class TaskFailed(Exception):
+class TaskFailed(UserError):
     """A task that kept failing (the message names the step, the task and, where known, its log)."""
 
 

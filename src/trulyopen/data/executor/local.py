@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -20,6 +21,9 @@ MAX_RETRIES = 3
 
 def _init() -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers fill the cores
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and stops the workers),
+    # so that no worker prints a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LocalExecutor:
@@ -57,12 +61,20 @@ class LocalExecutor:
                             f"data {step.name}: task {i} ({_describe(step.tasks[i])}) lost its worker "
                             f"process {failures[i]} times (killed, or out of memory?)"
                         ) from None
+            except KeyboardInterrupt:
+                self.close(now=True)
+                raise
             except BaseException:
                 self.close()
                 raise
 
-    def close(self) -> None:
+    def close(self, now: bool = False) -> None:
+        """Stop the workers: after their running tasks, or `now` (Ctrl-C: unfinished tasks are
+        simply run again next time)."""
         if self.pool is not None:
+            if now:
+                for process in list(self.pool._processes.values()):  # no public way to stop them
+                    process.terminate()
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 

@@ -1,0 +1,93 @@
+"""Where the model is, whatever the user pointed at: every verb that takes a model takes all of these.
+
+    runs/x/                            a run directory  ─► its newest finetune, else pretrain checkpoint
+    runs/x/release/                    a release        ─► release/model/ (a Hugging Face directory)
+    runs/x/checkpoints/pretrain/step_N a checkpoint     ─► itself (full weights, or an adapter)
+    path/to/model/                     a Hugging Face directory (it has a config.json)
+    Qwen/Qwen2.5-0.5B                  a hub name: anything that is not a path
+
+A path that does not exist is reported as a missing path, never passed on to the hub as a name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from trulyopen.errors import UserError, missing
+
+ACCEPTED = "a run directory, a release, a checkpoint, a Hugging Face model directory or hub name"
+
+
+@dataclass(frozen=True)
+class Located:
+    kind: Literal["checkpoint", "hf-dir", "hub"]
+    path: str  # a directory, or the hub name
+
+
+def looks_like_path(target: str) -> bool:
+    """A hub name is `name` or `owner/name`; anything with more to it is meant as a path."""
+    return (
+        target.startswith(("/", ".", "~"))
+        or "\\" in target
+        or target.count("/") > 1
+        or target.endswith((".yaml", ".yml", ".json", ".jsonl", ".safetensors", ".pt", ".gguf"))
+        or target == ""
+    )
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run: post-training first, else pretraining."""
+    for stage in ("finetune", "pretrain"):
+        root = run_dir / "checkpoints" / stage
+        found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "state.json").exists()]
+        if found:
+            return max(found, key=lambda p: int(p.name[5:]))
+    return None
+
+
+def locate(target: str | Path, field: str = "") -> Located:
+    """Classify `target` (see the module docstring); `field` (e.g. "finetune.base") prefixes errors."""
+    where = f"{field}: " if field else ""
+    text = str(target)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if looks_like_path(text):
+            raise missing(f"{where}{text}", hint=f"give {ACCEPTED}")
+        return Located("hub", text)
+    if path.is_file():
+        hint = f" (a recipe: run it with `trulyopen run {text}`)" if path.suffix in (".yaml", ".yml") else ""
+        raise UserError(f"{where}{text}: a file, not a model{hint}; give {ACCEPTED}")
+    if (path / "state.json").exists():
+        return Located("checkpoint", str(path))
+    if path.name.startswith("step_") and path.name.endswith(".tmp"):
+        raise UserError(
+            f"{where}{text}: an unfinished checkpoint (killed while written); give a finished one"
+        )
+    if (path / "ledger.jsonl").exists() or (path / "checkpoints").is_dir():
+        ckpt = newest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(
+                f"{where}{text}: a run directory with no checkpoint yet; pretrain or finetune first "
+                f"(`trulyopen pretrain {path / 'recipe.yaml'}`)"
+            )
+        return Located("checkpoint", str(ckpt))
+    if (path / "model" / "config.json").exists():
+        return Located("hf-dir", str(path / "model"))  # a release: its model/ folder
+    if (path / "config.json").exists():
+        return Located("hf-dir", str(path))
+    raise UserError(
+        f"{where}{text}: a directory, but not a model (no config.json, state.json, ledger.jsonl or "
+        f"model/ in it); give {ACCEPTED}"
+    )
+
+
+def hub_error(name: str, e: Exception, field: str = "") -> UserError:
+    """A hub name that could not be loaded (no such model, or no network), as one line."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where = f"{field}: " if field else ""
+    return UserError(
+        f"{where}{name}: not a local path, and no Hugging Face hub model of that name could be loaded "
+        f"({first[:160]}); check the name, or give {ACCEPTED}"
+    )
