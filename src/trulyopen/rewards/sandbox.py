@@ -7,12 +7,15 @@ Each run gets a fresh `python -I` (no user site, no PYTHON* variables), an empty
 directory that is deleted afterwards, and an environment with nothing inherited (no API keys). The
 child starts in its own session so the parent can kill the whole process group when the wall-clock
 limit passes. Inside, `_sandbox_child.py` sets resource limits (address space, CPU seconds, file
-size, no core dumps, a process count) and cuts the network: with a new unprivileged user + network
-(+ PID) namespace where the kernel allows one, else with a guard that makes Python's socket calls
-raise. `NETWORK_ISOLATION` says which this machine got.
+size, no core dumps, a process count), enters a user + network (+ PID, + mount) namespace where the
+kernel allows one, and runs the code under an audit hook that stops it at the first attempt to write
+outside its directory, use the network, start a process or signal or read into another one. Such an
+attempt fails the sample with status "blocked" and says what was tried in `reason`.
+`NETWORK_ISOLATION` and `FILESYSTEM_ISOLATION` say whether this machine got the kernel's barriers
+("network namespace", "read-only mounts") or only the hook ("audit hook").
 
-Not isolated: the file system. The code can read what the user running it can read; do not run the
-sandbox as a user who can read secrets.
+Not isolated: reading the file system. The code can read what the user running it can read (root
+included); do not run the sandbox as a user who can read secrets.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from trulyopen.rewards._sandbox_child import CLONE_NEWPID
+from trulyopen.rewards._sandbox_child import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID
 
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 
 FSIZE_MB = 16  # largest file (stdout included) the code may write
 MAX_PROCESSES = 64  # per sandbox; enforced only in a user namespace, for users other than root
 _MIN_MEMORY_MB = 32  # below this the interpreter itself cannot start
+_AUDIT_HOOK = True  # tests turn it off to check that the kernel's barriers hold on their own
 
 # only these reach the child: no tokens, no credentials, no proxy settings
 _BASE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
@@ -49,13 +53,19 @@ _MEMORY_HINT = re.compile(r"\bMemoryError\b|Cannot allocate memory|std::bad_allo
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """What one run did. status: "ok", "error", "timeout" (wall clock or CPU) or "memory"."""
+    """What one run did.
+
+    status: "ok", "error", "timeout" (wall clock or CPU), "memory" or "blocked" (an escape attempt
+    the sandbox stopped). reason: why it failed, in words ("timeout after 5s", "memory limit",
+    "blocked: network: socket.connect ('127.0.0.1', 80)", the last line of a traceback); "" if ok.
+    """
 
     status: str
     returncode: int | None  # negative: killed by that signal
     stdout: str  # the first max_output characters
     stderr: str  # the last max_output characters: the end of a traceback says what went wrong
     seconds: float
+    reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -64,15 +74,22 @@ class SandboxResult:
 
 @dataclass(frozen=True)
 class _Isolation:
-    name: str
-    unshare_flags: int  # 0: socket guard
+    unshare_flags: int  # 0: resource limits and the audit hook only
+
+    @property
+    def network(self) -> str:
+        return "network namespace" if self.unshare_flags & CLONE_NEWNET else "audit hook"
+
+    @property
+    def filesystem(self) -> str:
+        return "read-only mounts" if self.unshare_flags & CLONE_NEWNS else "audit hook"
 
     @property
     def pid_namespace(self) -> bool:
         return bool(self.unshare_flags & CLONE_NEWPID)
 
 
-_GUARD = _Isolation("socket guard", 0)
+_GUARD = _Isolation(0)
 
 
 @functools.cache
@@ -94,13 +111,15 @@ def _isolation() -> _Isolation:
         flags = int(out.strip() or 0)
     except (OSError, ValueError, subprocess.SubprocessError):
         flags = 0
-    return _Isolation("network namespace", flags) if flags else _GUARD
+    return _Isolation(flags)
 
 
 def __getattr__(name: str) -> str:
-    # NETWORK_ISOLATION is computed on first use, so importing this module starts no process
+    # computed on first use, so importing this module starts no process
     if name == "NETWORK_ISOLATION":
-        return _isolation().name
+        return _isolation().network
+    if name == "FILESYSTEM_ISOLATION":
+        return _isolation().filesystem
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -129,8 +148,12 @@ def run_python(
         main = root / "main.py"
         main.write_text(code, encoding="utf-8")
         (root / "stdin").write_text(stdin or "", encoding="utf-8")
+        report = root / "blocked"  # the audit hook writes what it stopped here
+        report.touch()
         config = {
             "main": str(main),
+            "report": str(report),
+            "audit": _AUDIT_HOOK,
             "memory_mb": memory_mb,
             "cpu_s": math.ceil(timeout_s) + 1,  # a backstop: the wall clock normally fires first
             "fsize_mb": FSIZE_MB,
@@ -164,8 +187,12 @@ def run_python(
             seconds = time.monotonic() - start
         stdout = _read_head(root / "stdout", max_output)
         stderr = _read_tail(root / "stderr", max_output)
-        status = _classify(finished, returncode, _read_tail(root / "stderr", 2000))
-        return SandboxResult(status, returncode, stdout, stderr, seconds)
+        blocked = _read_head(report, 2000)
+        if not finished:
+            status, reason = "timeout", f"timeout after {timeout_s:g}s"
+        else:
+            status, reason = _classify(returncode, _read_tail(root / "stderr", 2000), blocked)
+        return SandboxResult(status, returncode, stdout, stderr, seconds, reason)
     finally:
         _remove_tree(root)
 
@@ -205,18 +232,23 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _classify(finished: bool, returncode: int, stderr_tail: str) -> str:
-    if not finished or returncode == -signal.SIGXCPU:
-        return "timeout"
+def _classify(returncode: int, stderr_tail: str, blocked: str) -> tuple[str, str]:
+    """(status, reason) of a run that ended before the wall clock ran out."""
+    if blocked:
+        # first: the hook stopped the code at the attempt, whatever its exit status says
+        return "blocked", f"blocked: {blocked}"
+    if returncode == -signal.SIGXCPU:
+        return "timeout", "CPU time limit"
     if returncode == 0:
-        return "ok"
+        return "ok", ""
     if _MEMORY_HINT.search(stderr_tail):
-        return "memory"
+        return "memory", "memory limit"
     # we did not send it: SIGKILL comes from the kernel's OOM killer; under an address space limit,
     # SIGSEGV/SIGBUS/SIGABRT are what unchecked allocation failures in C code turn into
     if returncode in (-signal.SIGKILL, -signal.SIGSEGV, -signal.SIGBUS, -signal.SIGABRT):
-        return "memory"
-    return "error"
+        return "memory", "memory limit"
+    lines = [line for line in stderr_tail.splitlines() if line.strip()]
+    return "error", lines[-1].strip() if lines else f"exit status {returncode}"
 
 
 def _read_head(path: Path, max_chars: int) -> str:
