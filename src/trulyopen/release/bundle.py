@@ -14,7 +14,8 @@
                            REBUILD.md: per source, whether it is here and how to make it again
       recipes/recipe.yaml  the resolved recipe every stage ran with
       code/                the package source that ran, version.json (version, git commit, source
-                           hash), changes.patch (uncommitted changes), requirements.txt (installed)
+                           hash), changes.patch (uncommitted changes), requirements.txt (the
+                           pinned runtime dependencies: `pip install -r code/requirements.txt`)
       logs/                ledger.jsonl and each stage's metrics.jsonl
       eval/                results, per-instance records, tasks, contamination report
       report/              report.html (figures inlined) and its PNGs: the technical report
@@ -32,7 +33,6 @@ import io
 import json
 import shutil
 import subprocess
-from importlib import metadata
 from pathlib import Path
 
 import yaml
@@ -44,6 +44,7 @@ from trulyopen.release import cards, mof
 from trulyopen.release.audit import audit, find
 from trulyopen.release.audit import write as write_audit
 from trulyopen.release.report import report
+from trulyopen.release.requirements import write_requirements
 
 KINDS = {"code": "code", "data": "data", "document": "documents", "weights": "weights"}
 
@@ -133,11 +134,7 @@ def _code(out: Path) -> dict:
             ["git", "-C", str(repo), "diff", "HEAD"], capture_output=True, text=True, timeout=60
         )
         write_text(out / "code" / "changes.patch", diff.stdout)
-    packages = sorted(
-        {f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions() if d.metadata["Name"]},
-        key=str.lower,
-    )
-    write_text(out / "code" / "requirements.txt", "\n".join(packages) + "\n")
+    write_requirements(out / "code")  # pins the runtime dependencies; installs the bundled source
     write_text(out / "code" / "version.json", json.dumps(version, indent=2, sort_keys=True) + "\n")
     return version
 
