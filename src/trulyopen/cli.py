@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -186,16 +187,19 @@ def eval_(
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         _run(Path(target), set, run_dir, ["eval"], None, until="eval")
         return
+    from trulyopen.locate import locate
+
+    locate(target)  # a wrong path is named before torch is even imported
     from trulyopen.evaluate import models
     from trulyopen.evaluate.runner import evaluate_suite
     from trulyopen.evaluate.taskfile import load_suite
 
     if tasks is None and lm_eval is None:
         raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
+    specs = load_suite(tasks) if tasks is not None else []  # a bad suite is named before loading the model
     em = models.load(target)
     out = out or Path("runs") / "eval" / Path(em.source).name
     if tasks is not None:
-        specs = load_suite(tasks)
         evaluate_suite(em, specs, out)
         if contamination:
             from trulyopen.evaluate.contamination import contamination_report
@@ -240,6 +244,9 @@ PrecisionOpt = Annotated[
 
 
 def _load_for_inference(target: str, precision: str):
+    from trulyopen.locate import locate
+
+    locate(target)  # a wrong path is named before torch is even imported
     from trulyopen.serve.launch import load
 
     if precision not in ("auto", "bf16", "fp32"):
@@ -326,6 +333,9 @@ def serve(
 ):
     """Serve MODEL behind an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
     streaming), with a chat page at /. SIGTERM lets running requests finish, then stops."""
+    from trulyopen.locate import locate
+
+    locate(model)  # a wrong path is named before torch is even imported
     from trulyopen.serve.app import Limits
     from trulyopen.serve.launch import serve as serve_ours
     from trulyopen.serve.launch import serve_external
@@ -376,6 +386,10 @@ def release(
     """Release a run: RUN_DIR/release/, a self-contained bundle of the model, checkpoints, data,
     code, logs, evaluation, cards, licences, mof.yml, its audit and SHA256SUMS. Stages before it
     that are not up to date run first."""
+    if not target.exists():
+        raise errors.missing(target, "run directory or recipe", "give a run directory or a recipe file")
+    if target.is_dir() and not (target / "recipe.yaml").is_file():
+        raise errors.UserError(f"{target}: no recipe.yaml, so not a run directory; give a run directory")
     recipe = target / "recipe.yaml" if target.is_dir() else target
     if target.is_dir():
         run_dir = run_dir or target
@@ -472,7 +486,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loading bars around a one-line error
     try:
-        code = app(args=sys.argv[1:] or ["--help"], standalone_mode=False)
+        code = app(args=sys.argv[1:] or ["--help"], prog_name="trulyopen", standalone_mode=False)
     except typer.Abort:  # click's name for Ctrl-C outside a verb
         code = _interrupted()
     except TyperException as e:  # a flag or argument the command does not take
@@ -489,6 +503,8 @@ def _fail(message: str) -> int:
 
 
 def _interrupted() -> int:
+    # a second Ctrl-C (or one still pending in a library's thread) must not cut the exit short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     typer.echo(
         f"interrupted; finished work is kept: rerun `trulyopen {' '.join(sys.argv[1:])}` to resume",
         err=True,

@@ -16,6 +16,10 @@ from trulyopen.ledger import Ledger
 def summarize(run_dir: Path, console: Console | None = None) -> None:
     console = console or Console()
     if not run_dir.is_dir():
+        if run_dir.exists():
+            raise UserError(
+                f"{run_dir}: a file, not a run directory; give a run directory, e.g. runs/quickstart"
+            )
         raise missing(run_dir, "run directory", "give a run directory, e.g. runs/quickstart")
     entries = Ledger(run_dir).entries()
     if not entries:

@@ -739,7 +739,7 @@ def _describe(error: dict) -> str:
     kind = error["type"]
     got = error.get("input")
     if kind == "extra_forbidden":
-        return f"field '{loc}': unknown key (check the spelling; see `trulyopen run --help`)"
+        return f"field '{loc}': unknown key (check the spelling)"
     if kind == "missing":
         return f"field '{loc}': required but missing"
     msg = error["msg"].removeprefix("Value error, ")

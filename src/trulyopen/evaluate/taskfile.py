@@ -297,7 +297,7 @@ def load_suite(path: Path) -> list[TaskSpec]:
     """The tasks of a suite file, paths resolved and task files checked; TaskError naming file and task."""
     path = Path(path)
     if not path.is_file():
-        raise TaskError(f"{path}: task suite not found")
+        raise TaskError(f"{path}: task suite not found; check the path given to --tasks or eval.suite")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

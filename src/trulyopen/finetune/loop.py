@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from trulyopen.data.sources import DataError
+from trulyopen.errors import warn
 from trulyopen.files import sha256_file, write_json
 from trulyopen.finetune import base as bases
 from trulyopen.finetune.objectives import DPO, GRPO, SFT, build_items, reference_logps
@@ -125,16 +126,17 @@ def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> 
             if cfg.on_bad_record == "stop":
                 raise DataError(f"{ex.where}: {why} (finetune.on_bad_record is stop)")
             bad.append({"where": ex.where, "reason": why})
-    for b in bad[:3]:
-        print(f"finetune: skipped {b['where']}: {b['reason']}")
-    if len(bad) > 3:
-        print(f"finetune: skipped {len(bad) - 3} more bad records (all listed in {paths.records})")
+    first = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if bad:
+        warn(f"finetune: {len(bad):,} bad records skipped ({first}); all of them in {paths.records}")
     kept = [(ex, it) for ex, it in zip(examples, items, strict=True) if it is not None]
     train = [it for ex, it in kept if not in_val(ex.id, cfg.val_fraction)]
     val = [it for ex, it in kept if in_val(ex.id, cfg.val_fraction)]
     if not train:
         raise DataError(
             f"finetune: no usable training records in {', '.join(str(s.path or s.dataset) for s in sources)}"
+            + (f" (all {len(bad):,} bad: {first})" if bad else "")
+            + "; fix the records or finetune.data"
         )
     write_json(paths.records, {"records": n_records, "train": len(train), "val": len(val), "bad": bad})
     data_files = [s.path for s in sources if s.path is not None and s.path.is_file()]

@@ -160,7 +160,8 @@ class Audit:
 def audit(directory: str | Path) -> Audit:
     root = Path(directory)
     if not root.is_dir():
-        raise AuditError(f"{root}: not a directory")
+        what = "a file, not a directory" if root.exists() else "no such directory"
+        raise AuditError(f"{root}: {what}; give a release or a model directory")
     if (root / "mof.yml").is_file():
         return _from_mof_yml(root)
     return _from_files(root)

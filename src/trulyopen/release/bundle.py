@@ -37,6 +37,7 @@ from pathlib import Path
 
 import yaml
 
+from trulyopen.errors import UserError
 from trulyopen.files import sha256_file, write_text
 from trulyopen.ledger import PACKAGE_DIR, code_version
 from trulyopen.recipe import Recipe, ReleaseConfig
@@ -49,7 +50,7 @@ from trulyopen.release.requirements import write_requirements
 KINDS = {"code": "code", "data": "data", "document": "documents", "weights": "weights"}
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError, ValueError):
     """A run that cannot be released as asked (the message says what is missing)."""
 
 

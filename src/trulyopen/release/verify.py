@@ -50,6 +50,8 @@ class Report:
 
 def _sums(root: Path, report: Report) -> None:
     sums = root / "SHA256SUMS"
+    if not root.is_dir():
+        raise VerifyError(f"{root}: no such directory; give a release directory (RUN_DIR/release)")
     if not sums.is_file():
         raise VerifyError(f"{sums}: missing; this directory is not a release (run `trulyopen release`)")
     listed = {}

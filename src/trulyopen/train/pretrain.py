@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trulyopen.errors import warn
 from trulyopen.evaluate.bpb import bits_per_byte, token_bytes
 from trulyopen.evaluate.runner import in_loop_metrics
 from trulyopen.evaluate.taskfile import load_suite
@@ -107,6 +108,13 @@ def pretrain(
             f"{world.size} processes"
         )
     plan = BatchPlan(stream, cfg.seq_len, batch_seqs, cfg.seed)
+    epochs = cfg.max_steps / plan.steps_per_epoch
+    if epochs > 1 and world.main:
+        warn(
+            f"pretrain: the training split ({len(stream):,} tokens) is smaller than the schedule "
+            f"({cfg.max_steps} steps of {cfg.global_batch_tokens:,} tokens): each sequence is seen "
+            f"{epochs:.1f} times; add data, or lower pretrain.max_steps"
+        )
     nbytes = token_bytes(paths.tokenizer / "tokenizer.json")
     eval_tasks = load_suite(cfg.eval_suite) if cfg.eval_suite else []
 
@@ -136,12 +144,13 @@ def pretrain(
     start = 0
     last_ckpt = checkpoint.newest(paths.checkpoints)
     if last_ckpt is not None:
-        state = checkpoint.load(last_ckpt, model, optimizer)
-        if state["config_hash"] != chash:
+        # the config first: weights of another model shape would fail to load with a worse message
+        if checkpoint.read_state(last_ckpt)["config_hash"] != chash:
             raise TrainingError(
-                f"{last_ckpt}: made with another pretrain config; to start over with this one, "
+                f"{last_ckpt}: made with another model or pretrain config; to start over with this one, "
                 "use --force pretrain (its checkpoints are then deleted) or a new --run-dir"
             )
+        state = checkpoint.load(last_ckpt, model, optimizer)
         if state["data_fingerprint"] != stream.fingerprint:
             raise DataMismatchError(
                 f"{last_ckpt}: trained on data {state['data_fingerprint'][:16]}, but the run's shards are "
