@@ -19,10 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import yaml
@@ -627,7 +627,9 @@ def world(tmp_path_factory) -> dict:
     cases = root / "cases"
     cases.mkdir()
     with ThreadPoolExecutor(3) as pool:
-        results = dict(zip([c.id for c in CASES], pool.map(lambda c: _run_case(c, w, cases), CASES)))
+        results = dict(
+            zip([c.id for c in CASES], pool.map(lambda c: _run_case(c, w, cases), CASES), strict=True)
+        )
     for sock in w["sockets"]:
         sock.close()
     w["results"] = results
@@ -657,3 +659,25 @@ def test_case(world, case: Case):
         assert case.says in lines[0], shown
     else:
         assert case.says in r["out"] + r["err"], shown
+
+
+def test_a_bug_is_one_line_naming_a_crash_report_in_the_run_directory(recipe_file, tmp_path, monkeypatch):
+    """An internal error (here: a stage that divides by zero) is exit 1 and one line; the traceback,
+    the versions and the command are in the crash report, in the run directory."""
+    from typer.testing import CliRunner
+
+    from trulyopen import cli, pipeline
+
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(pipeline, "run", broken)
+    result = CliRunner().invoke(cli.app, ["run", str(recipe_file), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: internal error (ZeroDivisionError: division by zero)"), line
+    report = Path(line.split("the crash report is ")[1].split(" ")[0])
+    assert report.parent == (tmp_path / "run").resolve()
+    text = report.read_text()
+    assert "Traceback" in text and "ZeroDivisionError" in text and "in broken" in text
+    assert "command: " in text and "torch: " in text and "python: " in text
