@@ -2,7 +2,8 @@
 
 Everything trulyopen writes goes to a temporary name in the same directory, is flushed to disk, and
 is renamed over the final name only when complete. A run killed at any moment leaves either the old
-file or the new one, never a mix; a leftover `*.tmp-*` file is ignored and overwritten next time.
+file or the new one, never a mix; the `NAME.tmp-PID` file it was writing is left behind, and the next
+run removes it (`remove_leftovers`) before a stage can list it as an output or copy it into a release.
 """
 
 from __future__ import annotations
@@ -39,6 +40,29 @@ def atomic_open(path: str | Path, mode: str = "w", durable: bool = True) -> Iter
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_leftovers(root: str | Path) -> list[Path]:
+    """Delete the temporary files under `root` of writers killed before they renamed them, and
+    return their paths. A file whose writer is still alive stays: a worker that outlived its killed
+    parent may still finish it."""
+    removed = []
+    for path in Path(root).rglob("*.tmp-*"):
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and path.is_file() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from trulyopen.data import card, curate, shards, sources, tokenizer
 from trulyopen.data.decontam import eval_set_files
-from trulyopen.files import write_json, write_text
+from trulyopen.files import remove_leftovers, write_json, write_text
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record, machine_summary
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
 
@@ -347,6 +347,8 @@ def run(
     world = _world()
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        # what a killed run was writing must not be listed as an output, hashed or released
+        remove_leftovers(run_dir)
         write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
     workers = workers or recipe.workers or os.cpu_count() or 1
     ctx = Context(recipe, run_dir, workers)
