@@ -193,13 +193,14 @@ def test_corrupt_compressed_file_is_named_with_its_offset_and_skipped(tmp_path, 
     tree["data"]["decontamination"] = {}
     recipe.write_text(yaml.safe_dump(tree))
     run = pipeline.run(load_recipe(recipe), tmp_path / "run", until="data", workers=1)
-    out = capsys.readouterr().out
-    assert "1 input records or files skipped" in out and "cut.jsonl.gz" in out and "problems.jsonl" in out
+    err = capsys.readouterr().err  # a warning: on stderr, one line
+    assert "warning: data: 1 input records or files skipped" in err and "cut.jsonl.gz" in err
+    assert "problems.jsonl" in err
     assert json.loads((run / "data/problems.jsonl").read_text())["reason"] == problem.reason
     result = CliRunner().invoke(
         app, ["data", str(recipe), "--run-dir", str(tmp_path / "strict"), "--set", "data.strict=true"]
     )
-    assert result.exit_code == 1 and "cut.jsonl.gz" in result.output and "truncated gzip" in result.output
+    assert result.exit_code == 2 and "cut.jsonl.gz" in result.output and "truncated gzip" in result.output
 
 
 def test_missing_id_field_is_named_by_file_and_line(tmp_path):

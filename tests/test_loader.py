@@ -7,7 +7,7 @@ import pytest
 
 from trulyopen import pipeline
 from trulyopen.recipe import load_recipe
-from trulyopen.train.loader import BatchPlan, TokenStream
+from trulyopen.train.loader import BatchPlan, DataMismatchError, TokenStream
 
 from .conftest import build_corpus, write_recipe
 
@@ -74,5 +74,5 @@ def test_batch_documents_name_what_the_rows_hold(shards):
 
 
 def test_too_little_data_is_a_clear_error(shards):
-    with pytest.raises(ValueError, match="fewer than one global batch"):
+    with pytest.raises(DataMismatchError, match="fewer than one global batch"):
         BatchPlan(TokenStream(shards, "val"), 4096, 64, seed=0)

@@ -226,7 +226,9 @@ def test_sigkill_at_any_moment_then_rerun_gives_same_bytes(built, tmp_path):
 
 
 def test_empty_corpus_is_a_clear_error(built, tmp_path):
-    with pytest.raises(DataError, match="empty after filtering.*too_short"):
+    with pytest.raises(
+        DataError, match="corpus is empty: 33 documents were read but filter removed 33.*too_short"
+    ):
         _run(built["recipe"], tmp_path / "empty", ["data.filters.min_chars=100000"], workers=1)
     result = CliRunner().invoke(
         app,
@@ -239,7 +241,7 @@ def test_empty_corpus_is_a_clear_error(built, tmp_path):
             "data.filters.min_chars=100000",
         ],
     )
-    assert result.exit_code == 1 and "empty after filtering" in result.output
+    assert result.exit_code == 2 and "error: the corpus is empty" in result.output
 
 
 def test_cli_run_and_inspect(built, tmp_path):

@@ -138,7 +138,7 @@ def test_pipeline_pretrains_and_export_loads_in_transformers(data_run, tmp_path)
     # generation stops at end-of-text and at the chat template's end-of-turn marker
     assert theirs.generation_config.eos_token_id == [tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>")]
     bad = CliRunner().invoke(app, ["export", str(tmp_path), "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 2 and "not a trulyopen checkpoint" in bad.output
+    assert bad.exit_code == 2 and "a directory, but not a model" in bad.output
 
 
 def test_inspect_batch_names_the_documents_of_a_step(data_run):

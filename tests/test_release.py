@@ -182,7 +182,7 @@ def test_verify_command_replays_a_step_to_identical_bits(run_dir):
         and "steps 2..4 reproduce the released weights bit for bit" in result.output
     )
     result = CliRunner().invoke(app, ["verify", str(run_dir / "release"), "--replay", "3"])
-    assert result.exit_code == 2 and "no pretraining checkpoint at step 3" in result.output
+    assert result.exit_code == 2 and "--replay 3: checkpoints.csv has no pretraining" in result.output
 
 
 def test_report_renders_in_headless_chromium_with_its_images(run_dir, chromium):

@@ -335,15 +335,16 @@ def serve(
     streaming), with a chat page at /. SIGTERM lets running requests finish, then stops."""
     from trulyopen.locate import locate
 
-    locate(model)  # a wrong path is named before torch is even imported
-    from trulyopen.serve.app import Limits
-    from trulyopen.serve.launch import serve as serve_ours
-    from trulyopen.serve.launch import serve_external
-
     if engine != "trulyopen":
         if engine not in ("vllm", "sglang"):
             raise typer.BadParameter(f"--engine {engine}: choose trulyopen, vllm or sglang")
+        from trulyopen.serve.launch import serve_external
+
         raise typer.Exit(serve_external(engine, model, host, port, api_key))
+    locate(model)  # a wrong path is named before torch is even imported
+    from trulyopen.serve.app import Limits
+    from trulyopen.serve.launch import serve as serve_ours
+
     limits = Limits(
         max_body_bytes=max_body_bytes,
         max_prompt_tokens=max_prompt_tokens,

@@ -37,6 +37,10 @@ def atomic_open(path: str | Path, mode: str = "w", durable: bool = True) -> Iter
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write that failed (a full disk): say which file it was
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -24,9 +24,12 @@ from pydantic import BaseModel
 
 from trulyopen.data import card, curate, shards, sources, tokenizer
 from trulyopen.data.decontam import eval_set_files
+from trulyopen.errors import warn
 from trulyopen.files import remove_leftovers, write_json, write_text
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record, machine_summary
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
+
+MIN_VAL_DOCS = 5  # fewer held-out documents than this makes a validation loss mostly noise
 
 
 @dataclass
@@ -77,9 +80,19 @@ def _data_run(ctx: Context, records: list[dict]) -> list[Path]:
     )
     if record["problem_count"]:
         first = "; ".join(_where(p) for p in record["problems"][:3])
-        print(
+        warn(
             f"data: {record['problem_count']:,} input records or files skipped ({first}"
             f"{'; ...' if record['problem_count'] > 3 else ''}); all of them in {ctx.data / 'problems.jsonl'}"
+        )
+    for name, tally in record["sources"].items():
+        if not tally["docs_kept"]:
+            warn(f"data: source '{name}' contributed no document ({tally['docs_read']:,} read); check it")
+    val = s["val"]["docs"]
+    if val < MIN_VAL_DOCS:
+        warn(
+            f"data: the validation split has {val} document{'s' * (val != 1)}: validation loss and "
+            f"evaluation will be {'impossible' if not val else 'noisy'}; raise data.split.val_fraction "
+            f"(now {cfg.split.val_fraction}) or add data"
         )
     names = ("sources.json", "corpus/train.jsonl", "corpus/val.jsonl", "removed.jsonl", "problems.jsonl")
     return [ctx.data / n for n in (*names, "curation.json")]
