@@ -113,6 +113,24 @@ def recipe_file(corpus: dict) -> Path:
     return write_recipe(corpus["tmp"], corpus)
 
 
+def tiny_llama(tok):
+    """A two-layer Llama over `tok`'s vocabulary, in eval mode: small enough to serve in a test."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture
 def chromium():
     """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver; `.ci/run`

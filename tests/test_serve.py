@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import tiny_llama
 from trulyopen.infer.engine import Engine, generate
 from trulyopen.infer.sampling import SamplingParams
 from trulyopen.serve.app import Limits, Server, build_app
@@ -46,21 +47,8 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-    )
-    m = LlamaForCausalLM(config).eval()
+    m = tiny_llama(tok)
     with torch.no_grad():
         m.lm_head.weight.mul_(30)
     return m

@@ -18,6 +18,7 @@ import httpx
 import pytest
 import torch
 
+from tests.conftest import tiny_llama
 from tests.test_serve import CHAT_TEMPLATE, Running
 from trulyopen.serve.app import Limits
 
@@ -50,20 +51,7 @@ def parrot(tok):
     """A tiny Llama that says the HTML token whatever it is given: its layers add nothing to the
     residual stream and every token embeds alike, so the last hidden state is one fixed vector,
     which the head maps to HTML's logit (64) over zeros. Deterministic even when sampled."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-    )
-    m = LlamaForCausalLM(config).eval()
+    m = tiny_llama(tok)
     with torch.no_grad():
         for layer in m.model.layers:
             layer.self_attn.o_proj.weight.zero_()

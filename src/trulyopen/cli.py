@@ -187,16 +187,17 @@ def eval_(
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         _run(Path(target), set, run_dir, ["eval"], None, until="eval")
         return
+    from trulyopen.evaluate.taskfile import load_suite
     from trulyopen.locate import locate
 
-    locate(target)  # a wrong path is named before torch is even imported
-    from trulyopen.evaluate import models
-    from trulyopen.evaluate.runner import evaluate_suite
-    from trulyopen.evaluate.taskfile import load_suite
-
+    # what is wrong with the arguments is said before torch is even imported
     if tasks is None and lm_eval is None:
         raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
-    specs = load_suite(tasks) if tasks is not None else []  # a bad suite is named before loading the model
+    locate(target)
+    specs = load_suite(tasks) if tasks is not None else []
+    from trulyopen.evaluate import models
+    from trulyopen.evaluate.runner import evaluate_suite
+
     em = models.load(target)
     out = out or Path("runs") / "eval" / Path(em.source).name
     if tasks is not None:
@@ -226,6 +227,9 @@ def export(
 ):
     """Write a checkpoint in the Hugging Face format (config, safetensors, tokenizer, generation config);
     an adapter checkpoint gives the merged model and the adapter alone in OUT/adapter (peft format)."""
+    from trulyopen.locate import locate
+
+    locate(checkpoint)  # a wrong path is named before torch is even imported
     from trulyopen.model.export import export_checkpoint
 
     export_checkpoint(checkpoint, out)
@@ -267,10 +271,10 @@ def generate(
     precision: PrecisionOpt = "auto",
 ):
     """Continue PROMPT with MODEL, printing the text as it is generated."""
+    m, tok, _ = _load_for_inference(model, precision)
     from trulyopen.infer.sampling import SamplingParams
     from trulyopen.serve.terminal import generate_text
 
-    m, tok, _ = _load_for_inference(model, precision)
     params = SamplingParams(
         max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
@@ -287,10 +291,10 @@ def chat(
     precision: PrecisionOpt = "auto",
 ):
     """Chat with MODEL in the terminal (through its tokenizer's chat template); an empty line ends it."""
+    m, tok, _ = _load_for_inference(model, precision)
     from trulyopen.infer.sampling import SamplingParams
     from trulyopen.serve.terminal import chat as chat_loop
 
-    m, tok, _ = _load_for_inference(model, precision)
     chat_loop(m, tok, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=0.95), system)
 
 
