@@ -144,3 +144,6 @@ def test_top_ngram_fractions_of_a_batch_equal_gophers_counter_definition():
     ]
     for n in (1, 2, 3, 5):
         assert list(top_ngram_char_fractions(texts, n)) == [direct(t, n) for t in texts]
+    # a batch in which every text is shorter than n words: n-grams exist only across texts
+    short = ["hi 0", "hi 1", "hi 2"]
+    assert list(top_ngram_char_fractions(short, 3)) == [direct(t, 3) for t in short] == [0.0] * 3

@@ -181,6 +181,16 @@ def parquet_with_int_text(w: dict, d: Path) -> None:
     recipe_with(w["base"], d, data__sources=source)
 
 
+def two_sources_one_too_short(w: dict, d: Path) -> None:
+    short = d / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": f"hi {i}"}) + "\n" for i in range(3)))
+    sources = [
+        *w["base"]["data"]["sources"],
+        {"name": "short", "type": "jsonl", "path": str(short), "license": "MIT"},
+    ]
+    recipe_with(w["base"], d, data__sources=sources)
+
+
 def readonly_run_dir(w: dict, d: Path) -> None:
     recipe_with(w["base"], d)
     (d / "ro").mkdir()
@@ -223,6 +233,7 @@ def finetune_data(lines: list[str], **changes):
 CHAT = json.dumps(
     {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 )
+MC_LINE = json.dumps({"id": "q1", "context": "x =", "choices": ["1", "2"], "answer": 1})
 SUITE_BROKEN = "tasks:\n  - name: t\n    type: multiple_choice\n    path: [unclosed\n"
 
 
@@ -304,6 +315,27 @@ CASES = [
         0,
         "validation split",
         setup=data_case([doc(i) for i in range(30)], data__split__val_fraction=0.0),
+    ),
+    Case(
+        "tokenizer-on-too-little-text",
+        ["data", R, *RUN],
+        0,
+        "warning: tokenizer: learned only",
+        setup=data_case([doc(i, 30) for i in range(12)], tokenizer__vocab_size=4000),
+    ),
+    Case(
+        "source-contributes-nothing",
+        ["data", R, *RUN],
+        0,
+        "warning: data: source 'short' contributed no document",
+        setup=two_sources_one_too_short,
+    ),
+    Case(
+        "schedule-longer-than-the-data",
+        ["pretrain", R, *RUN],
+        0,
+        "warning: pretrain: the training split",
+        setup=on_copied_run(pretrain__global_batch_tokens=8192, pretrain__micro_batch_size=32),
     ),
     Case(
         "corpus-too-small",
@@ -454,6 +486,16 @@ CASES = [
     # eval
     Case("eval-model-missing", ["eval", "{dir}/nope", "--tasks", "x.yaml"], 2, "nope: no such"),
     Case("eval-no-tasks", ["eval", "{run}"], 2, "--tasks"),
+    Case(
+        "eval-task-file-bad-line",
+        ["eval", "{run}", "--tasks", "{dir}/suite.yaml"],
+        2,
+        "mc.jsonl:2",
+        setup=lambda w, d: (
+            write("mc.jsonl", MC_LINE + "\n{broken\n")(w, d)
+            or write("suite.yaml", "- {name: mc, path: mc.jsonl, type: multiple_choice}\n")(w, d)
+        ),
+    ),
     Case("eval-tasks-missing", ["eval", "{run}", "--tasks", "{dir}/none.yaml"], 2, "none.yaml"),
     Case(
         "eval-tasks-yaml-broken",

@@ -90,6 +90,8 @@ def top_ngram_char_fractions(texts: list[str], n: int) -> np.ndarray:
     if not len(grams):
         return out
     first_word = np.flatnonzero(owner[: len(grams)] == owner[n - 1 :])  # n-grams inside one text
+    if not len(first_word):  # every text is shorter than n words (n-grams only across texts)
+        return out
     text, gram = owner[first_word], grams[first_word]  # in text order, then position order
     csum = np.r_[0, np.cumsum(chars)]
     gram_chars = csum[first_word + n] - csum[first_word]
