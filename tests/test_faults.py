@@ -1,10 +1,12 @@
-"""Faults: `kill -9` during any stage, then run again, gives the bytes of a run never interrupted.
+"""Faults: Ctrl-C or `kill -9` during any stage, then run again, gives the bytes of a run never
+interrupted.
 
-For each stage, a real `trulyopen` process is killed with SIGKILL twice, at seeded random moments
-while that stage runs, then run again to completion; the run directory must then hold the same
-files as an uninterrupted reference run at the same point, with the same bytes, apart from the
-timings (see "What of each file must repeat" below), and the stage's ledger entry must record the
-same outputs.
+For each stage, a real `trulyopen` process is stopped with Ctrl-C (SIGINT to its process group: one
+line, exit status 130, no traceback from it or its workers), then killed with SIGKILL twice, at
+seeded random moments while that stage runs, then run again to completion; the run directory must
+then hold the same files as an uninterrupted reference run at the same point, with the same bytes,
+apart from the timings (see "What of each file must repeat" below), and the stage's ledger entry
+must record the same outputs.
 
 The reference is built once, one CLI verb after another, with a copy of the run directory kept after
 each: a stage's test starts from the copy made just before that stage and ends comparable with the
@@ -175,7 +177,13 @@ class Process:
 
     def __init__(self, cmd: list[str]):
         self.proc = subprocess.Popen(
-            cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            cmd,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,  # a process group of its own, as a terminal's foreground job
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -197,6 +205,14 @@ class Process:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
         self.proc.stdout.close()
+
+    def ctrl_c(self) -> int:
+        """SIGINT to the whole group, workers included, as Ctrl-C in a terminal; the exit status."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        code = self.proc.wait(timeout=120)
+        time.sleep(0.1)  # the reader thread takes the last lines
+        self.printed("")
+        return code
 
 
 class StageWatch:
@@ -239,18 +255,44 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def ctrl_c_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: float) -> bool:
+    """As kill_during, with Ctrl-C: the run must stop with one line and exit status 130, no traceback
+    from it or its workers."""
+    watch = StageWatch(stage, run_dir)
+    proc = Process(command(verb, recipe, run_dir))
+    _wait_for(watch, proc, verb)
+    time.sleep(delay)
+    if not proc.running():
+        return False
+    code = proc.ctrl_c()
+    said = "\n".join(proc.seen)
+    # 130, or death by SIGINT (which a shell shows as 130 too): Python ends that way when a C library
+    # saw the KeyboardInterrupt first, even though trulyopen handled it
+    assert code in (130, -signal.SIGINT) or (code == 0 and watch.finished()), f"exit {code}:\n{said}"
+    assert "Traceback" not in said, said
+    if code == 0:
+        return False
+    last = [line for line in proc.seen if line.strip()][-1]
+    assert last.startswith("interrupted; finished work is kept: rerun `trulyopen"), said
+    return not watch.finished()
+
+
+def _wait_for(watch: StageWatch, proc: Process, verb: str) -> None:
+    deadline = time.monotonic() + 120
+    while not watch.started(proc):
+        if not proc.running():
+            assert watch.started(proc), f"{verb} ended before {watch.stage} began:\n" + "\n".join(proc.seen)
+            break
+        assert time.monotonic() < deadline, f"{watch.stage} did not begin in two minutes"
+        time.sleep(0.005)
+
+
 def kill_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: float) -> bool:
     """Start `verb`, wait until it reaches `stage`, and kill -9 it `delay` seconds later. Returns
     whether the kill landed while the stage was running (False: the stage had finished first)."""
     watch = StageWatch(stage, run_dir)
     proc = Process(command(verb, recipe, run_dir))
-    deadline = time.monotonic() + 120
-    while not watch.started(proc):
-        if not proc.running():
-            assert watch.started(proc), f"{verb} ended before {stage} began:\n" + "\n".join(proc.seen)
-            break
-        assert time.monotonic() < deadline, f"{stage} did not begin in two minutes"
-        time.sleep(0.005)
+    _wait_for(watch, proc, verb)
     time.sleep(delay)
     alive = proc.running()
     proc.kill()
@@ -260,7 +302,7 @@ def kill_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: float
 
 
 @pytest.mark.parametrize("stage", STAGES)
-def test_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str, reference: dict) -> None:
+def test_ctrl_c_or_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str, reference: dict) -> None:
     start, verb, end = PLAN[stage]
     run_dir, recipe = reference["run"], reference["recipe"]
     rng = random.Random(f"faults/{stage}")
@@ -268,8 +310,11 @@ def test_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str, reference
     for _attempt in range(3):
         restore(reference["copies"][start], run_dir)
         # anywhere in the stage but its very end: a resumed stage has less left to do
-        delays = [rng.uniform(0.05, 0.9) * seconds for _ in range(KILLS)]
-        if all(kill_during(stage, verb, recipe, run_dir, delay) for delay in delays):
+        delays = [rng.uniform(0.05, 0.9) * seconds for _ in range(KILLS + 1)]
+        # first Ctrl-C, then kill -9 several times: each resumes from what the last one left
+        if ctrl_c_during(stage, verb, recipe, run_dir, delays[0]) and all(
+            kill_during(stage, verb, recipe, run_dir, delay) for delay in delays[1:]
+        ):
             break
         # a kill came after the stage had finished: this time the stage ran faster than in the
         # reference (a busy machine makes both vary), so start over aiming earlier
@@ -278,7 +323,7 @@ def test_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str, reference
         pytest.fail(f"no {KILLS} kills in a row landed while {stage} ran")
     run_to_end(verb, recipe, run_dir)
 
-    kills = f"killed after {', '.join(f'{d:.3f}' for d in delays)} s of {stage}"
+    kills = f"interrupted, then killed, after {', '.join(f'{d:.3f}' for d in delays)} s of {stage}"
     expected = reference["copies"][end]
     assert [e["stage"] for e in ledger(run_dir)].count(stage) == 1, kills  # the killed runs recorded nothing
     assert outputs(run_dir, stage) == outputs(expected, stage), kills
