@@ -5,6 +5,7 @@ the right status and an OpenAI-style error; limits and disconnects free their sl
 import asyncio
 import json
 import socket
+import subprocess
 import threading
 import time
 
@@ -52,6 +53,19 @@ def model(tok):
     with torch.no_grad():
         m.lm_head.weight.mul_(30)
     return m
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, seconds: float) -> None:
+    """Wait for a `trulyopen serve` process to answer /health (failing if it dies or is late)."""
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.ConnectError:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.2)
 
 
 class Running:
@@ -268,7 +282,6 @@ def test_serve_command_drains_running_requests_on_sigterm(model, tok, tmp_path):
     arrives gets its whole answer, then the process exits cleanly."""
     import os
     import signal
-    import subprocess
     import sys
 
     model.save_pretrained(tmp_path / "tiny")
@@ -296,15 +309,7 @@ def test_serve_command_drains_running_requests_on_sigterm(model, tok, tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                assert time.time() < deadline
-                time.sleep(0.2)
+        wait_until_healthy(proc, url, 60)
         body = {"model": "tiny", "prompt": "def", "max_tokens": 200, "temperature": 0, "stream": True}
         body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
         events = []

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_llama
-from tests.test_serve import CHAT_TEMPLATE, Running
+from tests.test_serve import CHAT_TEMPLATE, Running, wait_until_healthy
 from trulyopen.serve.app import Limits
 
 # What the parrot model says, token after token: markup that would run script were it rendered
@@ -236,15 +236,7 @@ def test_200_connections_over_the_limits_get_429s_and_memory_stays_bounded(parro
             )
 
     try:
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.ConnectError:
-                assert time.time() < deadline, "the server did not start"
-                time.sleep(0.2)
+        wait_until_healthy(proc, url, 90)
         assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200  # warm
         server = psutil.Process(proc.pid)
         before = server.memory_info().rss
