@@ -30,7 +30,14 @@ import yaml
 from tests.conftest import WORDS, build_corpus, write_recipe
 
 TRULYOPEN = [sys.executable, "-m", "trulyopen"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRULYOPEN_QUIET": "1"}
+# offline: a hub name fails at once; one thread per process: the rows run three at a time on few cores
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TRULYOPEN_QUIET": "1",
+    "OMP_NUM_THREADS": "1",
+}
 
 
 @dataclass
