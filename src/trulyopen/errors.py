@@ -5,7 +5,7 @@
     Ctrl-C                       ─► `interrupted; finished work is kept: rerun ... to resume`,   exit 130
 
 Every module raises its own `UserError` subclass (RecipeError, DataError, ...), so only this
-file and `cli.main` know about exit codes. The crash report, written to the run directory when
+file and the CLI (`cli._Contract`, around every verb) know about exit codes. The crash report, written to the run directory when
 one is known, holds what a bug report needs: the traceback, the versions and the command.
 
 This module imports nothing heavy: `trulyopen` with a bad argument answers in a fraction of a
