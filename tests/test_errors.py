@@ -494,6 +494,16 @@ CASES = [
     Case("eval-model-missing", ["eval", "{dir}/nope", "--tasks", "x.yaml"], 2, "nope: no such"),
     Case("eval-no-tasks", ["eval", "{run}"], 2, "--tasks"),
     Case(
+        "eval-contamination-corpus-missing",
+        ["eval", "{run}", "--tasks", "{dir}/suite.yaml", "--contamination", "{dir}/nope"],
+        2,
+        "nope: no such file or directory",
+        setup=lambda w, d: (
+            write("mc.jsonl", MC_LINE + "\n")(w, d)
+            or write("suite.yaml", "- {name: mc, path: mc.jsonl, type: multiple_choice}\n")(w, d)
+        ),
+    ),
+    Case(
         "eval-task-file-bad-line",
         ["eval", "{run}", "--tasks", "{dir}/suite.yaml"],
         2,
@@ -520,6 +530,14 @@ CASES = [
     ),
     # generate, chat
     Case("generate-missing-dir", ["generate", "/no/such/dir", "hi"], 2, "/no/such/dir: no such"),
+    # one slash, like a hub name, but its first part is a local folder: a typo of a path
+    Case(
+        "generate-typo-in-a-path",
+        ["generate", "models/nope", "hi"],
+        2,
+        "models/nope: no such",
+        setup=write("models/x", ""),
+    ),
     Case("generate-hub-offline", ["generate", "nosuchorg/nosuchmodel", "hi"], 2, "no Hugging Face hub model"),
     Case("generate-recipe-as-model", ["generate", "{recipe}", "hi"], 2, "a file, not a model"),
     Case("generate-plain-directory", ["generate", "{dir}", "hi"], 2, "not a model"),
@@ -583,6 +601,9 @@ CASES = [
     Case("report-not-a-run", ["report", "{dir}"], 2, "not a trulyopen run"),
     # release, audit, verify
     Case("release-missing", ["release", "/no/such/run"], 2, "/no/such/run"),
+    Case(
+        "release-yaml-broken", ["release", R], 2, "not valid YAML", setup=write("recipe.yaml", "name: [x\n")
+    ),
     Case("release-not-a-run", ["release", "{dir}"], 2, "recipe"),
     Case("audit-missing", ["audit", "/no/such/dir"], 2, "/no/such/dir"),
     Case("audit-a-file", ["audit", "{recipe}"], 2, "recipe.yaml"),

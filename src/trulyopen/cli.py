@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -195,6 +196,11 @@ def eval_(
         raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
     locate(target)
     specs = load_suite(tasks) if tasks is not None else []
+    for path in [*(contamination or []), *([include_path] if include_path else [])]:
+        if not path.exists():
+            raise errors.missing(
+                path, "file or directory", "check the path given to --contamination / --include-path"
+            )
     from trulyopen.evaluate import models
     from trulyopen.evaluate.runner import evaluate_suite
 
@@ -247,14 +253,17 @@ PrecisionOpt = Annotated[
 ]
 
 
+def _check_precision(precision: str) -> None:
+    if precision not in ("auto", "bf16", "fp32"):
+        raise typer.BadParameter(f"--precision {precision}: choose auto, bf16 or fp32")
+
+
 def _load_for_inference(target: str, precision: str):
     from trulyopen.locate import locate
 
+    _check_precision(precision)
     locate(target)  # a wrong path is named before torch is even imported
     from trulyopen.serve.launch import load
-
-    if precision not in ("auto", "bf16", "fp32"):
-        raise typer.BadParameter(f"--precision {precision}: choose auto, bf16 or fp32")
 
     return load(target, precision)
 
@@ -345,6 +354,7 @@ def serve(
         from trulyopen.serve.launch import serve_external
 
         raise typer.Exit(serve_external(engine, model, host, port, api_key))
+    _check_precision(precision)
     locate(model)  # a wrong path is named before torch is even imported
     from trulyopen.serve.app import Limits
     from trulyopen.serve.launch import serve as serve_ours
@@ -399,7 +409,11 @@ def release(
     if target.is_dir():
         run_dir = run_dir or target
     overrides = list(set or [])
-    if recipe.is_file() and "release" not in (yaml.safe_load(recipe.read_text()) or {}):
+    try:
+        tree = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        tree = None  # load_recipe names what is wrong with it
+    if isinstance(tree, dict) and "release" not in tree:
         overrides.append("release={}")  # a recipe without a release section: the defaults
     out = _run(recipe, overrides, run_dir, force, workers, until="release")
     _say_release(out)
@@ -510,11 +524,17 @@ def _fail(message: str) -> int:
 def _interrupted() -> int:
     # a second Ctrl-C (or one still pending in a library's thread) must not cut the exit short
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    typer.echo(
-        f"interrupted; finished work is kept: rerun `trulyopen {' '.join(sys.argv[1:])}` to resume",
-        err=True,
-    )
+    args = sys.argv[1:]
+    if args and args[0] in RESUMABLE:
+        rerun = f"trulyopen {shlex.join(args)}"
+        typer.echo(f"interrupted; finished work is kept: rerun `{rerun}` to resume", err=True)
+    else:
+        typer.echo("interrupted", err=True)
     return 130
+
+
+# the verbs that run pipeline stages: interrupted, they resume where they stopped
+RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release"}
 
 
 def _crash(e: BaseException) -> int:

@@ -1,12 +1,13 @@
 """What a user sees when something goes wrong: one line, never a traceback.
 
     a mistake the user can fix   ─► `error: <file, field, line or flag>: <what>; <what to do>`, exit 2
-    a bug (anything else)        ─► `error: internal error (<type>); crash report: <file>`,     exit 1
+    a bug (anything else)        ─► `error: internal error (<type>: ...); ... crash report is <file>`, exit 1
     Ctrl-C                       ─► `interrupted; finished work is kept: rerun ... to resume`,   exit 130
 
 Every module raises its own `UserError` subclass (RecipeError, DataError, ...), so only this
-file and the CLI (`cli._Contract`, around every verb) know about exit codes. The crash report, written to the run directory when
-one is known, holds what a bug report needs: the traceback, the versions and the command.
+file and the CLI (`cli._Contract`, around every verb) know about exit codes. The crash report,
+written to the run directory when one is known, holds what a bug report needs: the traceback, the
+versions and the command.
 
 This module imports nothing heavy: `trulyopen` with a bad argument answers in a fraction of a
 second.
@@ -78,7 +79,7 @@ def _unreadable(path: Path | str, what: str, e: BaseException) -> UserError:
 
 def os_error_message(e: OSError) -> str | None:
     """The one-line message for an OS error the user can fix (full disk, permissions), else None."""
-    where = e.filename or "?"
+    where = e.filename or "writing a file"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"{where}: no space left on the device (or file size limit reached); free space and rerun"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

@@ -38,7 +38,7 @@ def atomic_open(path: str | Path, mode: str = "w", durable: bool = True) -> Iter
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.filename is None:  # a write that failed (a full disk): say which file it was
+        if e.filename is None and e.errno is not None:  # a write that failed (a full disk): name the file
             raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     finally:

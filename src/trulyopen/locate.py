@@ -27,9 +27,11 @@ class Located:
 
 
 def looks_like_path(target: str) -> bool:
-    """A hub name is `name` or `owner/name`; anything with more to it is meant as a path."""
+    """A hub name is `name` or `owner/name`; anything with more to it, or whose first part is a
+    local directory (`runs/typo`), is meant as a path."""
     return (
         target.startswith(("/", ".", "~"))
+        or ("/" in target and Path(target.split("/")[0]).is_dir())
         or "\\" in target
         or target.count("/") > 1
         or target.endswith((".yaml", ".yml", ".json", ".jsonl", ".safetensors", ".pt", ".gguf"))
@@ -65,7 +67,9 @@ def locate(target: str | Path, field: str = "") -> Located:
         raise UserError(
             f"{where}{text}: an unfinished checkpoint (killed while written); give a finished one"
         )
-    if (path / "ledger.jsonl").exists() or (path / "checkpoints").is_dir():
+    if (path / "model" / "config.json").exists():
+        return Located("hf-dir", str(path / "model"))  # a release: its model/ folder
+    if (path / "ledger.jsonl").exists():
         ckpt = newest_checkpoint(path)
         if ckpt is None:
             raise UserError(
@@ -73,8 +77,6 @@ def locate(target: str | Path, field: str = "") -> Located:
                 f"(`trulyopen pretrain {path / 'recipe.yaml'}`)"
             )
         return Located("checkpoint", str(ckpt))
-    if (path / "model" / "config.json").exists():
-        return Located("hf-dir", str(path / "model"))  # a release: its model/ folder
     if (path / "config.json").exists():
         return Located("hf-dir", str(path))
     raise UserError(

@@ -8,6 +8,7 @@ the parent has threads (tokenizers, torch), and each is set up once by `init(*in
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -27,5 +28,12 @@ def ordered_map(
         init(*initargs)
         yield from map(fn, items)
         return
-    with mp.get_context("spawn").Pool(workers, init, initargs) as pool:
+    with mp.get_context("spawn").Pool(workers, _worker_init, (init, initargs)) as pool:
         yield from pool.imap(fn, items)
+
+
+def _worker_init(init: Callable[..., None], initargs: tuple[Any, ...]) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (leaving the pool ends
+    # the workers), so that no worker prints a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init(*initargs)

@@ -638,6 +638,8 @@ def _empty_corpus(
         return f"the corpus is empty: no input file was found ({where}); check each source's path and include"
     bad = sum(t["problems"] for t in per_source.values())
     read = sum(t["docs_read"] for t in per_source.values())
+    if not read and not bad:
+        return "the corpus is empty: the input files hold no records; check each source's path and include"
     if not read:
         first = "; ".join(str(Problem(**p)) for p in problems[:3])
         return (

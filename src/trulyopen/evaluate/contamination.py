@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from trulyopen.data.ngrams import ngram_hashes, word_hashes
-from trulyopen.errors import UserError
+from trulyopen.errors import UserError, missing
 from trulyopen.evaluate.taskfile import instance_text, load_instances
 
 MIN_WORDS = 8  # shorter items are not checked: a run of so few words is common by chance
@@ -68,7 +68,7 @@ def corpus_documents(corpora: list[Path]) -> Iterator[tuple[str, str]]:
     for root in corpora:
         root = Path(root)
         if not root.exists():
-            raise FileNotFoundError(f"{root}: corpus not found")
+            raise missing(root, "corpus", "check the path given to --contamination")
         files = (
             [p for p in sorted(root.rglob("*")) if p.is_file() and not _hidden(p.relative_to(root))]
             if root.is_dir()

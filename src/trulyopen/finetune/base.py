@@ -17,7 +17,6 @@ QLoRA keeps W in 4-bit NF4 (bitsandbytes) and computes in bf16 or fp32; only A a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ def resolve(cfg: FinetuneConfig, run_dir: Path) -> BaseRef:
     if found.kind == "hf-dir":  # a Hugging Face directory, or a release's model/
         return BaseRef(str(path), str(path))
     if (path / "adapter.safetensors").exists():
-        state = json.loads((path / "state.json").read_text())
+        state = checkpoint.read_state(path)
         inner = resolve(cfg.model_copy(update={"base": state["base"]}), run_dir)
         return BaseRef(inner.model, str(checkpoint.tokenizer_dir(path) or inner.tokenizer), adapter=path)
     tokenizer = checkpoint.tokenizer_dir(path) if (path / "state.json").exists() else path
@@ -147,7 +146,7 @@ def with_adapter(adapter_ckpt: Path, base_model: torch.nn.Module) -> torch.nn.Mo
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    state = json.loads((adapter_ckpt / "state.json").read_text())
+    state = checkpoint.read_state(adapter_ckpt)
     model = get_peft_model(base_model, LoraConfig(**state["lora_config"]))
     result = model.load_state_dict(load_file(str(adapter_ckpt / "adapter.safetensors")), strict=False)
     if result.unexpected_keys:
@@ -162,7 +161,7 @@ def base_of(adapter_ckpt: Path) -> torch.nn.Module:
     """The full-precision model an adapter checkpoint was trained on (merging earlier adapters)."""
     from transformers import AutoModelForCausalLM
 
-    base = json.loads((adapter_ckpt / "state.json").read_text())["base"]
+    base = checkpoint.read_state(adapter_ckpt)["base"]
     if (Path(base) / "adapter.safetensors").exists():
         return merged(Path(base), base_of(Path(base)))
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)

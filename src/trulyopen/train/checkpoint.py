@@ -129,8 +129,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
             model_sd[name] = model_sd[source]
     with reading(path / "optimizer.pt", "checkpoint's optimizer state"):
         optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
-    with reading(path, "checkpoint into this model (another model config?)"):
-        load_full_state(model, optimizer, model_sd, optim_sd, trainable_only=adapter)
+    load_full_state(model, optimizer, model_sd, optim_sd, trainable_only=adapter)
     with reading(path / "rng.pt", "checkpoint's random state"):
         torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
     return read_state(path)
