@@ -578,5 +578,5 @@ def test_contamination_reads_directories_and_names_bad_lines(planted: dict):
     (corpus / "part.jsonl").write_text('{"id": "j1", "text": "fine"}\n{"id": "j2"}\n')
     with pytest.raises(CorpusError, match=f"^{re.escape(str(corpus / 'part.jsonl'))}:2: expected an object"):
         contamination_report(planted["files"], planted["kinds"], [corpus])
-    with pytest.raises(FileNotFoundError, match="corpus not found"):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl: no such corpus"):
         contamination_report(planted["files"], planted["kinds"], [planted["tmp"] / "missing.jsonl"])
