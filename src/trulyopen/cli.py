@@ -189,12 +189,11 @@ def eval_(
         _run(Path(target), set, run_dir, ["eval"], None, until="eval")
         return
     from trulyopen.evaluate.taskfile import load_suite
-    from trulyopen.locate import locate
 
     # what is wrong with the arguments is said before torch is even imported
     if tasks is None and lm_eval is None:
         raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
-    locate(target)
+    _locate(target)
     specs = load_suite(tasks) if tasks is not None else []
     for path in [*(contamination or []), *([include_path] if include_path else [])]:
         if not path.exists():
@@ -233,9 +232,7 @@ def export(
 ):
     """Write a checkpoint in the Hugging Face format (config, safetensors, tokenizer, generation config);
     an adapter checkpoint gives the merged model and the adapter alone in OUT/adapter (peft format)."""
-    from trulyopen.locate import locate
-
-    locate(checkpoint)  # a wrong path is named before torch is even imported
+    _locate(checkpoint)  # a wrong path is named before torch is even imported
     from trulyopen.model.export import export_checkpoint
 
     export_checkpoint(checkpoint, out)
@@ -253,16 +250,23 @@ PrecisionOpt = Annotated[
 ]
 
 
+def _locate(target: str | Path) -> None:
+    """Check a model argument (cheaply: no torch); a run directory also receives any crash report."""
+    from trulyopen.locate import locate
+
+    locate(target)
+    if (Path(target) / "ledger.jsonl").is_file():
+        errors.set_run_dir(Path(target))
+
+
 def _check_precision(precision: str) -> None:
     if precision not in ("auto", "bf16", "fp32"):
         raise typer.BadParameter(f"--precision {precision}: choose auto, bf16 or fp32")
 
 
 def _load_for_inference(target: str, precision: str):
-    from trulyopen.locate import locate
-
     _check_precision(precision)
-    locate(target)  # a wrong path is named before torch is even imported
+    _locate(target)  # a wrong path is named before torch is even imported
     from trulyopen.serve.launch import load
 
     return load(target, precision)
@@ -346,8 +350,6 @@ def serve(
 ):
     """Serve MODEL behind an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
     streaming), with a chat page at /. SIGTERM lets running requests finish, then stops."""
-    from trulyopen.locate import locate
-
     if engine != "trulyopen":
         if engine not in ("vllm", "sglang"):
             raise typer.BadParameter(f"--engine {engine}: choose trulyopen, vllm or sglang")
@@ -355,7 +357,7 @@ def serve(
 
         raise typer.Exit(serve_external(engine, model, host, port, api_key))
     _check_precision(precision)
-    locate(model)  # a wrong path is named before torch is even imported
+    _locate(model)  # a wrong path is named before torch is even imported
     from trulyopen.serve.app import Limits
     from trulyopen.serve.launch import serve as serve_ours
 

@@ -11,11 +11,13 @@ A path that does not exist is reported as a missing path, never passed on to the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trulyopen.errors import UserError, missing
+from trulyopen.errors import UserError, missing, reading
 
 ACCEPTED = "a run directory, a release, a checkpoint, a Hugging Face model directory or hub name"
 
@@ -83,6 +85,19 @@ def locate(target: str | Path, field: str = "") -> Located:
         f"{where}{text}: a directory, but not a model (no config.json, state.json, ledger.jsonl or "
         f"model/ in it); give {ACCEPTED}"
     )
+
+
+@contextmanager
+def loading(name_or_dir: str, what: str, field: str = "") -> Iterator[None]:
+    """Around a `from_pretrained` call: a local directory that cannot be read, or a hub name that
+    cannot be fetched, as one line (with `field`, e.g. "finetune.base", in front)."""
+    where = f"{field}: {name_or_dir}" if field else name_or_dir
+    local = Path(name_or_dir).exists()
+    try:
+        with reading(where, what, local=local):
+            yield
+    except OSError as e:  # not local: a hub name the hub does not have, or no network
+        raise hub_error(name_or_dir, e, field) from None
 
 
 def hub_error(name: str, e: Exception, field: str = "") -> UserError:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from trulyopen.errors import UserError, missing, reading
-from trulyopen.locate import hub_error, locate
+from trulyopen.locate import loading, locate
 from trulyopen.train import checkpoint
 
 
@@ -50,12 +50,9 @@ def load(target: str | Path) -> EvalModel:
         with reading(tok_dir, "tokenizer"):
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
     else:
-        try:
-            with reading(path, "Hugging Face model", local=found.kind == "hf-dir"):
-                model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32).eval()
-                tok = AutoTokenizer.from_pretrained(found.path)
-        except OSError as e:  # a hub name that the hub does not have, or no network
-            raise hub_error(found.path, e) from None
+        with loading(found.path, "Hugging Face model"):
+            model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32).eval()
+            tok = AutoTokenizer.from_pretrained(found.path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     vocab = model.get_input_embeddings().weight.shape[0]

@@ -17,15 +17,12 @@ QLoRA keeps W in 4-bit NF4 (bitsandbytes) and computes in bf16 or fp32; only A a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from trulyopen.errors import reading
-from trulyopen.locate import hub_error, locate
+from trulyopen.locate import loading, locate
 from trulyopen.recipe import FinetuneConfig
 from trulyopen.train import TrainingError, checkpoint
 
@@ -62,21 +59,10 @@ def resolve(cfg: FinetuneConfig, run_dir: Path) -> BaseRef:
     return BaseRef(str(path), str(tokenizer))
 
 
-@contextmanager
-def _loading(name_or_dir: str, what: str) -> Iterator[None]:
-    """A local base that cannot be read, or a hub name that cannot be fetched, as one line."""
-    local = Path(name_or_dir).exists()
-    try:
-        with reading(f"finetune.base: {name_or_dir}", what, local=local):
-            yield
-    except OSError as e:
-        raise hub_error(name_or_dir, e, "finetune.base") from None
-
-
 def load_tokenizer(ref: BaseRef):
     from transformers import AutoTokenizer
 
-    with _loading(ref.tokenizer, "tokenizer"):
+    with loading(ref.tokenizer, "tokenizer", "finetune.base"):
         tok = AutoTokenizer.from_pretrained(ref.tokenizer)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -115,14 +101,14 @@ def load_model(
             bnb_4bit_compute_dtype=compute_dtype,
         )
     if ref.adapter is not None:  # merge the earlier adapter in full precision, then quantise if asked
-        with _loading(ref.model, "model"):
+        with loading(ref.model, "model", "finetune.base"):
             model = merged(ref.adapter, AutoModelForCausalLM.from_pretrained(ref.model, dtype=torch.float32))
         if cfg.adapter == "qlora":
             raise TrainingError(
                 "finetune.base: QLoRA on an adapter checkpoint: export it first, then use that"
             )
     else:
-        with _loading(ref.model, "model"):
+        with loading(ref.model, "model", "finetune.base"):
             model = AutoModelForCausalLM.from_pretrained(ref.model, **kwargs)
     if cfg.adapter == "none":
         return model

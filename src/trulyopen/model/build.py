@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from trulyopen.errors import reading
-from trulyopen.locate import hub_error, locate
+from trulyopen.locate import loading, locate
 from trulyopen.model.presets import Dims, ModelSpecError, build_config
 
 
@@ -42,11 +41,8 @@ def from_pretrained(name_or_dir: str | Path, vocab: int | None = None):
     from transformers import AutoModelForCausalLM
 
     found = locate(name_or_dir, "model.init_from")
-    try:
-        with reading(f"model.init_from: {found.path}", "model", local=found.kind != "hub"):
-            model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32)
-    except OSError as e:
-        raise hub_error(found.path, e, "model.init_from") from None
+    with loading(found.path, "model", "model.init_from"):
+        model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32)
     have = model.get_input_embeddings().weight.shape[0]
     if vocab is not None and vocab > have:
         raise ModelSpecError(
