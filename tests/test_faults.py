@@ -187,7 +187,8 @@ class Process:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -210,7 +211,7 @@ class Process:
         """SIGINT to the whole group, workers included, as Ctrl-C in a terminal; the exit status."""
         os.killpg(self.proc.pid, signal.SIGINT)
         code = self.proc.wait(timeout=120)
-        time.sleep(0.1)  # the reader thread takes the last lines
+        self.reader.join(timeout=30)  # every line it printed, to the end of its output
         self.printed("")
         return code
 
@@ -266,15 +267,16 @@ def ctrl_c_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: flo
         return False
     code = proc.ctrl_c()
     said = "\n".join(proc.seen)
+    assert "Traceback" not in said, said
     # 130, or death by SIGINT (which a shell shows as 130 too): Python ends that way when a C library
     # saw the KeyboardInterrupt first, even though trulyopen handled it
-    assert code in (130, -signal.SIGINT) or (code == 0 and watch.finished()), f"exit {code}:\n{said}"
-    assert "Traceback" not in said, said
-    if code == 0:
+    assert code in (0, 130, -signal.SIGINT), f"exit {code}:\n{said}"
+    if watch.finished():  # it came after the stage's end, perhaps as the process was exiting
         return False
+    assert code != 0, said
     last = [line for line in proc.seen if line.strip()][-1]
     assert last.startswith("interrupted; finished work is kept: rerun `trulyopen"), said
-    return not watch.finished()
+    return True
 
 
 def _wait_for(watch: StageWatch, proc: Process, verb: str) -> None:
