@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from trulyopen.errors import UserError, missing, reading
+from trulyopen.train.layout import newest
 
 ACCEPTED = "a run directory, a release, a checkpoint, a Hugging Face model directory or hub name"
 
@@ -44,10 +45,9 @@ def looks_like_path(target: str) -> bool:
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run: post-training first, else pretraining."""
     for stage in ("finetune", "pretrain"):
-        root = run_dir / "checkpoints" / stage
-        found = [p for p in root.glob("step_*") if p.name[5:].isdigit() and (p / "state.json").exists()]
-        if found:
-            return max(found, key=lambda p: int(p.name[5:]))
+        found = newest(run_dir / "checkpoints" / stage)
+        if found is not None:
+            return found
     return None
 
 

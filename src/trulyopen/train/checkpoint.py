@@ -26,31 +26,7 @@ from trulyopen.errors import missing, reading
 from trulyopen.files import write_json
 from trulyopen.train import TrainingError
 from trulyopen.train.distributed import World, barrier, full_state, load_full_state
-
-PREFIX = "step_"
-
-
-def path_for(root: Path, step: int) -> Path:
-    return root / f"{PREFIX}{step:06d}"
-
-
-def step_of(path: Path) -> int | None:
-    """The step of a checkpoint directory's name, or None for anything else (e.g. a .tmp directory)."""
-    tail = path.name[len(PREFIX) :]
-    return int(tail) if path.name.startswith(PREFIX) and tail.isdigit() else None
-
-
-def complete(root: Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if step_of(p) is not None and (p / "state.json").exists()]
-    return sorted(found, key=step_of)
-
-
-def newest(root: Path) -> Path | None:
-    found = complete(root)
-    return found[-1] if found else None
+from trulyopen.train.layout import PREFIX, complete, newest, path_for, step_of  # noqa: F401 (callers use them from here)
 
 
 def _tied_names(model: torch.nn.Module) -> dict[str, str]:
