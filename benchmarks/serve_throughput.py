@@ -13,6 +13,16 @@ Rows:
            aggregate completion tokens/s over the wall time, and time to first token (p50, p99).
   sequential  the same requests one after another through model.generate(): tokens/s.
 
+  llama.cpp  (when llama-cpp-python is installed; --no-llamacpp skips) on the same model and on a 150M
+           Llama made here over the same tokenizer (random weights: speed does not depend on them),
+           both in bf16 GGUF and in our engine in bf16:
+             raw        llama-cpp-python's own Llama.generate, greedy, single stream, best of --repeat
+             ours       our engine, bf16, single stream: ratio to raw (target >= 0.6x at 150M)
+             served     `trulyopen serve --engine llama.cpp`, one streaming client: ratio to raw
+                        (target >= 0.9x)
+             clients    --clients streaming clients against `serve --engine llama.cpp` and against
+                        `serve` (our engine, bf16): aggregate tokens/s of each
+
 Targets: single >= 2x generate(); server >= 10x sequential. The last line is JSON.
 Model: --model (default runs/quickstart, its newest checkpoint). The single stream runs in bf16 and
 in fp32, each with the matrix-vector floor: the time of one token's matrix products alone, which
@@ -24,12 +34,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
+import os
 import platform
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -118,8 +131,8 @@ async def clients(url: str, name: str, prompts: list[list[int]], n: int) -> tupl
     return wall, [r[0] for r in results], sum(r[1] for r in results)
 
 
-def start_server(model_arg: str, port: int, slots: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "trulyopen", "serve", model_arg, "--port", str(port), "--precision", "fp32"]
+def start_server(model_arg: str, port: int, slots: int, extra: tuple[str, ...] = ("--precision", "fp32")):
+    cmd = [sys.executable, "-m", "trulyopen", "serve", model_arg, "--port", str(port), *extra]
     cmd += ["--max-concurrent", str(slots)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -131,6 +144,98 @@ def start_server(model_arg: str, port: int, slots: int) -> subprocess.Popen:
             time.sleep(0.3)
     proc.kill()
     raise SystemExit("the server did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def served(model_arg: str, name: str, prompts, n: int, extra: tuple[str, ...]) -> tuple[float, float]:
+    """(tokens/s of one streaming client, aggregate tokens/s of len(prompts) clients) through
+    `trulyopen serve` in its own process."""
+    port = free_port()
+    proc = start_server(model_arg, port, len(prompts), extra)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(clients(url, name, prompts[:1], 4))  # warm-up
+        one = min(asyncio.run(clients(url, name, prompts[:1], n))[0] for _ in range(2))
+        wall, _, used = asyncio.run(clients(url, name, prompts, n))
+        assert used == len(prompts) * n, used
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return n / one, used / wall
+
+
+def raw_llama_cpp(gguf_file: Path, ids: list[int], n: int, repeat: int) -> float:
+    """llama-cpp-python on its own: greedy tokens/s of one stream (its prompt cache cleared)."""
+    from trulyopen.serve.llamacpp import open_gguf  # llama_cpp.Llama on every core (and AMX's workaround)
+
+    llm = open_gguf(gguf_file, 512)
+
+    def once(k: int) -> float:
+        llm.reset()
+        start, got = time.perf_counter(), 0
+        for _ in llm.generate(ids, temp=0.0, min_p=0.0, reset=True):
+            got += 1
+            if got == k:
+                break
+        return time.perf_counter() - start
+
+    once(8)
+    return n / min(once(n) for _ in range(repeat))
+
+
+def llamacpp_rows(model_dir: str, label: str, args, prompts) -> dict:
+    """llama.cpp against our engine and through our server, on one model (bf16 on both sides)."""
+    from trulyopen.serve.launch import load
+    from trulyopen.serve.llamacpp import cached_gguf
+
+    gguf_file = cached_gguf(model_dir, "bf16")
+    raw = raw_llama_cpp(gguf_file, prompts[0], args.tokens, args.repeat)
+    model, _, name = load(model_dir, "bf16")
+    ours_generate(model, prompts[0], 8)
+    ours = args.tokens / min(ours_generate(model, prompts[0], args.tokens) for _ in range(args.repeat))
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    one, many = served(model_dir, name, prompts, args.tokens, ("--engine", "llama.cpp", "--quant", "bf16"))
+    _, ours_many = served(model_dir, name, prompts, args.tokens, ("--precision", "bf16"))
+    row = {
+        "params_m": params / 1e6,
+        "raw_tokens_per_s": raw,
+        "ours_tokens_per_s": ours,
+        "ours_ratio": ours / raw,
+        "served_tokens_per_s": one,
+        "served_ratio": one / raw,
+        f"served_{args.clients}_clients_tokens_per_s": many,
+        f"ours_served_{args.clients}_clients_tokens_per_s": ours_many,
+    }
+    print(
+        f"llama.cpp, {label} ({params / 1e6:.1f} M, bf16): raw llama-cpp-python {raw:.1f} tok/s; our engine "
+        f"{ours:.1f} tok/s ({ours / raw:.2f}x, target 0.6x at 150M); `serve --engine llama.cpp`, one "
+        f"client {one:.1f} tok/s ({one / raw:.2f}x raw, target 0.9x); {args.clients} clients: llama.cpp "
+        f"{many:.1f} tok/s, our engine {ours_many:.1f} tok/s"
+    )
+    return row
+
+
+def model_150m(model_dir: str, out: Path) -> str:
+    """A 150M Llama (the `150m` preset) over the model's own tokenizer, in the Hugging Face format."""
+    from trulyopen.locate import locate
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.export import export_hf
+    from trulyopen.model.presets import SIZES
+    from trulyopen.train.checkpoint import tokenizer_dir
+
+    found = locate(model_dir)
+    tok_dir = tokenizer_dir(Path(found.path)) if found.kind == "checkpoint" else Path(found.path)
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    export_hf(from_preset("llama", SIZES["150m"], vocab, 2048), tok_dir, out)
+    return str(out)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -146,6 +251,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-llamacpp", action="store_true", help="Skip the llama.cpp rows.")
     args = ap.parse_args()
     if args.quick:
         args.tokens, args.clients, args.repeat = 32, 8, 1
@@ -187,9 +293,7 @@ def main() -> None:
     print(f"sequential generate(): {args.clients} requests in {seq_s:.1f} s, {sequential:.1f} tok/s")
     del model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = start_server(args.model, port, args.clients)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -211,6 +315,13 @@ def main() -> None:
         f"({server['ratio']:.1f}x sequential, target 10x); time to first token "
         f"p50 {server['ttft_p50_s']:.3f} s, p99 {server['ttft_p99_s']:.3f} s"
     )
+    llamacpp = {}
+    if not args.no_llamacpp and importlib.util.find_spec("llama_cpp") is not None:
+        with tempfile.TemporaryDirectory(prefix="serve-bench-") as scratch:
+            os.environ["XDG_CACHE_HOME"] = scratch  # GGUF exports of these models go here, then away
+            llamacpp["quickstart"] = llamacpp_rows(args.model, "the quickstart model", args, prompts)
+            big = model_150m(args.model, Path(scratch) / "llama-150m")
+            llamacpp["150m"] = llamacpp_rows(big, "a 150M Llama", args, prompts)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     record = {
         "benchmark": "serve_throughput",
@@ -226,6 +337,7 @@ def main() -> None:
         "single": singles,
         "sequential_tokens_per_s": sequential,
         "server": server,
+        "llamacpp": llamacpp,
     }
     print(json.dumps(record))
 

@@ -62,6 +62,13 @@ def test_release_is_complete_and_audits_as_class_one(run_dir):
     assert (out / "recipes/recipe.yaml").read_text() == (run_dir / "recipe.yaml").read_text()
     assert (out / "logs/pretrain/metrics.jsonl").exists() and (out / "eval/pretrain/results.json").exists()
     assert "SPDX-License-Identifier: MIT" in (out / "LICENSES/data.txt").read_text()
+    # the model in GGUF too (f16 and q8_0, with an Ollama Modelfile), hashed, and counted as parameters
+    gguf_files = {"model/gguf/model-f16.gguf", "model/gguf/model-q8_0.gguf"}
+    assert gguf_files | {"model/gguf/Modelfile"} <= listed
+    assert (out / "model/gguf/Modelfile").read_text().startswith("FROM ./model-q8_0.gguf\n")
+    counted = {f["path"]: f["format"] for f in json.loads((out / "audit.json").read_text())["parameters"]}
+    assert counted == {"model/model.safetensors": "safetensors", **dict.fromkeys(gguf_files, "gguf")}
+    assert "model/gguf/model-q8_0.gguf" in (out / "README.md").read_text()
     code_licence = (out / "LICENSES/code.txt").read_text()  # Apache-2.0: its whole text ships with us
     assert (
         code_licence.startswith("SPDX-License-Identifier: Apache-2.0")

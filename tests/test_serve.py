@@ -369,4 +369,4 @@ def test_an_outside_engine_that_is_not_here_is_named_clearly(tmp_path):
         "not installed" in result.output or "no GPU" in result.output
     )
     result = CliRunner().invoke(app, ["serve", str(tmp_path), "--engine", "tgi"])
-    assert result.exit_code != 0 and "choose trulyopen, vllm or sglang" in result.output
+    assert result.exit_code != 0 and "choose trulyopen, llama.cpp, vllm or sglang" in result.output

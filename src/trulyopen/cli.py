@@ -226,17 +226,63 @@ def eval_(
 @app.command()
 def export(
     checkpoint: Annotated[
-        Path, typer.Argument(help="A checkpoint directory, e.g. runs/x/checkpoints/pretrain/step_000060.")
+        Path,
+        typer.Argument(
+            help="A checkpoint (e.g. runs/x/checkpoints/pretrain/step_000060), a run or release directory, "
+            "or (for gguf and quantized hf) a Hugging Face model directory."
+        ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Where to write the Hugging Face model directory.")],
+    out: Annotated[Path, typer.Option("--out", help="The directory to write into.")],
+    format: Annotated[
+        str, typer.Option("--format", help="hf (transformers) or gguf (llama.cpp, Ollama).")
+    ] = "hf",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help="gguf: f32, f16 (default), bf16, q8_0, q4_k_m. hf: int8 or nf4 (bitsandbytes), "
+            "default none.",
+        ),
+    ] = None,
 ):
-    """Write a checkpoint in the Hugging Face format (config, safetensors, tokenizer, generation config);
-    an adapter checkpoint gives the merged model and the adapter alone in OUT/adapter (peft format)."""
+    """Write a model in the Hugging Face format (config, safetensors, tokenizer, generation config; an
+    adapter checkpoint gives the merged model and the adapter alone in OUT/adapter), quantized for GPUs
+    with --quant int8|nf4; or as one GGUF file for llama.cpp with an Ollama Modelfile beside it."""
+    if format not in ("hf", "gguf"):
+        raise typer.BadParameter(f"--format {format}: choose hf or gguf")
     _locate(checkpoint)  # a wrong path is named before torch is even imported
+    if format == "gguf":
+        from trulyopen.model.gguf import export_gguf
+
+        written = export_gguf(checkpoint, out, quant or "f16")
+        typer.echo(f"exported {checkpoint} to {written} (Ollama: ollama create NAME -f {out / 'Modelfile'})")
+        return
     from trulyopen.model.export import export_checkpoint
 
-    export_checkpoint(checkpoint, out)
+    if quant is None:
+        export_checkpoint(checkpoint, out)
+    else:
+        _export_hf_quantized(checkpoint, out, quant)
     typer.echo(f"exported {checkpoint} to {out}")
+
+
+def _export_hf_quantized(target: Path, out: Path, quant: str) -> None:
+    import tempfile
+
+    from trulyopen.locate import locate
+    from trulyopen.model.export import export_checkpoint
+    from trulyopen.model.quantize_hf import QUANTS, export_hf_quantized
+
+    if quant not in QUANTS:
+        raise errors.UserError(
+            f"--quant {quant}: not a Hugging Face quantization (choose {', '.join(QUANTS)})"
+        )
+    found = locate(target)
+    with tempfile.TemporaryDirectory(prefix="trulyopen-export-") as scratch:
+        hf_dir = Path(found.path)
+        if found.kind == "checkpoint":
+            hf_dir = export_checkpoint(hf_dir, Path(scratch) / "hf")
+        export_hf_quantized(hf_dir, out, quant)
 
 
 ModelArg = Annotated[
@@ -324,8 +370,19 @@ def serve(
     ] = None,
     engine: Annotated[
         str,
-        typer.Option("--engine", help="trulyopen (built in), or vllm / sglang where installed with a GPU."),
+        typer.Option(
+            "--engine",
+            help="trulyopen (built in), llama.cpp (a GGUF export, made once), or vllm / sglang with a GPU.",
+        ),
     ] = "trulyopen",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help="With --engine llama.cpp: the GGUF type (f32, f16, bf16, q8_0, q4_k_m); default: as "
+            "--precision (auto: bf16 where the CPU runs it fast, else f16).",
+        ),
+    ] = None,
     max_concurrent: Annotated[
         int, typer.Option("--max-concurrent", min=1, help="Requests decoded at once.")
     ] = 32,
@@ -350,9 +407,11 @@ def serve(
 ):
     """Serve MODEL behind an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions,
     streaming), with a chat page at /. SIGTERM lets running requests finish, then stops."""
-    if engine != "trulyopen":
-        if engine not in ("vllm", "sglang"):
-            raise typer.BadParameter(f"--engine {engine}: choose trulyopen, vllm or sglang")
+    if engine not in ("trulyopen", "llama.cpp", "vllm", "sglang"):
+        raise typer.BadParameter(f"--engine {engine}: choose trulyopen, llama.cpp, vllm or sglang")
+    if quant is not None and engine != "llama.cpp":
+        raise typer.BadParameter(f"--quant {quant}: only with --engine llama.cpp")
+    if engine in ("vllm", "sglang"):
         from trulyopen.serve.launch import serve_external
 
         raise typer.Exit(serve_external(engine, model, host, port, api_key))
@@ -369,7 +428,7 @@ def serve(
         max_queue=max_queue,
         request_timeout_s=request_timeout,
     )
-    serve_ours(model, host, port, limits, api_key, precision, max_len)
+    serve_ours(model, host, port, limits, api_key, precision, max_len, engine, quant)
 
 
 @app.command()

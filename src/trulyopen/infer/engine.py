@@ -75,6 +75,7 @@ class Engine:
         self.max_len = max_len or min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 4096)
         self.slots, self.prefill_tokens = slots, prefill_tokens
         self.device = next(model.parameters()).device
+        self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self.cache = SlotCache(slots, self.max_len)
         self.fast = fast.FastDecoder(model, self.max_len) if fast.supports(model) else None
         self.running: list[Request] = []  # running[i] lives in slot i
@@ -228,19 +229,11 @@ class Engine:
                 chosen[i] = int(sample_next(row, r.params, r.generator)[0])
         now = time.perf_counter()
         for i, r in enumerate(reqs):
-            token = chosen[i]
-            r.output.append(token)
-            r.first_token = r.first_token or now
-            text, stopped = r.stream.push(token) if r.stream is not None else ("", False)
-            if stopped or token in r.params.stop_ids:
-                reason = "stop"
-            elif len(r.output) >= r.params.max_new_tokens or r.length + 1 >= self.max_len:
-                reason = "length"
+            event = take(r, chosen[i], self.max_len, now)
+            if event.finish_reason is None:
+                r.on_event(event)
             else:
-                r.on_event(Event(text, [token]))
-                continue
-            tail = r.stream.flush() if r.stream is not None and not stopped else ""
-            self._finish(r, reason, text + tail, [token])
+                self._finish(r, event.finish_reason, event.text, event.token_ids)
 
     def _finish(self, req: Request, reason: str, text: str = "", tokens=(), error: str | None = None) -> None:
         """Free the request's slot: the last running request moves into it."""
@@ -251,6 +244,23 @@ class Engine:
             self.running[i] = last
         req.finish_reason, req.error = reason, error
         req.on_event(Event(text, list(tokens), reason, error))
+
+
+def take(r: Request, token: int, max_len: int, now: float) -> Event:
+    """Append a sampled token to request `r`: the event to send, whose finish_reason says whether
+    the request is done (a stop token or string, its max tokens, or the cache's end). Any engine
+    that samples tokens (ours, llama.cpp's) streams and stops through this."""
+    r.output.append(token)
+    r.first_token = r.first_token or now
+    text, stopped = r.stream.push(token) if r.stream is not None else ("", False)
+    if stopped or token in r.params.stop_ids:
+        reason = "stop"
+    elif len(r.output) >= r.params.max_new_tokens or r.length + 1 >= max_len:
+        reason = "length"
+    else:
+        return Event(text, [token])
+    tail = r.stream.flush() if r.stream is not None and not stopped else ""
+    return Event(text + tail, [token], reason)
 
 
 def generate(

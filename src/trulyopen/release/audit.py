@@ -42,7 +42,13 @@ FINDERS: dict[str, list[str]] = {
     "Inference code": ["code/*/infer", "inference*.py", "generate*.py"],
     "Evaluation code": ["code/*/evaluate", "eval*.py"],
     "Supporting libraries and tools": ["code/requirements.txt", "requirements*.txt", "environment.yml"],
-    "Model parameters (Final)": ["model/*.safetensors", "*.safetensors", "pytorch_model*.bin", "*.gguf"],
+    "Model parameters (Final)": [
+        "model/*.safetensors",
+        "*.safetensors",
+        "pytorch_model*.bin",
+        "model/gguf/*.gguf",
+        "*.gguf",
+    ],
     "Model parameters (Intermediate)": ["checkpoints/*/step_*", "checkpoints/**/*.safetensors"],
     "Datasets": ["data/corpus", "data/train*", "dataset/*"],
     "Evaluation data": ["eval/tasks/*", "eval_data/*"],
@@ -100,6 +106,7 @@ class Audit:
     release_licences: dict[str, str]
     source: str  # "mof.yml" or "files"
     problems: list[str] = field(default_factory=list)
+    parameters: list[dict] = field(default_factory=list)  # every file of final weights, any format
 
     @property
     def progress(self) -> dict[int, float]:
@@ -132,6 +139,7 @@ class Audit:
                 for v in self.verdicts.values()
             ],
             "osaid": mof.osaid(self.verdicts),
+            "parameters": self.parameters,
             "problems": self.problems,
         }
 
@@ -153,8 +161,28 @@ class Audit:
             lines.append(
                 f"OSI Open Source AI Definition, {element}: {'met' if result['met'] else 'not met'}{lacking}"
             )
+        for f in self.parameters:
+            lines.append(f"final parameters: {f['path']} ({f['format']}, {f['bytes'] / 1e6:.1f} MB)")
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
+
+
+# the final weights in every format a release may carry them in: transformers', llama.cpp's
+PARAMETER_FILES = {
+    "safetensors": ["model/*.safetensors", "*.safetensors"],
+    "gguf": ["model/gguf/*.gguf", "*.gguf"],
+}
+
+
+def parameter_files(root: Path) -> list[dict]:
+    found = {}
+    for fmt, patterns in PARAMETER_FILES.items():
+        for pattern in patterns:
+            for p in sorted(root.glob(pattern)):
+                rel = p.relative_to(root).as_posix()
+                if not rel.startswith("model/adapter/"):
+                    found.setdefault(rel, {"path": rel, "format": fmt, "bytes": p.stat().st_size})
+    return list(found.values())
 
 
 def audit(directory: str | Path) -> Audit:
@@ -162,9 +190,9 @@ def audit(directory: str | Path) -> Audit:
     if not root.is_dir():
         what = "a file, not a directory" if root.exists() else "no such directory"
         raise AuditError(f"{root}: {what}; give a release or a model directory")
-    if (root / "mof.yml").is_file():
-        return _from_mof_yml(root)
-    return _from_files(root)
+    result = _from_mof_yml(root) if (root / "mof.yml").is_file() else _from_files(root)
+    result.parameters = parameter_files(root)
+    return result
 
 
 def _from_files(root: Path) -> Audit:

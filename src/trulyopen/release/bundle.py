@@ -5,7 +5,8 @@
       paper.md             how the model was made and what it can do (the MOF's research paper)
       mof.yml              Model Openness Framework file: every component, its path and licence
       LICENSES/            one licence file per kind: code, data, documents, weights
-      model/               the final model in the Hugging Face format (+ adapter/ for LoRA runs)
+      model/               the final model in the Hugging Face format (+ adapter/ for LoRA runs);
+                           gguf/: the same in GGUF for llama.cpp (f16, q8_0) and an Ollama Modelfile
       checkpoints/         every kept intermediate checkpoint, with its training state
       checkpoints.csv      stage, step, tokens seen, path, sha256 of its weights
       tokenizer/
@@ -159,6 +160,24 @@ def _data(run_dir: Path, out: Path, recipe: Recipe, allowed: dict[str, bool]) ->
     write_text(out / "data" / "REBUILD.md", cards.rebuild_notes(recipe, allowed))
 
 
+def _gguf(model_dir: Path, name: str) -> None:
+    """model/gguf/: f16 and q8_0 files and a Modelfile (q8_0, what most people run), for the families
+    llama.cpp runs; any other architecture is released without them, with a warning."""
+    import json
+
+    from trulyopen.errors import warn
+    from trulyopen.model import gguf
+
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    if model_type not in gguf.FAMILIES:
+        warn(f"release: no GGUF files: llama.cpp export covers {', '.join(gguf.FAMILIES)}, not {model_type}")
+        return
+    (model_dir / "gguf").mkdir()
+    for quant in ("f16", "q8_0"):
+        written = gguf.write_gguf(model_dir, model_dir / "gguf" / f"model-{quant}.gguf", quant, name)
+    gguf.write_modelfile(model_dir, written)
+
+
 def write_sums(root: Path) -> None:
     """SHA256SUMS over every file under `root`, in `sha256sum` format, sorted by path."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
@@ -181,6 +200,7 @@ def release(run_dir: Path, recipe: Recipe) -> Path:
     allowed = redistributable(recipe, cfg)
 
     export_checkpoint(final, tmp / "model")
+    _gguf(tmp / "model", recipe.name)
     rows = _checkpoints(run_dir, tmp)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, ["stage", "step", "tokens_seen", "path", "sha256"], lineterminator="\n")

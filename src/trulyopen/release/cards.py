@@ -64,6 +64,7 @@ def gather(
         "method": recipe.finetune.method if recipe.finetune else None,
         "base_model": base,
         "architecture": config.get("model_type", "?"),
+        "gguf_files": sorted(p.name for p in (model_dir / "gguf").glob("*.gguf")),
         "shape": {
             k: config.get(k)
             for k in (
@@ -194,6 +195,22 @@ def _data(facts: dict) -> str:
     return "\n".join(lines)
 
 
+def _gguf_usage(facts: dict) -> str:
+    """How to run the release's GGUF files, when it has them (llama.cpp's families only)."""
+    files = facts.get("gguf_files") or []
+    if not files:
+        return ""
+    listed = ", ".join(f"`model/gguf/{f}`" for f in files)
+    return f"""
+
+The same weights in GGUF ({listed}) run in llama.cpp and Ollama:
+
+```bash
+llama-cli -m model/gguf/model-q8_0.gguf -p "def fibonacci(n):"
+ollama create {facts["name"]} -f model/gguf/Modelfile && ollama run {facts["name"]}
+```"""
+
+
 def model_card(facts: dict, cfg: ReleaseConfig) -> str:
     metrics = sorted({name for tasks in facts["evals"].values() for m in tasks.values() for name in m})
     meta = {
@@ -255,7 +272,7 @@ model = AutoModelForCausalLM.from_pretrained("model")
 tokenizer = AutoTokenizer.from_pretrained("model")
 ```
 
-or `trulyopen serve model` for an OpenAI-compatible server.
+or `trulyopen serve model` for an OpenAI-compatible server.{_gguf_usage(facts)}
 
 ## Provenance and licences
 

@@ -113,7 +113,7 @@ class Server:
         self.engine, self.tok, self.name, self.limits, self.api_key = engine, tokenizer, name, limits, api_key
         self.max_prompt = limits.max_prompt_tokens or engine.max_len - 1
         # token ids a prompt may hold: 0 .. vocab-1, the rows of the embedding table
-        self.vocab = engine.model.get_input_embeddings().num_embeddings
+        self.vocab = engine.vocab_size
         try:
             self.chat = ChatRenderer(tokenizer)
             self.chat_stops = self.chat.stop_ids()

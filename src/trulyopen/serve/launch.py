@@ -58,14 +58,28 @@ def serve(
     api_key: str | None = None,
     precision: str = "auto",
     max_len: int | None = None,
+    engine: str = "trulyopen",
+    quant: str | None = None,
 ) -> None:
-    """Our server; uvicorn stops taking connections on SIGTERM and lets running requests finish."""
+    """Our server, over our engine or llama.cpp's; uvicorn stops taking connections on SIGTERM and
+    lets running requests finish."""
     import uvicorn
 
     from trulyopen.serve.app import build_app
 
     check_port(host, port)  # before loading the model: a taken port is known in a millisecond
-    server = build_server(target, limits, api_key, precision, max_len)
+    if engine == "llama.cpp":
+        from trulyopen.serve import llamacpp
+        from trulyopen.train.precision import choose_dtype
+
+        if quant is None:  # fp32 and bf16 as asked; auto: bf16 where the CPU runs it fast, else f16
+            dtype = choose_dtype(precision, torch.device("cpu"))
+            quant = {"fp32": "f32", "bf16": "bf16"}.get(
+                precision, "bf16" if dtype == torch.bfloat16 else "f16"
+            )
+        server = llamacpp.build_server(target, quant, limits, api_key, max_len)
+    else:
+        server = build_server(target, limits, api_key, precision, max_len)
     print(f"serving {server.name} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", flush=True)
     uvicorn.run(build_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
 

@@ -1,0 +1,245 @@
+"""llama.cpp as the serving engine, behind our own OpenAI API, limits, errors and chat page.
+
+    trulyopen serve MODEL --engine llama.cpp
+        MODEL ─► GGUF (exported once, cached by the weights' hash) ─► llama_cpp.Llama
+        server ─► LlamaCppEngine.submit(Request) ─► one thread: generate token by token ─► Events
+
+The engine has the interface of `trulyopen.infer.engine.Engine` (submit, cancel, start, stop,
+running, waiting, max_len, vocab_size), so `serve.app.Server` cannot tell the two apart. Prompts
+are tokenised by the model's own tokenizer (llama.cpp's gives the same ids: tests/test_gguf.py),
+and text is streamed and stopped by the same `take` as in our engine; llama.cpp samples.
+
+llama-cpp-python's `Llama` holds one sequence: requests are decoded one after another (its
+`generate` keeps the key-value cache of the longest common prefix with the previous request, so a
+chat's next turn does not recompute its history). BENCHMARKS.md has what this means for many
+clients, and the README which engine to use for which workload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from trulyopen.errors import UserError
+from trulyopen.infer.engine import Event, Request, take
+from trulyopen.infer.text import TextStream
+
+
+def open_gguf(gguf_file: Path, n_ctx: int, threads: int | None = None, f32_cache: bool = False, **kw):
+    """A `llama_cpp.Llama` on every core (its default, half of them, halves decoding on two cores).
+    Its key-value cache is f16 unless `f32_cache` (then an f32 file computes as our engine in fp32
+    does, to the token: tests/test_gguf.py).
+
+    On CPUs with AMX, llama.cpp's AMX weight buffers (used for q8_0 and k-quants) crashed its
+    decode here (llama-cpp-python 0.3.36, a segmentation fault on the first batch), so they are
+    turned off there: the weights stay in the plain CPU buffer, which runs every type."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as C
+
+    default = C.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    if _cpu_has_amx():
+        C.llama_model_default_params = without_extra_buffers  # read once, by the constructor below
+    try:
+        return llama_cpp.Llama(
+            model_path=str(gguf_file),
+            n_ctx=n_ctx,
+            n_batch=min(n_ctx, 512),
+            n_threads=threads or os.cpu_count() or 1,
+            verbose=False,
+            **({"type_k": C.GGML_TYPE_F32, "type_v": C.GGML_TYPE_F32} if f32_cache else {}),
+            **kw,
+        )
+    finally:
+        C.llama_model_default_params = default
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+class LlamaCppEngine:
+    def __init__(self, gguf_file: Path, decode, max_len: int, threads: int | None = None):
+        self.llm = open_gguf(gguf_file, max_len, threads, f32_cache=gguf_file.name.endswith("-f32.gguf"))
+        self.decode, self.max_len = decode, max_len
+        self.vocab_size = self.llm.n_vocab()
+        self.running: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def submit(self, req: Request) -> Request:
+        if not req.prompt:
+            raise ValueError("an empty prompt: give at least one token")
+        if len(req.prompt) >= self.max_len:
+            raise ValueError(
+                f"a prompt of {len(req.prompt)} tokens does not fit this engine's {self.max_len}"
+            )
+        req.stream = TextStream(self.decode, req.params.stop_strings)
+        with self._lock:
+            self.waiting.append(req)
+            self._lock.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        req.cancelled = True  # seen before the next token
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="trulyopen-llama.cpp", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.waiting:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                req = self.waiting.popleft()
+                self.running.append(req)
+            try:
+                self._run(req)
+            except Exception as e:  # a failed request fails alone; the engine goes on
+                if req.finish_reason is None:
+                    req.finish_reason, req.error = "error", f"{type(e).__name__}: {e}"
+                    req.on_event(Event("", [], "error", req.error))
+            finally:
+                with self._lock:
+                    self.running.remove(req)
+
+    def _run(self, req: Request) -> None:
+        if req.cancelled:
+            req.finish_reason = "cancelled"
+            req.on_event(Event("", [], "cancelled"))
+            return
+        p = req.params
+        seed = p.seed if p.seed is not None else random.randrange(2**31)
+        self.llm.set_seed(seed % 2**32)
+        tokens = self.llm.generate(
+            req.prompt,
+            temp=p.temperature,
+            top_k=p.top_k,  # 0 keeps every token, in both engines
+            top_p=p.top_p,
+            min_p=0.0,  # llama-cpp-python's default is 0.05; ours samples from the whole distribution
+            repeat_penalty=p.repetition_penalty,
+            reset=True,  # keeps the cache of the prefix shared with the previous request
+        )
+        req.length = len(req.prompt)
+        try:
+            for token in tokens:
+                if req.cancelled:
+                    req.finish_reason = "cancelled"
+                    req.on_event(Event("", [], "cancelled"))
+                    return
+                event = take(req, int(token), self.max_len, time.perf_counter())
+                req.length += 1
+                if event.finish_reason is not None:
+                    req.finish_reason = event.finish_reason
+                req.on_event(event)
+                if event.finish_reason is not None:
+                    return
+        finally:
+            tokens.close()
+
+
+# ------------------------------------------------------------------------------------ the GGUF file
+
+
+def cached_gguf(target: str, quant: str) -> Path:
+    """The GGUF file of a model, exported once: a release's own model/gguf/ file when it has the
+    type, else RUN_DIR/gguf/ (beside a checkpoint's run) or the user's cache, under the hash of the
+    weights, so a changed checkpoint is exported again and an unchanged one never is."""
+    from trulyopen.files import sha256_file
+    from trulyopen.locate import locate
+    from trulyopen.model.gguf import check_quant, export_gguf
+
+    check_quant(quant)
+    found = locate(target)
+    if found.kind == "hub":
+        raise UserError(
+            f"--engine llama.cpp: {target}: give a local model (llama.cpp reads a GGUF file made here)"
+        )
+    path = Path(found.path)
+    shipped = path / "gguf" / f"model-{quant}.gguf"  # a release's model/gguf/
+    if shipped.exists():
+        return shipped
+    weights = sorted(path.glob("*.safetensors"))
+    digest = hashlib.sha256("".join(sha256_file(w) for w in weights).encode()).hexdigest()[:16]
+    if found.kind == "checkpoint":
+        root = path.resolve().parents[2] / "gguf"  # <run>/checkpoints/<stage>/step_N
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trulyopen" / "gguf"
+    out = root / digest / f"model-{quant}.gguf"
+    if not out.exists():
+        print(f"exporting {target} to GGUF ({quant}) for llama.cpp: {out}", flush=True)
+        export_gguf(Path(target), out.parent, quant)
+    return out
+
+
+def build_server(
+    target: str, quant: str, limits=None, api_key: str | None = None, max_len: int | None = None
+):
+    """Our `Server` over llama.cpp: same API, limits and errors as `serve.launch.build_server`."""
+    import importlib.util
+
+    from trulyopen.serve.app import Limits, Server
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise UserError(
+            "--engine llama.cpp: llama-cpp-python is not installed (pip install 'trulyopen[llamacpp]'); "
+            "or use the built-in engine"
+        )
+    limits = limits or Limits()
+    gguf_file = cached_gguf(target, quant)
+    tok = _tokenizer(target)
+    config_len = _context_length(gguf_file)
+    engine = LlamaCppEngine(
+        gguf_file, lambda ids: tok.decode(ids, skip_special_tokens=True), max_len or min(config_len, 4096)
+    )
+    name = Path(str(target).rstrip("/")).name or str(target)
+    return Server(engine, tok, name, limits, api_key)
+
+
+def _tokenizer(target: str):
+    """The model's own tokenizer (a checkpoint's is its run's)."""
+    from transformers import AutoTokenizer
+
+    from trulyopen.errors import missing, reading
+    from trulyopen.locate import locate
+    from trulyopen.train.checkpoint import tokenizer_dir
+
+    found = locate(target)
+    where = tokenizer_dir(Path(found.path)) if found.kind == "checkpoint" else Path(found.path)
+    if where is None:
+        raise missing(f"{found.path}: tokenizer", "tokenizer", "the run's tokenizer/ folder is gone")
+    with reading(where, "tokenizer"):
+        return AutoTokenizer.from_pretrained(str(where))
+
+
+def _context_length(gguf_file: Path) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_file))
+    arch = reader.fields["general.architecture"].contents()
+    return int(reader.fields[f"{arch}.context_length"].contents())
