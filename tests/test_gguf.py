@@ -316,6 +316,13 @@ def test_export_cli_and_errors(models, tmp_path):
     assert result.exit_code == 2 and "q3_zz" in result.output and "q4_k_m" in result.output
     result = runner.invoke(app, ["export", llama, "--format", "hf", "--quant", "q8_0", "--out", "y"])
     assert result.exit_code == 2 and "int8" in result.output
+    # a quantized Hugging Face export through the CLI: transformers reads its quantization config
+    result = runner.invoke(
+        app, ["export", llama, "--format", "hf", "--quant", "nf4", "--out", str(tmp_path / "q")]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["bnb_4bit_quant_type"] == "nf4" and (tmp_path / "q" / "tokenizer.json").exists()
 
 
 def test_k_quants_need_llama_cpp(monkeypatch):

@@ -176,3 +176,20 @@ def test_lean_and_transformers_forward_give_the_same_text(arch, model):
     while engine.step():
         pass
     assert [r.output for r in reqs] == [hf_greedy(m, p, 12) for p in ps]
+
+
+def test_single_stream_shortcuts_agree_with_the_batched_path():
+    """One bf16 row decodes with a matrix-vector product and three-product attention (faster on
+    a CPU); they compute what F.linear and SDPA compute, to bf16's rounding."""
+    import torch.nn.functional as F
+
+    from trulyopen.infer.fast import _attend, _linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(1, 1, 96, dtype=torch.bfloat16)
+    torch.testing.assert_close(_linear(x, layer), F.linear(x, layer.weight, layer.bias), rtol=2e-2, atol=2e-2)
+    q = torch.randn(1, 8, 1, 16, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 40, 16, dtype=torch.bfloat16) for _ in range(2))  # grouped: 4 heads a kv head
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.25, enable_gqa=True)
+    torch.testing.assert_close(_attend(q, k, v, None, 0.25).float(), want, rtol=2e-2, atol=2e-2)

@@ -37,10 +37,33 @@ def supports(model: torch.nn.Module) -> bool:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As transformers' RMSNorm: normalised in float32, cast back, then scaled."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """As transformers' RMSNorm: normalised in float32, cast back, then scaled (torch's fused
+    rms_norm: one kernel for the five operations)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """F.linear, except for one row of bf16/fp16: then a matrix-vector product, which reads the
+    weights nearly twice as fast on a CPU (F.linear takes a matrix-matrix kernel even for one row;
+    BENCHMARKS.md). fp32 keeps F.linear: the same bits for one row as for a batch."""
+    if x.dtype != torch.float32 and x.shape[:-1].numel() == 1:
+        y = torch.mv(layer.weight, x.reshape(-1)).view(*x.shape[:-1], -1)
+        return y if layer.bias is None else y + layer.bias
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _attend(q, k, v, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Attention of q [B, H, T, D] over the cache's k, v [B, KV, L, D]. One query of a reduced
+    precision (a single stream decoding) takes three plain products: SDPA's fixed cost is several
+    times the arithmetic of one query. fp32 always takes SDPA, so its bits never depend on the batch."""
+    B, H, T, D = q.shape
+    if q.dtype == torch.float32 or B * T != 1 or mask is not None:
+        gqa = k.shape[1] != H
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    KV = k.shape[1]
+    g = q.view(KV, H // KV, D)  # the query heads that share each key-value head
+    w = torch.softmax((g @ k[0].transpose(1, 2)).float() * scale, dim=-1).to(q.dtype)
+    return (w @ v[0]).view(1, H, 1, D)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -96,6 +119,8 @@ class FastDecoder:
     ) -> torch.Tensor:
         B, T = input_ids.shape
         x = F.embedding(input_ids, self.embed)
+        if B * T == 1:  # one request decoding: it sees its whole cache, so no mask at all
+            attention_mask = None
         if attention_mask is not None:  # once per step, not once per layer inside attention
             attention_mask = torch.zeros(attention_mask.shape, dtype=x.dtype).masked_fill_(
                 ~attention_mask, float("-inf")
@@ -104,21 +129,16 @@ class FastDecoder:
         for i, p in enumerate(self.layers):
             D = p["head_dim"]
             h = _rms(x, *p["in_norm"])
-            q = F.linear(h, p["q"].weight, p["q"].bias).view(B, T, -1, D)
-            k = F.linear(h, p["k"].weight, p["k"].bias).view(B, T, -1, D)
-            v = F.linear(h, p["v"].weight, p["v"].bias).view(B, T, -1, D).transpose(1, 2)
+            q = _linear(h, p["q"]).view(B, T, -1, D)
+            k = _linear(h, p["k"]).view(B, T, -1, D)
+            v = _linear(h, p["v"]).view(B, T, -1, D).transpose(1, 2)
             if p["q_norm"] is not None:  # qwen3 normalises each head's queries and keys
                 q, k = _rms(q, *p["q_norm"]), _rms(k, *p["k_norm"])
             q, k = _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
             k, v = cache.update(k, v, i)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attention_mask, scale=p["scaling"], enable_gqa=k.shape[1] != q.shape[1]
-            )
-            x = x + F.linear(y.transpose(1, 2).reshape(B, T, -1), p["o"].weight, p["o"].bias)
+            y = _attend(q, k, v, attention_mask, p["scaling"])
+            x = x + _linear(y.transpose(1, 2).reshape(B, T, -1), p["o"])
             h = _rms(x, *p["post_norm"])
-            mlp = p["act"](F.linear(h, p["gate"].weight, p["gate"].bias)) * F.linear(
-                h, p["up"].weight, p["up"].bias
-            )
-            x = x + F.linear(mlp, p["down"].weight, p["down"].bias)
+            x = x + _linear(p["act"](_linear(h, p["gate"])) * _linear(h, p["up"]), p["down"])
         x = _rms(x[:, keep], *self.norm)
-        return F.linear(x, self.lm_head.weight, self.lm_head.bias)
+        return _linear(x, self.lm_head)

@@ -269,10 +269,13 @@ def _tokenizer(writer, hf_dir: Path, vocab_size: int) -> None:
 
 
 def _quantize(src: Path, dst: Path, quant: str) -> None:
+    import logging
     import os
 
     import llama_cpp
+    import llama_cpp.llama  # noqa: F401  (routes llama.cpp's log through the logger below)
 
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its per-tensor lines: errors only
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTIZED[quant]
     params.nthread = os.cpu_count() or 1
