@@ -243,6 +243,14 @@ def model_150m(model_dir: str, out: Path) -> str:
     return str(out)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the matrix features that decide bf16 speed (lscpu's reading)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), "")
+    flags = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in text]
+    return f"{name or platform.machine()} ({', '.join(flags)})"
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
@@ -287,6 +295,7 @@ def main() -> None:
             f"{single['hf_tokens_per_s']:.1f} tok/s: {single['ratio']:.2f}x (target 2x); matrix-vector "
             f"floor {floor * 1e3:.2f} ms a token, so at most {single['ceiling_ratio']:.2f}x here"
         )
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"model: {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
 
     # the same requests one after another through generate()
@@ -332,7 +341,7 @@ def main() -> None:
         "benchmark": "serve_throughput",
         "date": datetime.now(UTC).date().isoformat(),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_name(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
