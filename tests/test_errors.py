@@ -751,3 +751,27 @@ def test_a_bug_is_one_line_naming_a_crash_report_in_the_run_directory(recipe_fil
     text = report.read_text()
     assert "Traceback" in text and "ZeroDivisionError" in text and "in broken" in text
     assert "command: " in text and "torch: " in text and "python: " in text
+
+
+def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption(
+    recipe_file, tmp_path, monkeypatch
+):
+    """Ctrl-C during an extension module's import surfaces as "ImportError: initialization failed",
+    not as KeyboardInterrupt: it is still an interruption (one line, 130), not a crash report."""
+    from typer.testing import CliRunner
+
+    from trulyopen import cli, pipeline
+
+    def importing(*args, **kwargs):
+        try:
+            cli._on_ctrl_c(signal.SIGINT, None)  # what Python calls on SIGINT once main() installed it
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed") from None
+
+    monkeypatch.setattr(pipeline, "run", importing)
+    monkeypatch.setattr(cli, "_ctrl_c_seen", False)
+    result = CliRunner().invoke(cli.app, ["run", str(recipe_file), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 130, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.strip()]
+    assert line.startswith("interrupted"), line  # (the rerun command it names comes from sys.argv)
+    assert not list((tmp_path / "run").glob("crash-*.txt"))

@@ -238,13 +238,16 @@ def test_lora_trains_only_the_adapter_and_exports_merged(base_run, tmp_path):
     with torch.no_grad():
         adapted = with_adapter(final, base_of(final)).eval()(input_ids=ids).logits
         base = checkpoint.load_for_inference(pretrained)(input_ids=ids).logits
-        assert not torch.allclose(adapted, base, atol=1e-4)  # the adapter changes the model
+        # fp32 noise: merging rounds W + BA once, and the kernels sum in a CPU-dependent order (~1e-5 on
+        # logits of ~2.5); the adapter itself moves the logits a hundred times more than we allow
+        tol = 1e-4
+        assert (adapted - base).abs().max() > 100 * tol  # the adapter changes the model
         out = export_checkpoint(final, tmp_path / "hf")
         merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
-        assert torch.allclose(merged, adapted, atol=1e-5)
+        assert torch.allclose(merged, adapted, atol=tol)
         fresh_base = AutoModelForCausalLM.from_pretrained(str(pretrained)).eval()
         via_peft = PeftModel.from_pretrained(fresh_base, str(out / "adapter")).eval()(input_ids=ids).logits
-        assert torch.allclose(via_peft, adapted, atol=1e-5)
+        assert torch.allclose(via_peft, adapted, atol=tol)
 
 
 def test_qlora_trains_on_cpu(base_run, tmp_path):
@@ -418,7 +421,9 @@ def test_dpo_loss_equals_trl(base_run, tmp_path, loss):
         ref = per_item(token_logps(ref_model, b, cpu), b, 2 * n)
         counts = per_item((b.targets != IGNORE).float(), b, 2 * n)
         ours, _, _ = dpo_losses(pol[:n], pol[n:], ref[:n], ref[n:], 0.3, loss, counts[:n], counts[n:])
-    assert torch.allclose(ours.mean(), theirs, rtol=1e-4, atol=1e-5), (ours.mean(), theirs)
+    # rtol 1e-3: TRL pads and we pack, so fp32 sums run in a different order; IPO squares the margin and
+    # the two differ by ~1e-4 on some CPUs. A wrong formula (beta, normalisation, sign) is off by >1%.
+    assert torch.allclose(ours.mean(), theirs, rtol=1e-3, atol=1e-5), (ours.mean(), theirs)
 
 
 # ----------------------------------------------------------------------------- GRPO and generation

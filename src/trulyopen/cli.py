@@ -31,13 +31,19 @@ class _Contract(TyperGroup):
             raise
         except KeyboardInterrupt:
             raise typer.Exit(_interrupted()) from None
-        except errors.UserError as e:
-            raise typer.Exit(_fail(str(e))) from None
-        except OSError as e:
-            message = errors.os_error_message(e)
-            raise typer.Exit(_fail(message) if message else _crash(e)) from None
         except Exception as e:
-            raise typer.Exit(_crash(e)) from None
+            raise typer.Exit(_failed(e)) from None
+
+
+def _failed(e: Exception) -> int:
+    """Say what went wrong in one line; the exit status."""
+    if _ctrl_c_seen:  # a library turned the KeyboardInterrupt into an error of its own, such as an
+        return _interrupted()  # extension module's "ImportError: initialization failed"
+    if isinstance(e, errors.UserError):
+        return _fail(str(e))
+    if isinstance(e, OSError) and (message := errors.os_error_message(e)):
+        return _fail(message)
+    return _crash(e)
 
 
 app = typer.Typer(
@@ -565,6 +571,7 @@ def main() -> None:
     from typer.exceptions import TyperException
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loading bars around a one-line error
+    signal.signal(signal.SIGINT, _on_ctrl_c)
     try:
         code = app(args=sys.argv[1:] or ["--help"], prog_name="trulyopen", standalone_mode=False)
     except typer.Abort:  # click's name for Ctrl-C outside a verb
@@ -573,7 +580,37 @@ def main() -> None:
         ctx = getattr(e, "ctx", None)
         command = ctx.command_path if ctx else "trulyopen"
         code = _fail(f"{e.format_message().rstrip('.')}; see `{command} --help`")
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if code == 130:
+        _exit_now(code)
+    sys.exit(code)
+
+
+_ctrl_c_seen = False
+
+
+def _on_ctrl_c(signum: int, frame) -> None:
+    """Python's own SIGINT handler (KeyboardInterrupt), remembering that it ran."""
+    global _ctrl_c_seen
+    _ctrl_c_seen = True
+    signal.default_int_handler(signum, frame)
+
+
+def _exit_now(code: int) -> None:
+    """Exit after Ctrl-C without tearing the interpreter down. A native library's thread caught
+    mid-work (tokenizers, fastokens, torch) can abort the process as the interpreter frees the objects
+    under it ("Fatal Python error: PyThreadState_Get ... finalizing", SIGABRT). Everything finished
+    is on disk by now (files are written whole, then renamed); the exit handlers still run (Ray's
+    shutdown, multiprocessing's cleanup), and the streams are flushed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)
 
 
 def _fail(message: str) -> int:
