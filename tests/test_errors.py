@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import random
 import shutil
 import signal
@@ -29,7 +30,6 @@ import yaml
 
 from tests.conftest import WORDS, build_corpus, write_recipe
 
-TRULYOPEN = [sys.executable, "-m", "trulyopen"]
 # offline: a hub name fails at once; one thread per process: the rows run three at a time on few cores
 ENV = {
     **os.environ,
@@ -37,6 +37,7 @@ ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TRULYOPEN_QUIET": "1",
     "OMP_NUM_THREADS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # what `trulyopen` sets before it imports the hub's client
 }
 
 
@@ -628,25 +629,45 @@ def _set_data(d: Path, path: str) -> None:
 # ----------------------------------------------------------------------------- running them
 
 
-def _preexec(case: Case):
-    def limit() -> None:
-        if case.limit_fsize is not None:
-            import resource
+class Forks:
+    """`trulyopen` commands run by forked_cli.py: a process per worker thread, each of which has
+    imported torch and transformers once and forks for every command (what a hundred fresh
+    interpreters would spend importing them is most of this module's time)."""
 
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-            resource.setrlimit(resource.RLIMIT_FSIZE, (case.limit_fsize, case.limit_fsize))
-        if case.read_only_for_root and os.geteuid() == 0:
-            # root writes anywhere: drop the capabilities that let it ignore file permissions
-            import ctypes
+    def __init__(self, n: int):
+        self.idle: queue.Queue = queue.Queue()
+        self.procs = []
+        for _ in range(n):
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=ENV,
+            )
+            self.procs.append(proc)
+        for proc in self.procs:
+            assert proc.stdout.readline() == "ready\n", "tests/forked_cli.py did not start"
+            self.idle.put(proc)
 
-            prctl, PR_CAPBSET_DROP = ctypes.CDLL(None).prctl, 24
-            for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-                prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    def run(self, case: Case, argv: list[str], cwd: Path) -> dict:
+        proc = self.idle.get()
+        try:
+            req = {"argv": argv, "cwd": str(cwd), "stdin": case.stdin, "timeout": 300}
+            req |= {"limit_fsize": case.limit_fsize, "read_only_for_root": case.read_only_for_root}
+            proc.stdin.write(json.dumps(req) + "\n")
+            proc.stdin.flush()
+            return json.loads(proc.stdout.readline())
+        finally:
+            self.idle.put(proc)
 
-    return limit
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.stdin.close()
+            proc.wait(timeout=30)
 
 
-def _run_case(case: Case, w: dict, root: Path) -> dict:
+def _run_case(case: Case, w: dict, root: Path, forks: Forks) -> dict:
     d = root / case.id
     d.mkdir()
     if case.setup:
@@ -658,20 +679,8 @@ def _run_case(case: Case, w: dict, root: Path) -> dict:
     if (d / "port").exists():
         subs["port"] = (d / "port").read_text()
     argv = [a.format(**subs) for a in case.argv]
-    env = dict(ENV)
     t0 = time.time()
-    proc = subprocess.run(
-        TRULYOPEN + argv,
-        input=case.stdin,
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=d,
-        timeout=300,
-        preexec_fn=_preexec(case),
-        errors="replace",
-    )
-    return {"code": proc.returncode, "out": proc.stdout, "err": proc.stderr, "seconds": time.time() - t0}
+    return forks.run(case, argv, d) | {"seconds": time.time() - t0}
 
 
 @pytest.fixture(scope="module")
@@ -696,10 +705,13 @@ def world(tmp_path_factory) -> dict:
     }
     cases = root / "cases"
     cases.mkdir()
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(
-            zip([c.id for c in CASES], pool.map(lambda c: _run_case(c, w, cases), CASES), strict=True)
-        )
+    forks = Forks(3)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            done = pool.map(lambda c: _run_case(c, w, cases, forks), CASES)
+            results = dict(zip([c.id for c in CASES], done, strict=True))
+    finally:
+        forks.close()
     for sock in w["sockets"]:
         sock.close()
     w["results"] = results
