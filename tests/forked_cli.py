@@ -1,24 +1,40 @@
-"""Runs `trulyopen` commands in forks of one process that has already imported torch and transformers.
+"""`trulyopen` commands run in forks of one process that has already imported torch and transformers.
 
-test_errors runs about a hundred commands, and a fresh interpreter spends seconds of CPU importing
-the same libraries before each command's own work starts. A fork of this process starts with them
-imported; the rest is the command as `python -m trulyopen` runs it: `cli.main()` with its argv, its
-own working directory, stdin, stdout and stderr, and its exit code (negative: killed by a signal).
+test_errors and test_faults run some 150 commands, and a fresh interpreter spends seconds of CPU
+importing the same libraries before each command's own work starts. A fork of this process starts
+with them imported; the rest is the command as `python -m trulyopen` runs it in a terminal:
+`cli.main()` with its argv, its own working directory, session and process group, stdin, stdout
+and stderr, and its exit code (negative: killed by that signal).
 
-    parent (imports done once)  --fork-->  child: chdir, limits, fds 0/1/2 -> files, cli.main(), _exit
+    test --request--> server (imports done once) --fork--> child: setsid, chdir, limits,
+         <--pid, then exit code--                          fds 0/1/2, cli.main(), _exit
 
-Protocol: one JSON request per line on stdin, {"argv", "cwd", "stdin", "limit_fsize",
-"read_only_for_root", "timeout"}; one JSON answer per line on stdout, {"code", "out", "err"}.
+The server (`python tests/forked_cli.py [MODULE ...]`, the modules imported too) reads one JSON
+request per line on stdin: {"argv", "cwd", "stdin", "output", "limit_fsize", "read_only_for_root",
+"timeout"}; it answers {"pid"} once the child exists, then {"code", "out", "err"} once it ended.
+With "output" (a FIFO's path) the child's stdout and stderr go there as they are written, and
+"out" and "err" are empty. `Forks` is the test side.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
+
+# what every server imports before it forks; Forks(preload=...) adds modules (a test that interrupts
+# commands at random moments keeps the stages' own imports in the commands, where users see them)
+PRELOAD = ["torch", "transformers", "transformers.models.llama.modeling_llama", "trulyopen.cli"]
+
+
+# ------------------------------------------------------------------------------ the server's side
 
 
 def _child(req: dict, fin, fout, ferr) -> None:
@@ -28,12 +44,16 @@ def _child(req: dict, fin, fout, ferr) -> None:
 
     code = 1
     try:
+        os.setsid()  # a session and process group of its own, as a terminal's foreground job
         os.chdir(req["cwd"])
+        if req.get("output"):
+            fout = ferr = open(req["output"], "wb")  # noqa: SIM115 (the process's own, until it ends)
         for fd, f in ((0, fin), (1, fout), (2, ferr)):
             os.dup2(f.fileno(), fd)
-        # fresh streams: the parent's hold its protocol's buffered lines
+        # fresh streams: the server's hold its protocol's buffered lines
+        unbuffered = 1 if os.environ.get("PYTHONUNBUFFERED") else -1
         sys.stdin = open(0, encoding="utf-8", closefd=False)
-        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
+        sys.stdout = open(1, "w", unbuffered, encoding="utf-8", closefd=False)
         sys.stderr = open(2, "w", 1, encoding="utf-8", errors="backslashreplace", closefd=False)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         if req.get("limit_fsize") is not None:
@@ -90,13 +110,14 @@ def _drop_dac_override() -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def run(req: dict) -> dict:
+def _serve_one(req: dict, answer) -> None:
     with tempfile.TemporaryFile() as fin, tempfile.TemporaryFile() as fout, tempfile.TemporaryFile() as ferr:
         fin.write(req.get("stdin", "").encode())
         fin.seek(0)
         pid = os.fork()
         if pid == 0:
             _child(req, fin, fout, ferr)
+        answer({"pid": pid})
         deadline = time.monotonic() + req.get("timeout", 300)
         while True:
             done, status = os.waitpid(pid, os.WNOHANG)
@@ -106,34 +127,96 @@ def run(req: dict) -> dict:
                 os.kill(pid, signal.SIGKILL)
                 _, status = os.waitpid(pid, 0)
                 break
-            time.sleep(0.01)
+            time.sleep(0.005)
         fout.seek(0)
         ferr.seek(0)
-        return {
-            "code": os.waitstatus_to_exitcode(status),
-            "out": fout.read().decode(errors="replace"),
-            "err": ferr.read().decode(errors="replace"),
-        }
+        answer(
+            {
+                "code": os.waitstatus_to_exitcode(status),
+                "out": fout.read().decode(errors="replace"),
+                "err": ferr.read().decode(errors="replace"),
+            }
+        )
 
 
-def main() -> None:
+def serve() -> None:
     # the protocol on its own descriptors; anything an import prints goes to stderr
     requests, answers = os.fdopen(os.dup(0), "r"), os.fdopen(os.dup(1), "w")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers.models.llama import modeling_llama  # noqa: F401
+    import importlib
 
-    from trulyopen import cli, pipeline  # noqa: F401
-    from trulyopen.serve import launch  # noqa: F401
+    for name in PRELOAD + sys.argv[1:]:
+        importlib.import_module(name)
 
-    answers.write("ready\n")
-    answers.flush()
-    for line in requests:
-        answers.write(json.dumps(run(json.loads(line))) + "\n")
+    def answer(obj: dict) -> None:
+        answers.write(json.dumps(obj) + "\n")
         answers.flush()
+
+    answer({"ready": True})
+    for line in requests:
+        _serve_one(json.loads(line), answer)
+
+
+# ------------------------------------------------------------------------------- the test's side
+
+
+class Command:
+    """One command running in a fork: its pid, its output lines as they come (with `output`), and
+    its exit code once it ended (`poll`, `wait`)."""
+
+    def __init__(self, server: subprocess.Popen, release) -> None:
+        self.server, self._release = server, release
+        self.pid = json.loads(server.stdout.readline())["pid"]
+        self.result: dict | None = None
+        self._ended = threading.Thread(target=self._await_end, daemon=True)
+        self._ended.start()
+
+    def _await_end(self) -> None:
+        self.result = json.loads(self.server.stdout.readline())
+        self._release()
+
+    def poll(self) -> int | None:
+        return None if self.result is None else self.result["code"]
+
+    def wait(self, timeout: float | None = None) -> dict:
+        self._ended.join(timeout)
+        if self.result is None:
+            raise TimeoutError(f"pid {self.pid} still running after {timeout} s")
+        return self.result
+
+
+class Forks:
+    """`n` servers (each runs one command at a time); `start` takes a free one, or waits for it."""
+
+    def __init__(self, n: int, env: dict[str, str], preload: tuple[str, ...] = ()):
+        self.idle: queue.Queue = queue.Queue()
+        cmd = [sys.executable, __file__, *preload]
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+        self.servers = [subprocess.Popen(cmd, env=env, **pipes) for _ in range(n)]
+        for server in self.servers:
+            assert json.loads(server.stdout.readline()) == {"ready": True}, (
+                "tests/forked_cli.py did not start"
+            )
+            self.idle.put(server)
+
+    def start(self, argv: list[str], cwd: Path, output: Path | None = None, **options) -> Command:
+        """Run `trulyopen ARGV` in `cwd`; options: stdin, limit_fsize, read_only_for_root, timeout."""
+        server = self.idle.get()
+        req = {"argv": [str(a) for a in argv], "cwd": str(cwd), "output": output and str(output), **options}
+        server.stdin.write(json.dumps(req) + "\n")
+        server.stdin.flush()
+        return Command(server, lambda: self.idle.put(server))
+
+    def run(self, argv: list[str], cwd: Path, **options) -> dict:
+        """Run to the end: {"code", "out", "err"}."""
+        return self.start(argv, cwd, **options).wait()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stdin.close()
+            server.wait(timeout=30)
 
 
 if __name__ == "__main__":
-    main()
+    serve()

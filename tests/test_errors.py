@@ -1,5 +1,6 @@
-"""The error contract, case by case: each row runs a real `trulyopen` command in a subprocess and
-checks its exit code, its one-line message and that no traceback is printed.
+"""The error contract, case by case: each row runs a real `trulyopen` command in a process of its
+own (a fork of one that imported torch and transformers once: tests/forked_cli.py) and checks its
+exit code, its one-line message and that no traceback is printed.
 
     user's mistake  -> exit 2, one line `error: <where>: <what>; <what to do>`
     bug             -> exit 1, one line naming a crash report
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import random
 import shutil
 import signal
@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from tests.conftest import WORDS, build_corpus, write_recipe
+from tests.forked_cli import Forks
 
 # offline: a hub name fails at once; one thread per process: the rows run three at a time on few cores
 ENV = {
@@ -629,44 +630,6 @@ def _set_data(d: Path, path: str) -> None:
 # ----------------------------------------------------------------------------- running them
 
 
-class Forks:
-    """`trulyopen` commands run by forked_cli.py: a process per worker thread, each of which has
-    imported torch and transformers once and forks for every command (what a hundred fresh
-    interpreters would spend importing them is most of this module's time)."""
-
-    def __init__(self, n: int):
-        self.idle: queue.Queue = queue.Queue()
-        self.procs = []
-        for _ in range(n):
-            proc = subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("forked_cli.py"))],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=ENV,
-            )
-            self.procs.append(proc)
-        for proc in self.procs:
-            assert proc.stdout.readline() == "ready\n", "tests/forked_cli.py did not start"
-            self.idle.put(proc)
-
-    def run(self, case: Case, argv: list[str], cwd: Path) -> dict:
-        proc = self.idle.get()
-        try:
-            req = {"argv": argv, "cwd": str(cwd), "stdin": case.stdin, "timeout": 300}
-            req |= {"limit_fsize": case.limit_fsize, "read_only_for_root": case.read_only_for_root}
-            proc.stdin.write(json.dumps(req) + "\n")
-            proc.stdin.flush()
-            return json.loads(proc.stdout.readline())
-        finally:
-            self.idle.put(proc)
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.stdin.close()
-            proc.wait(timeout=30)
-
-
 def _run_case(case: Case, w: dict, root: Path, forks: Forks) -> dict:
     d = root / case.id
     d.mkdir()
@@ -680,7 +643,12 @@ def _run_case(case: Case, w: dict, root: Path, forks: Forks) -> dict:
         subs["port"] = (d / "port").read_text()
     argv = [a.format(**subs) for a in case.argv]
     t0 = time.time()
-    return forks.run(case, argv, d) | {"seconds": time.time() - t0}
+    options = {
+        "stdin": case.stdin,
+        "limit_fsize": case.limit_fsize,
+        "read_only_for_root": case.read_only_for_root,
+    }
+    return forks.run(argv, d, **options) | {"seconds": time.time() - t0}
 
 
 @pytest.fixture(scope="module")
@@ -705,7 +673,7 @@ def world(tmp_path_factory) -> dict:
     }
     cases = root / "cases"
     cases.mkdir()
-    forks = Forks(3)
+    forks = Forks(3, ENV, preload=("trulyopen.pipeline", "trulyopen.serve.launch"))
     try:
         with ThreadPoolExecutor(3) as pool:
             done = pool.map(lambda c: _run_case(c, w, cases, forks), CASES)
@@ -787,3 +755,36 @@ def test_ctrl_c_that_a_library_turns_into_its_own_error_is_still_an_interruption
     (line,) = [x for x in result.stderr.splitlines() if x.strip()]
     assert line.startswith("interrupted"), line  # (the rerun command it names comes from sys.argv)
     assert not list((tmp_path / "run").glob("crash-*.txt"))
+
+
+def test_ctrl_c_that_lands_in_a_finalizer_still_stops_the_run(recipe_file, tmp_path):
+    """Ctrl-C while the collector runs an object's __del__ (regex's compiled groups have one) would
+    be printed as "Exception ignored ... Traceback" and lost, and the run would go on: it must stop
+    the run as any Ctrl-C does. A real `trulyopen` process, its signal handlers installed by main()."""
+    script = f"""
+import gc, os, signal, sys, time
+from trulyopen import cli, pipeline
+
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, arriving as this finalizer runs
+        time.sleep(0.05)  # the handler runs here, inside __del__
+
+def stage(*args, **kwargs):
+    Finalized()
+    gc.collect()
+    time.sleep(2)  # a stage that goes on working: the interruption must land before it ends
+    print("the stage finished")
+
+pipeline.run = stage
+sys.argv = ["trulyopen", "run", {str(recipe_file)!r}, "--run-dir", {str(tmp_path / "run")!r}]
+cli.main()
+"""
+    env = {**os.environ, "TRULYOPEN_QUIET": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and "the stage finished" not in done.stdout, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.strip()]
+    assert line.startswith("interrupted"), line

@@ -25,7 +25,7 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.forked_cli import Forks
 
 QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
 STAGES = ["data", "tokenizer", "shards", "pretrain", "synth", "finetune", "eval", "release"]
@@ -96,13 +98,13 @@ def tiny_recipe(path: Path) -> Path:
 
 
 def command(verb: str, recipe: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "trulyopen", verb, str(recipe), "--run-dir", str(run_dir)]
+    return [verb, str(recipe), "--run-dir", str(run_dir)]
 
 
-def run_to_end(verb: str, recipe: Path, run_dir: Path) -> str:
-    done = subprocess.run(command(verb, recipe, run_dir), env=ENV, capture_output=True, text=True)
-    assert done.returncode == 0, f"trulyopen {verb} failed:\n{done.stdout}{done.stderr}"
-    return done.stdout
+def run_to_end(forks: Forks, verb: str, recipe: Path, run_dir: Path) -> str:
+    done = forks.run(command(verb, recipe, run_dir), Path.cwd(), timeout=600)
+    assert done["code"] == 0, f"trulyopen {verb} failed:\n{done['out']}{done['err']}"
+    return done["out"]
 
 
 def ledger(run_dir: Path) -> list[dict]:
@@ -157,42 +159,50 @@ def restore(copy: Path | None, run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
+def forks() -> Forks:
+    """Each `trulyopen` command runs in a fork of a process that imported torch and transformers
+    once (tests/forked_cli.py): a real process, in its own process group, that Ctrl-C and kill -9
+    reach, without the seconds of imports that four dozen fresh interpreters would add."""
+    servers = Forks(1, ENV)
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, forks: Forks) -> dict:
     """One uninterrupted run, verb by verb, with a copy of the run directory after each verb, and
-    how long each stage took (as a subprocess: importing the model code is part of it)."""
+    how long each stage took (run as the tests run it, so that the same imports are part of it)."""
     tmp = tmp_path_factory.mktemp("faults")
     recipe = tiny_recipe(tmp / "recipe.yaml")
     run_dir, copies = tmp / "run", {"empty": None}
     run_dir.mkdir()
     for verb, name in REFERENCE:
-        run_to_end(verb, recipe, run_dir)
+        run_to_end(forks, verb, recipe, run_dir)
         copies[name] = tmp / "copies" / name
         shutil.copytree(run_dir, copies[name], symlinks=True)
     seconds = {e["stage"]: e["seconds"] for e in ledger(run_dir) if e["stage"] in STAGES}
-    return {"recipe": recipe, "run": run_dir, "copies": copies, "seconds": seconds}
+    return {"recipe": recipe, "run": run_dir, "copies": copies, "seconds": seconds, "forks": forks}
 
 
 class Process:
-    """A `trulyopen` subprocess whose output lines a thread collects as they come."""
+    """A running `trulyopen` command whose output lines (stdout and stderr, through a FIFO) a thread
+    collects as they come."""
 
-    def __init__(self, cmd: list[str]):
-        self.proc = subprocess.Popen(
-            cmd,
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,  # a process group of its own, as a terminal's foreground job
-        )
+    def __init__(self, forks: Forks, argv: list[str]):
+        self.fifo = Path(tempfile.mkdtemp()) / "output"
+        os.mkfifo(self.fifo)
+        self.command = forks.start(argv, Path.cwd(), output=self.fifo, timeout=600)
+        self.pid = self.command.pid
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
+        with open(self.fifo, encoding="utf-8", errors="replace") as f:  # opens once the command has
+            for line in f:
+                self.lines.put(line.rstrip("\n"))
+        shutil.rmtree(self.fifo.parent, ignore_errors=True)
 
     def printed(self, text: str) -> bool:
         while not self.lines.empty():
@@ -200,17 +210,24 @@ class Process:
         return any(text in line for line in self.seen)
 
     def running(self) -> bool:
-        return self.proc.poll() is None
+        return self.command.poll() is None
+
+    def send(self, sig: int, group: bool = False) -> None:
+        """Unless it has ended: its server reaps it at once (so the pid could be another's soon)."""
+        if self.running():
+            try:
+                (os.killpg if group else os.kill)(self.pid, sig)
+            except ProcessLookupError:  # it ended just now
+                pass
 
     def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.proc.stdout.close()
+        self.send(signal.SIGKILL)
+        self.command.wait()
 
     def ctrl_c(self) -> int:
         """SIGINT to the whole group, workers included, as Ctrl-C in a terminal; the exit status."""
-        os.killpg(self.proc.pid, signal.SIGINT)
-        code = self.proc.wait(timeout=120)
+        self.send(signal.SIGINT, group=True)
+        code = self.command.wait(timeout=120)["code"]
         self.reader.join(timeout=30)  # every line it printed, to the end of its output
         self.printed("")
         return code
@@ -256,11 +273,11 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def ctrl_c_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: float) -> bool:
+def ctrl_c_during(forks: Forks, stage: str, verb: str, recipe: Path, run_dir: Path, delay: float) -> bool:
     """As kill_during, with Ctrl-C: the run must stop with one line and exit status 130, no traceback
     from it or its workers."""
     watch = StageWatch(stage, run_dir)
-    proc = Process(command(verb, recipe, run_dir))
+    proc = Process(forks, command(verb, recipe, run_dir))
     _wait_for(watch, proc, verb)
     time.sleep(delay)
     if not proc.running():
@@ -289,11 +306,11 @@ def _wait_for(watch: StageWatch, proc: Process, verb: str) -> None:
         time.sleep(0.005)
 
 
-def kill_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: float) -> bool:
+def kill_during(forks: Forks, stage: str, verb: str, recipe: Path, run_dir: Path, delay: float) -> bool:
     """Start `verb`, wait until it reaches `stage`, and kill -9 it `delay` seconds later. Returns
     whether the kill landed while the stage was running (False: the stage had finished first)."""
     watch = StageWatch(stage, run_dir)
-    proc = Process(command(verb, recipe, run_dir))
+    proc = Process(forks, command(verb, recipe, run_dir))
     _wait_for(watch, proc, verb)
     time.sleep(delay)
     alive = proc.running()
@@ -306,7 +323,7 @@ def kill_during(stage: str, verb: str, recipe: Path, run_dir: Path, delay: float
 @pytest.mark.parametrize("stage", STAGES)
 def test_ctrl_c_or_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str, reference: dict) -> None:
     start, verb, end = PLAN[stage]
-    run_dir, recipe = reference["run"], reference["recipe"]
+    run_dir, recipe, forks = reference["run"], reference["recipe"], reference["forks"]
     rng = random.Random(f"faults/{stage}")
     seconds = reference["seconds"][stage]
     for _attempt in range(3):
@@ -314,8 +331,8 @@ def test_ctrl_c_or_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str,
         # anywhere in the stage but its very end: a resumed stage has less left to do
         delays = [rng.uniform(0.05, 0.9) * seconds for _ in range(KILLS + 1)]
         # first Ctrl-C, then kill -9 several times: each resumes from what the last one left
-        if ctrl_c_during(stage, verb, recipe, run_dir, delays[0]) and all(
-            kill_during(stage, verb, recipe, run_dir, delay) for delay in delays[1:]
+        if ctrl_c_during(forks, stage, verb, recipe, run_dir, delays[0]) and all(
+            kill_during(forks, stage, verb, recipe, run_dir, delay) for delay in delays[1:]
         ):
             break
         # a kill came after the stage had finished: this time the stage ran faster than in the
@@ -323,7 +340,7 @@ def test_ctrl_c_or_kill_during_stage_then_rerun_gives_the_same_bytes(stage: str,
         seconds /= 2
     else:
         pytest.fail(f"no {KILLS} kills in a row landed while {stage} ran")
-    run_to_end(verb, recipe, run_dir)
+    run_to_end(forks, verb, recipe, run_dir)
 
     kills = f"interrupted, then killed, after {', '.join(f'{d:.3f}' for d in delays)} s of {stage}"
     expected = reference["copies"][end]
@@ -352,7 +369,7 @@ def test_a_run_removes_what_a_killed_one_was_writing(reference: dict) -> None:
     half = run_dir / "eval" / "tasks" / f"next_line.jsonl.tmp-{dead_pid()}"
     half.write_text('{"half": ')
     entries = len(ledger(run_dir))
-    out = run_to_end("release", reference["recipe"], run_dir)
+    out = run_to_end(reference["forks"], "release", reference["recipe"], run_dir)
     assert not half.exists()
     assert "release: up to date, skipped" in out and len(ledger(run_dir)) == entries
 

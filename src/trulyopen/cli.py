@@ -7,6 +7,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -572,6 +573,7 @@ def main() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no loading bars around a one-line error
     signal.signal(signal.SIGINT, _on_ctrl_c)
+    sys.unraisablehook = _on_unraisable
     try:
         code = app(args=sys.argv[1:] or ["--help"], prog_name="trulyopen", standalone_mode=False)
     except typer.Abort:  # click's name for Ctrl-C outside a verb
@@ -594,6 +596,25 @@ def _on_ctrl_c(signum: int, frame) -> None:
     global _ctrl_c_seen
     _ctrl_c_seen = True
     signal.default_int_handler(signum, frame)
+
+
+def _on_unraisable(info) -> None:
+    """A Ctrl-C that lands in a finalizer (an object's __del__, run whenever the collector runs)
+    is printed as "Exception ignored in ... Traceback" and lost: the run would go on. Raise it
+    again a moment later, from another thread, so that the main thread raises it once the
+    finalizer returned (raised here, it would be lost the same way; if it lands in a finalizer
+    again, this comes round again). Anything else is Python's to report."""
+    if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+        import _thread  # threading.Thread.start waits for the thread: the signal could land in that wait
+
+        _thread.start_new_thread(_ctrl_c_again, ())
+        return
+    sys.__unraisablehook__(info)
+
+
+def _ctrl_c_again() -> None:
+    time.sleep(0.01)
+    signal.raise_signal(signal.SIGINT)
 
 
 def _exit_now(code: int) -> None:
