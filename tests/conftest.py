@@ -152,28 +152,27 @@ def chromium():
     driver.quit()
 
 
-# The order modules start in: the suite runs a module per worker (pyproject's addopts), and xdist
-# hands each worker its first three modules at once, then one at a time as workers free up. So the
-# longest module (test_faults, a third of the suite) goes first with two of the shortest beside it,
-# and the rest go longest first, so that no long module starts last and leaves a worker idle.
-# (Seconds on two cores, 2026-12-03; a module not named here runs after these.)
+# The order modules start in, longest first: the suite runs a module per worker (pyproject's addopts,
+# where --no-loadscope-reorder keeps this order instead of xdist's, by number of tests), and a long
+# module started last would leave the other workers idle at the end. Seconds on two cores,
+# 2026-12-03; a module not named here starts after these.
 ORDER = [
-    "test_faults.py",  # 320 s
-    "test_sources.py",
-    "test_clean_dedup.py",
-    "test_distributed.py",  # 96 s
-    "test_pretrain.py",  # 87 s
-    "test_data_scale.py",  # 83 s
-    "test_errors.py",  # 68 s
-    "test_finetune.py",  # 57 s
-    "test_serve_hardening.py",  # 44 s
-    "test_release.py",  # 44 s
-    "test_gguf.py",  # 37 s
+    "test_pretrain.py",  # 116 s
+    "test_data_scale.py",  # 92 s
+    "test_distributed.py",  # 89 s
+    "test_gguf.py",  # 80 s
+    "test_finetune.py",  # 77 s
+    "test_faults.py",  # 71 s
+    "test_errors.py",  # 70 s
+    "test_release.py",  # 55 s
+    "test_eval.py",  # 47 s
+    "test_serve_hardening.py",  # 45 s
+    "test_pipeline.py",  # 30 s
     "test_release_requirements.py",  # 30 s
-    "test_eval.py",  # 29 s
-    "test_pipeline.py",  # 27 s
-    "test_sandbox.py",  # 21 s
-    "test_serve.py",  # 18 s
+    "test_serve.py",  # 20 s
+    "test_sandbox.py",  # 19 s
+    "test_infer.py",  # 10 s
+    "test_eval_tasks.py",  # 8 s
 ]
 
 
