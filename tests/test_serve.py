@@ -370,3 +370,88 @@ def test_an_outside_engine_that_is_not_here_is_named_clearly(tmp_path):
     )
     result = CliRunner().invoke(app, ["serve", str(tmp_path), "--engine", "tgi"])
     assert result.exit_code != 0 and "choose trulyopen, llama.cpp, vllm or sglang" in result.output
+
+
+def test_logprobs_of_a_greedy_answer_equal_the_scorers_log_likelihood(server, model, tok):
+    """logprobs (chat) and the legacy logprobs (completions), streamed and not: each token's
+    log-probability sums to what the evaluation scorer gives the same text, to 1e-4; the top
+    alternatives are sorted, and the greedy token is the first of them."""
+    import openai
+
+    from trulyopen.evaluate.loglik import Request as Scored
+    from trulyopen.evaluate.loglik import score
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    prompt = "def add(a, b):"
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    out = generate(model, [ids], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    (want,) = score(model, [Scored(ids, [out])], max_len=256)[0:1]
+    assert len(lp.token_logprobs) == len(out) == want[0].tokens
+    assert abs(sum(lp.token_logprobs) - want[0].logprob) < 1e-4
+    assert lp.tokens == [tok.decode([t]) for t in out]
+    for top, token, value in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs, strict=True):
+        # (at most 3: tokens that decode to the same text, such as half characters, share an entry)
+        assert 1 <= len(top) <= 3 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert abs(top[token] - value) < 1e-6  # greedy: the chosen token is the most likely
+    assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    args = dict(model="tiny", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(**args)
+    content = chat.choices[0].logprobs.content
+    chat_ids = tok(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
+    end = tok.convert_tokens_to_ids("<|end|>")
+    stops = tuple(sorted({tok.eos_token_id, end}))
+    answer = generate(model, [chat_ids], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=stops))[0]
+    (scored,) = score(model, [Scored(chat_ids, [answer])], max_len=256)[0]
+    assert len(content) == len(answer)
+    assert abs(sum(c.logprob for c in content) - scored.logprob) < 1e-4
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
+    assert all(bytes(c.bytes) == c.token.encode() for c in content)
+    streamed = [c for c in client.chat.completions.create(**args, stream=True) if c.choices]
+    pieces = [x for c in streamed if c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    assert [(x.token, x.logprob) for x in pieces] == [(x.token, x.logprob) for x in content]
+
+
+def test_n_choices_with_a_seed_equal_single_requests_with_seed_plus_i(server):
+    """n=4 with seed s gives the four texts that single requests with seeds s..s+3 give, streamed
+    or not; usage counts every choice's tokens."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    args = dict(model="tiny", prompt="def add(a, b):", max_tokens=10, temperature=1.0)
+    r = client.completions.create(**args, n=4, seed=7)
+    singles = [client.completions.create(**args, seed=7 + i).choices[0].text for i in range(4)]
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.text for c in r.choices] == singles
+    assert len(set(singles)) > 1  # the choices differ: each samples with its own seed
+    assert r.usage.completion_tokens == sum(
+        client.completions.create(**args, seed=7 + i).usage.completion_tokens for i in range(4)
+    )
+    texts = [""] * 4
+    for c in client.completions.create(**args, n=4, seed=7, stream=True):
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == singles
+
+    messages = [{"role": "user", "content": "héllo"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, n=3, seed=1)
+    alone = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, seed=3)
+    assert len(chat.choices) == 3 and chat.choices[2].message.content == alone.choices[0].message.content
+
+
+def test_logprobs_and_n_bad_values_name_the_field(server):
+    chat, url = server.url + "/v1/chat/completions", server.url + "/v1/completions"
+    messages = [{"role": "user", "content": "x"}]
+    r = httpx.post(chat, json={"model": "tiny", "messages": messages, "top_logprobs": 2})
+    assert r.status_code == 400 and "top_logprobs needs logprobs" in error_of(r)["message"]
+    r = httpx.post(chat, json={"model": "tiny", "messages": messages, "logprobs": True, "top_logprobs": 21})
+    assert r.status_code == 400 and error_of(r)["param"] == "top_logprobs"
+    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "logprobs": 6})
+    assert r.status_code == 400 and error_of(r)["param"] == "logprobs"
+    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "n": 17})
+    assert r.status_code == 400 and error_of(r)["param"] == "n"

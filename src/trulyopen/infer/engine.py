@@ -34,11 +34,21 @@ from trulyopen.model.logits import logits_at
 
 
 @dataclass
+class Logprob:
+    """A sampled token's log-probability, and the `top` most likely tokens' (id, log-probability)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Event:
     text: str  # new text, safe to show (no half characters, no partial stop strings)
     token_ids: list[int]  # new tokens
     finish_reason: str | None = None  # stop | length | cancelled | error, on the last event
     error: str | None = None
+    logprobs: list[Logprob] | None = None  # one per new token, when the request asked for them
 
 
 @dataclass
@@ -227,15 +237,25 @@ class Engine:
                 seen = torch.tensor([r.prompt + r.output], device=row.device)
                 row = penalise(row, seen, r.params.repetition_penalty)
                 chosen[i] = int(sample_next(row, r.params, r.generator)[0])
+        scored = _logprobs(logits, reqs, chosen)
         now = time.perf_counter()
         for i, r in enumerate(reqs):
             event = take(r, chosen[i], self.max_len, now)
+            event.logprobs = scored.get(i)
             if event.finish_reason is None:
                 r.on_event(event)
             else:
-                self._finish(r, event.finish_reason, event.text, event.token_ids)
+                self._finish(r, event.finish_reason, event.text, event.token_ids, logprobs=event.logprobs)
 
-    def _finish(self, req: Request, reason: str, text: str = "", tokens=(), error: str | None = None) -> None:
+    def _finish(
+        self,
+        req: Request,
+        reason: str,
+        text: str = "",
+        tokens=(),
+        error: str | None = None,
+        logprobs: list[Logprob] | None = None,
+    ) -> None:
         """Free the request's slot: the last running request moves into it."""
         i = self.running.index(req)
         last = self.running.pop()
@@ -243,7 +263,24 @@ class Engine:
             self.cache.move(len(self.running), i, last.length)
             self.running[i] = last
         req.finish_reason, req.error = reason, error
-        req.on_event(Event(text, list(tokens), reason, error))
+        req.on_event(Event(text, list(tokens), reason, error, logprobs))
+
+
+def _logprobs(logits: torch.Tensor, reqs: list[Request], chosen: dict[int, int]) -> dict[int, list[Logprob]]:
+    """Row i's sampled token's log-probability under the model (log-softmax of its raw logits, as
+    a scorer computes it), with its top-k, for the requests that asked for them."""
+    rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if not rows:
+        return {}
+    logp = torch.log_softmax(logits[rows].float(), dim=-1)
+    k = max(reqs[i].params.logprobs for i in rows)
+    top_p, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
+    out = {}
+    for row, i in enumerate(rows):
+        n = reqs[i].params.logprobs
+        top = list(zip(top_i[row, :n].tolist(), top_p[row, :n].tolist(), strict=True))
+        out[i] = [Logprob(chosen[i], float(logp[row, chosen[i]]), top)]
+    return out
 
 
 def take(r: Request, token: int, max_len: int, now: float) -> Event:

@@ -19,6 +19,9 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()  # tokens that end a completion (kept in its token ids)
     stop_strings: tuple[str, ...] = ()  # text that ends a completion (cut off, not returned)
     seed: int | None = None  # None: drawn at random
+    # None: no log-probabilities; k: each sampled token's, and the k most likely tokens' (OpenAI's
+    # top_logprobs), from the model's own distribution (before temperature, top-k/p and penalty)
+    logprobs: int | None = None
 
 
 def penalise(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -36,7 +36,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
-from trulyopen.infer.engine import Engine, Event
+from trulyopen.infer.engine import Engine, Event, Logprob
 from trulyopen.infer.engine import Request as EngineRequest
 from trulyopen.infer.sampling import SamplingParams
 from trulyopen.serve.protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse, parse
@@ -164,6 +164,7 @@ class Server:
             stop_ids=() if body.ignore_eos else self._stops(stop_ids),
             stop_strings=body.stops(),
             seed=body.seed,
+            logprobs=body.wanted_logprobs(),
         )
 
     def _stops(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
@@ -200,6 +201,75 @@ class Server:
         self.engine.submit(req)
         return req, queue
 
+    @staticmethod
+    def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+        """The sampling of each of `n` choices: with a seed, choice i samples with seed + i, so that
+        n choices equal n single requests with those seeds."""
+        if n == 1:
+            return [params]
+        return [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
+
+    async def merged(self, choices: list[tuple[EngineRequest, asyncio.Queue]], deadline: float):
+        """(choice index, event) of every choice's events, as they come, until each one's last."""
+        if len(choices) == 1:  # no task in between for the common case
+            req, queue = choices[0]
+            async for e in self.events(req, queue, deadline):
+                yield 0, e
+            return
+        out: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, req: EngineRequest, queue: asyncio.Queue) -> None:
+            try:
+                async for e in self.events(req, queue, deadline):
+                    out.put_nowait((i, e))
+            except APIError as err:
+                out.put_nowait((i, err))
+            finally:
+                out.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, *c)) for i, c in enumerate(choices)]
+        try:
+            left = len(tasks)
+            while left:
+                i, item = await out.get()
+                if item is None:
+                    left -= 1
+                elif isinstance(item, APIError):
+                    raise item
+                else:
+                    yield i, item
+        finally:  # a caller that stops early (a client gone) cancels the choices still running
+            for task in tasks:
+                task.cancel()
+
+    def _token(self, token: int) -> dict:
+        text = self.tok.decode([token])
+        return {"token": text, "bytes": list(text.encode())}
+
+    def chat_logprobs(self, scored: list[Logprob]) -> dict:
+        """OpenAI's chat form: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+        content = []
+        for lp in scored:
+            top = [{**self._token(t), "logprob": v} for t, v in lp.top]
+            content.append({**self._token(lp.token), "logprob": lp.logprob, "top_logprobs": top})
+        return {"content": content}
+
+    def completion_logprobs(self, scored: list[Logprob]) -> dict:
+        """OpenAI's legacy completions form: parallel lists, top_logprobs as {token: logprob}."""
+        tokens = [self.tok.decode([lp.token]) for lp in scored]
+        offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+        top = []  # {text: logprob}: tokens whose text is the same (half characters) keep the likeliest
+        for lp in scored:
+            top.append({})
+            for t, v in lp.top:
+                top[-1].setdefault(self.tok.decode([t]), v)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in scored],
+            "top_logprobs": top,
+            "text_offset": offsets,
+        }
+
     async def events(self, req: EngineRequest, queue: asyncio.Queue, deadline: float):
         """The request's events until its last one; cancels the request if the caller stops early
         (a disconnected client) or the deadline (time.monotonic) passes."""
@@ -212,7 +282,8 @@ class Server:
                     # the client fell behind the engine: what it is owed goes out as one event
                     more = queue.get_nowait()
                     text, ids = event.text + more.text, event.token_ids + more.token_ids
-                    event = Event(text, ids, more.finish_reason, more.error)
+                    scored = (event.logprobs or []) + (more.logprobs or []) or None
+                    event = Event(text, ids, more.finish_reason, more.error, scored)
                 if event.finish_reason == TIMEOUT.finish_reason:
                     raise APIError(504, "the request took longer than this server allows", "timeout")
                 yield event
@@ -410,58 +481,68 @@ def build_app(server: Server) -> FastAPI:
         deadline = request.state.deadline
         await server.admission.acquire()
         try:
-            req, queue = server.submit(ids, params)
+            choices = [server.submit(ids, p) for p in server.choices(params, body.n)]
         except ValueError as e:
             server.admission.release()
-            raise APIError(400, str(e), code="context_length_exceeded") from None
+            code = "context_length_exceeded" if "does not fit" in str(e) else "invalid_value"
+            raise APIError(400, str(e), code=code) from None
         head = {"id": rid, "created": int(time.time()), "model": server.name}
+        logprobs = server.chat_logprobs if chat else server.completion_logprobs
 
         def usage():
-            n = len(req.output)
+            n = sum(len(req.output) for req, _ in choices)
             return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
 
         if not body.stream:
+            texts, reasons, scored = [[] for _ in choices], [None] * len(choices), [[] for _ in choices]
             try:
-                text, reason = [], None
-                async for e in server.events(req, queue, deadline):
-                    text.append(e.text)
-                    reason = e.finish_reason
+                async for i, e in server.merged(choices, deadline):
+                    texts[i].append(e.text)
+                    reasons[i] = e.finish_reason or reasons[i]
+                    scored[i] += e.logprobs or []
                     if await request.is_disconnected():
                         return None
             finally:
                 server.admission.release()
-            if reason == "error":
-                raise APIError(500, f"generation failed: {req.error}", "server_error")
-            content = "".join(text)
-            choice = (
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reason}
-                if chat
-                else {"index": 0, "text": content, "finish_reason": reason, "logprobs": None}
-            )
+            for req, _ in choices:
+                if req.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {req.error}", "server_error")
+            out = []
+            for i in range(len(choices)):
+                content = "".join(texts[i])
+                lp = logprobs(scored[i]) if params.logprobs is not None else None
+                if chat:
+                    message = {"role": "assistant", "content": content}
+                    out.append({"index": i, "message": message, "finish_reason": reasons[i], "logprobs": lp})
+                else:
+                    out.append({"index": i, "text": content, "finish_reason": reasons[i], "logprobs": lp})
             kind = "chat.completion" if chat else "text_completion"
-            return {**head, "object": kind, "choices": [choice], "usage": usage()}
+            return {**head, "object": kind, "choices": out, "usage": usage()}
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(text: str | None, reason: str | None, first: bool = False) -> dict:
+        def chunk(i: int, e: Event | None, first: bool = False) -> dict:
+            text, reason = (e.text, e.finish_reason) if e is not None else (None, None)
+            lp = logprobs(e.logprobs or []) if e is not None and params.logprobs is not None else None
             if chat:
                 delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": lp}
             else:
-                choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
+                choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lp}
             return {**head, "object": kind, "choices": [choice]}
 
         async def stream():
             try:
                 if chat:
-                    yield _sse(chunk(None, None, first=True))
-                async for e in server.events(req, queue, deadline):
+                    for i in range(len(choices)):
+                        yield _sse(chunk(i, None, first=True))
+                async for i, e in server.merged(choices, deadline):
                     if e.finish_reason == "error":
                         yield _sse(APIError(500, f"generation failed: {e.error}", "server_error").body())
                         break
-                    if e.text or e.finish_reason:
-                        yield _sse(chunk(e.text, e.finish_reason))
+                    if e.text or e.finish_reason or e.logprobs:
+                        yield _sse(chunk(i, e))
                 if include_usage:
                     yield _sse({**head, "object": kind, "choices": [], "usage": usage()})
                 yield _sse("[DONE]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 INT64 = 2**63  # OpenAI's seed is an int64; torch's generators take that range too
 
@@ -18,7 +18,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # fields we do not implement (logprobs, user, ...) are ignored
+    model_config = ConfigDict(extra="ignore")  # fields we do not implement (user, ...) are ignored
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -32,7 +32,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False  # (vLLM's extension) run to max_tokens: for benchmarks
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=16)  # choices; with a seed, choice i samples with seed + i
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -44,9 +44,17 @@ class _Sampling(BaseModel):
     def wanted_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def wanted_logprobs(self) -> int | None:
+        """None: no log-probabilities; k: each token's, with the k most likely alternatives."""
+        return None
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[Annotated[int, Field(ge=0)]]  # token ids: the server checks the vocabulary's end
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API's: how many alternatives
+
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ContentPart(BaseModel):
@@ -68,6 +76,17 @@ class Message(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class ErrorDetail(BaseModel):
@@ -112,5 +131,6 @@ def parse(cls: type[BaseModel], raw: bytes) -> BaseModel:
         return cls.model_validate(data, strict=True)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"{param}: {first['msg']}", param=param, code="invalid_value") from None
+        param = ".".join(str(p) for p in first["loc"]) or None  # None: the body as a whole
+        message = f"{param}: {first['msg']}" if param else first["msg"].removeprefix("Value error, ")
+        raise APIError(400, message, param=param, code="invalid_value") from None
