@@ -455,3 +455,83 @@ def test_logprobs_and_n_bad_values_name_the_field(server):
     assert r.status_code == 400 and error_of(r)["param"] == "logprobs"
     r = httpx.post(url, json={"model": "tiny", "prompt": "x", "n": 17})
     assert r.status_code == 400 and error_of(r)["param"] == "n"
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_answers_validate_for_50_seeds_beside_free_requests(server, model, tok):
+    """response_format json_schema: 50 sampled answers (concurrent, streamed and not), each valid
+    JSON under the schema (jsonschema); free greedy requests in the same batches keep their text."""
+    import jsonschema
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    prompt = "def add(a, b):"
+
+    async def constrained(seed: int) -> tuple[str, str]:
+        args = dict(model="tiny", messages=messages, max_tokens=60, seed=seed, response_format=fmt)
+        if seed % 2:
+            r = await client.chat.completions.create(**args)
+            return r.choices[0].message.content, r.choices[0].finish_reason
+        text, reason = "", None
+        async for c in await client.chat.completions.create(**args, stream=True):
+            text += c.choices[0].delta.content or ""
+            reason = c.choices[0].finish_reason or reason
+        return text, reason
+
+    async def free() -> str:
+        r = await client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+        return r.choices[0].text
+
+    async def main():
+        return await asyncio.gather(*(constrained(s) for s in range(50)), *(free() for _ in range(6)))
+
+    results = asyncio.run(main())
+    answers, frees = results[:50], results[50:]
+    for text, reason in answers:
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+    assert len({t for t, _ in answers}) > 10  # sampled: the seeds give different values
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert set(frees) == {greedy_text(model, tok, ids, 12)}
+
+    sync = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    json_object = {"response_format": {"type": "json_object"}}  # (vLLM's extension to completions)
+    r = sync.completions.create(model="tiny", prompt=prompt, max_tokens=40, extra_body=json_object)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].text), dict)
+    else:  # an object the tiny model kept open until max_tokens: a prefix of one
+        assert r.choices[0].text.startswith("{")
+
+
+def test_bad_schemas_get_a_400_that_names_the_field_or_the_librarys_reason(server):
+    url = server.url + "/v1/chat/completions"
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+
+    def with_schema(schema) -> httpx.Response:
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+        return httpx.post(url, json={**base, "response_format": fmt})
+
+    r = with_schema({"type": "object", "properties": {"a": {"type": "no-such-type"}}})
+    e = error_of(r)
+    assert r.status_code == 400 and e["param"] == "response_format.json_schema.schema", e
+    assert "not a valid JSON schema at properties/a/type" in e["message"], e
+    r = with_schema({"type": "string", "pattern": "(?<=x)y"})  # valid JSON schema; no regular grammar
+    e = error_of(r)
+    assert r.status_code == 400 and "cannot compile" in e["message"] and "look-around" in e["message"], e
+    r = httpx.post(url, json={**base, "response_format": {"type": "json_schema"}})
+    assert r.status_code == 400 and error_of(r)["param"] == "response_format.json_schema"
+    r = httpx.post(url, json={**base, "response_format": {"type": "yaml"}})
+    assert r.status_code == 400 and error_of(r)["param"] == "response_format.type"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trulyopen.infer import fast
+from trulyopen.infer import constrain, fast
 from trulyopen.infer.cache import SlotCache
 from trulyopen.infer.sampling import SamplingParams, penalise, sample_next
 from trulyopen.infer.text import TextStream
@@ -66,6 +66,9 @@ class Request:
     length: int = 0  # tokens of this request in the cache
     stream: TextStream | None = None
     generator: torch.Generator | None = None
+    # a grammar's matcher (infer/constrain.py): each token is sampled from those it allows, and
+    # the request stops once the grammar is complete
+    matcher: object | None = None
 
 
 class Engine:
@@ -229,6 +232,10 @@ class Engine:
         plain = [
             i for i, r in enumerate(reqs) if r.params.temperature == 0 and r.params.repetition_penalty == 1.0
         ]
+        raw = logits
+        if any(r.matcher is not None for r in reqs):  # (the log-probabilities stay the model's own)
+            logits = logits.clone()
+            constrain.mask(logits, [r.matcher for r in reqs])
         greedy = logits[plain].argmax(dim=-1).tolist() if plain else []
         chosen = dict(zip(plain, greedy, strict=True))
         for i, r in enumerate(reqs):
@@ -237,9 +244,12 @@ class Engine:
                 seen = torch.tensor([r.prompt + r.output], device=row.device)
                 row = penalise(row, seen, r.params.repetition_penalty)
                 chosen[i] = int(sample_next(row, r.params, r.generator)[0])
-        scored = _logprobs(logits, reqs, chosen)
+        scored = _logprobs(raw, reqs, chosen)
         now = time.perf_counter()
         for i, r in enumerate(reqs):
+            if r.matcher is not None and not r.matcher.consume_token(chosen[i]):
+                self._finish(r, "error", error=f"the grammar refused a token: {r.matcher.get_error()}")
+                continue
             event = take(r, chosen[i], self.max_len, now)
             event.logprobs = scored.get(i)
             if event.finish_reason is None:
@@ -290,7 +300,7 @@ def take(r: Request, token: int, max_len: int, now: float) -> Event:
     r.output.append(token)
     r.first_token = r.first_token or now
     text, stopped = r.stream.push(token) if r.stream is not None else ("", False)
-    if stopped or token in r.params.stop_ids:
+    if stopped or token in r.params.stop_ids or (r.matcher is not None and r.matcher.is_stopped()):
         reason = "stop"
     elif len(r.output) >= r.params.max_new_tokens or r.length + 1 >= max_len:
         reason = "length"

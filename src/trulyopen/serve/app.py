@@ -119,6 +119,8 @@ class Server:
             self.chat_stops = self.chat.stop_ids()
         except RenderError:
             self.chat, self.chat_stops = None, ()
+        self.grammars = None  # infer.constrain.Grammars, made on the first response_format
+        self.grammar_cache: dict[str, str] = {}
         self.admission: Admission | None = None
         self.mailbox: Mailbox | None = None
         self.created = int(time.time())
@@ -155,6 +157,7 @@ class Server:
                 param="max_tokens",
                 code="invalid_value",
             )
+        self.grammar_of(body)  # a bad schema is a 400 before any work
         return SamplingParams(
             max_new_tokens=wanted or self.limits.max_tokens,
             temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
@@ -166,6 +169,51 @@ class Server:
             seed=body.seed,
             logprobs=body.wanted_logprobs(),
         )
+
+    def grammar_of(self, body) -> str | None:
+        """The grammar that `response_format` asks the answer to follow (None: free text)."""
+        fmt = body.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            schema = {"type": "object"}
+        elif fmt.json_schema is None:
+            raise APIError(
+                400,
+                "response_format.json_schema: required for type json_schema",
+                param="response_format.json_schema",
+            )
+        else:
+            schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
+        return self._grammar(json.dumps(schema, sort_keys=True))
+
+    def _grammar(self, schema_text: str) -> str:
+        """Cached: agents send the same schema again and again."""
+        if schema_text not in self.grammar_cache:
+            from jsonschema import Draft202012Validator, SchemaError
+
+            from trulyopen.infer.constrain import Grammars
+
+            param = "response_format.json_schema.schema"
+            schema = json.loads(schema_text)
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as e:
+                where = "/".join(str(p) for p in e.path)
+                raise APIError(
+                    400,
+                    f"{param}: not a valid JSON schema{f' at {where}' if where else ''}: {e.message}",
+                    param=param,
+                ) from None
+            if self.grammars is None:
+                self.grammars = Grammars(self.tok, self.vocab)
+            try:
+                self.grammar_cache[schema_text] = self.grammars.json_schema(schema)
+            except ValueError as e:
+                raise APIError(
+                    400, f"{param}: the grammar library cannot compile it: {e}", param=param
+                ) from None
+        return self.grammar_cache[schema_text]
 
     def _stops(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
@@ -195,9 +243,13 @@ class Server:
             raise APIError(400, "the prompt is empty", param="prompt")
         return ids, ()
 
-    def submit(self, ids: list[int], params: SamplingParams) -> tuple[EngineRequest, asyncio.Queue]:
+    def submit(
+        self, ids: list[int], params: SamplingParams, grammar: str | None = None
+    ) -> tuple[EngineRequest, asyncio.Queue]:
         queue, mailbox = asyncio.Queue(), self.mailbox
         req = EngineRequest(ids, params, lambda e: mailbox.post(queue, e))
+        if grammar is not None:
+            req.matcher = self.grammars.matcher(grammar)
         self.engine.submit(req)
         return req, queue
 
@@ -481,7 +533,8 @@ def build_app(server: Server) -> FastAPI:
         deadline = request.state.deadline
         await server.admission.acquire()
         try:
-            choices = [server.submit(ids, p) for p in server.choices(params, body.n)]
+            grammar = server.grammar_of(body)
+            choices = [server.submit(ids, p, grammar) for p in server.choices(params, body.n)]
         except ValueError as e:
             server.admission.release()
             code = "context_length_exceeded" if "does not fit" in str(e) else "invalid_value"

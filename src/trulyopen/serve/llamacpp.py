@@ -89,6 +89,8 @@ class LlamaCppEngine:
             raise ValueError(
                 f"a prompt of {len(req.prompt)} tokens does not fit this engine's {self.max_len}"
             )
+        if req.matcher is not None:
+            raise ValueError("response_format is not served by --engine llama.cpp; use the default engine")
         if req.params.logprobs is not None:
             raise ValueError("logprobs are not served by --engine llama.cpp; use the default engine")
         req.stream = TextStream(self.decode, req.params.stop_strings)

@@ -17,6 +17,19 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(default=None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # (always: the answer is decoded under the schema's grammar)
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")  # fields we do not implement (user, ...) are ignored
 
@@ -35,6 +48,7 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=16)  # choices; with a seed, choice i samples with seed + i
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
