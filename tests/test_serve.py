@@ -101,7 +101,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    s = Running(model, tok, Limits(max_concurrent=32, max_queue=64, max_tokens=64, max_prompt_tokens=200))
+    s = Running(model, tok, Limits(max_concurrent=32, max_queue=64, max_tokens=128, max_prompt_tokens=200))
     yield s
     s.stop()
 
@@ -194,7 +194,7 @@ def test_bad_requests_get_openai_errors(server):
     assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
     r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": -1})
     assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
-    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 65})
+    r = httpx.post(url, json={"model": "tiny", "prompt": "x", "max_tokens": 129})
     assert r.status_code == 400 and error_of(r)["param"] == "max_tokens"
     r = httpx.post(url, json={"model": "tiny", "prompt": list(range(5, 206))})
     assert r.status_code == 400 and error_of(r)["code"] == "context_length_exceeded"
@@ -535,3 +535,170 @@ def test_bad_schemas_get_a_400_that_names_the_field_or_the_librarys_reason(serve
     assert r.status_code == 400 and error_of(r)["param"] == "response_format.json_schema"
     r = httpx.post(url, json={**base, "response_format": {"type": "yaml"}})
     assert r.status_code == 400 and error_of(r)["param"] == "response_format.type"
+
+
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            # bounded: a random model's digits would run on to max_tokens (llguidance enforces ranges)
+            "properties": {
+                "a": {"type": "integer", "minimum": -99, "maximum": 99},
+                "b": {"type": "integer", "minimum": -99, "maximum": 99},
+            },
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+UPPER = {
+    "type": "function",
+    "function": {
+        "name": "upper",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "s": {"type": "string", "maxLength": 2}
+            },  # short: a tiny vocabulary spells it byte by byte
+            "required": ["s"],
+        },
+    },
+}
+
+
+def test_required_and_named_tool_calls_validate_against_the_tools_schema(server):
+    """Even the tiny model answers tool_choice required / a named tool with tool_calls whose
+    arguments validate against that tool's schema, streamed (as OpenAI's deltas) and not; a tool
+    turn is accepted in the conversation that follows."""
+    import jsonschema
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    specs = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, UPPER)}
+    for choice in ("required", {"type": "function", "function": {"name": "upper"}}):
+        for seed in range(3):
+            args = dict(
+                model="tiny",
+                messages=messages,
+                tools=[ADD, UPPER],
+                tool_choice=choice,
+                max_tokens=128,
+                seed=seed,
+            )
+            r = client.chat.completions.create(**args)
+            assert r.choices[0].message.tool_calls, r.choices[0]
+            (call,) = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
+            if choice != "required":
+                assert call.function.name == "upper"
+            jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name])
+            calls: dict[int, dict] = {}
+            reason = None
+            for c in client.chat.completions.create(**args, stream=True):
+                for d in c.choices[0].delta.tool_calls or []:
+                    got = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                    got["name"] += (d.function.name or "") if d.function else ""
+                    got["arguments"] += (d.function.arguments or "") if d.function else ""
+                reason = c.choices[0].finish_reason or reason
+            assert reason == "tool_calls" and list(calls.values()) == [
+                {"name": call.function.name, "arguments": call.function.arguments}
+            ]
+    follow = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "5"},
+    ]
+    r = client.chat.completions.create(model="tiny", messages=follow, tools=[ADD, UPPER], max_tokens=5)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_call_cut_off_by_max_tokens_is_length_and_nothing_half_parsed(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "add"}]
+    r = client.chat.completions.create(
+        model="tiny", messages=messages, tools=[ADD], tool_choice="required", max_tokens=4
+    )
+    assert r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content is None
+
+
+def test_bad_tools_get_a_400_that_names_the_field(server):
+    url = server.url + "/v1/chat/completions"
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    no_name = {"type": "function", "function": {"parameters": {"type": "object"}}}
+    no_params = {"type": "function", "function": {"name": "f"}}
+    bad_params = {"type": "function", "function": {"name": "f", "parameters": {"type": 3}}}
+    cases = [
+        ({"tools": [no_name]}, "tools.0.function.name"),
+        ({"tools": [no_params]}, "tools.0.function.parameters"),
+        ({"tools": [ADD, bad_params], "tool_choice": "required"}, "tools.1.function.parameters"),
+        (
+            {"tools": [ADD], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{x"}}
+                        ],
+                    }
+                ]
+            },
+            "messages.0.tool_calls.0.function.arguments",
+        ),
+    ]
+    for extra, param in cases:
+        r = httpx.post(url, json={**base, **extra})
+        assert r.status_code == 400 and error_of(r)["param"] == param, (extra, r.text)
+
+
+def test_our_chat_template_renders_tools_and_trains_on_the_calls(tok):
+    """Without tools the template renders what it rendered before tools; with them, a system turn
+    lists them, an assistant's call is <tool_call>{...}</tool_call>, and those tokens are trained."""
+    from trulyopen.data.tokenizer import CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATE
+    from trulyopen.finetune.render import ChatRenderer
+
+    plain = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "a"},
+    ]
+    for gp in (False, True):
+        new = tok.apply_chat_template(
+            plain, chat_template=CHAT_TEMPLATE, tokenize=False, add_generation_prompt=gp
+        )
+        old = tok.apply_chat_template(
+            plain, chat_template=LEGACY_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=gp
+        )
+        assert new == old
+    call = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+    talk = [
+        {"role": "user", "content": "add 2 and 3"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "It is 5."},
+    ]
+    renderer = ChatRenderer(tok, CHAT_TEMPLATE)
+    text = renderer.text(talk, tools=[ADD])
+    assert '"name": "add"' in text.split("</tools>")[0] and '"description": "Add two integers."' in text
+    assert (
+        '<|assistant|>\n<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|end|>' in text
+    )
+    assert "<|tool|>\n5<|end|>" in text
+    r = renderer.conversation(talk)  # (without tools in the system turn: the calls are the assistant's)
+    trained = tok.decode([t for t, x in zip(r.ids, r.trained, strict=True) if x])
+    assert '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>' in trained
+    assert (
+        "It is 5." in trained
+        and "add 2 and 3" not in trained
+        and "5<|end|>" not in trained.replace("It is 5.<|end|>", "")
+    )

@@ -27,7 +27,29 @@ PAD = "<|pad|>"
 ROLES = ("system", "user", "assistant")
 END = "<|end|>"
 SPECIAL_TOKENS = [EOT, PAD, *(f"<|{r}|>" for r in ROLES), END]
+# Turns as <|role|>\ntext<|end|>\n. With tools (transformers' apply_chat_template(tools=...)), a
+# system turn lists them, an assistant's calls are <tool_call>{"name", "arguments"}</tool_call>
+# (the convention of Qwen's and Hermes' templates), and results come back as `tool` turns. Without
+# tools it renders exactly what LEGACY_CHAT_TEMPLATE, the template before tools, renders.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "You can call these tools. To call one, answer with "
+    '<tool_call>{"name": ..., "arguments": {...}}</tool_call>.\n<tools>\n'
+    "{% for tool in tools %}{{ (tool['function'] if 'function' in tool else tool) | tojson }}\n{% endfor %}"
+    "</tools><|end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if not (tools and loop.first and message['role'] == 'system') %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "<tool_call>{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}<|end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+LEGACY_CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

@@ -38,9 +38,15 @@ class ChatRenderer:
                 "the tokenizer has no chat template: set finetune.chat_template to a Jinja template"
             )
 
-    def text(self, messages: list[dict], generation_prompt: bool = False) -> str:
+    def text(
+        self, messages: list[dict], generation_prompt: bool = False, tools: list[dict] | None = None
+    ) -> str:
         return self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=generation_prompt
+            messages,
+            tools=tools or None,
+            chat_template=self.template,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
 
     def _encode(self, text: str, spans: list[tuple[int, int]]) -> Rendered:
@@ -67,11 +73,10 @@ class ChatRenderer:
         """A prompt and one assistant reply; only the reply is trained (DPO's chosen and rejected)."""
         return self.conversation([*prompt, {"role": "assistant", "content": reply}])
 
-    def prompt(self, prompt: list[dict]) -> list[int]:
-        """The prompt followed by the generation prompt: what a model continues (GRPO)."""
-        return list(
-            self.tok(self.text(prompt, generation_prompt=True), add_special_tokens=False)["input_ids"]
-        )
+    def prompt(self, prompt: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The prompt followed by the generation prompt: what a model continues (GRPO, serving)."""
+        text = self.text(prompt, generation_prompt=True, tools=tools)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
     def stop_ids(self) -> tuple[int, ...]:
         """Tokens that end an assistant turn: the end-of-sequence token and the template's end-of-turn

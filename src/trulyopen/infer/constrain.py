@@ -36,6 +36,16 @@ class Grammars:
             raise ValueError(" ".join(error.split()))
         return grammar
 
+    def lark(self, source: str) -> str:
+        """A grammar in llguidance's Lark dialect (which embeds JSON schemas as %json {...})."""
+        from llguidance import LLMatcher
+
+        grammar = LLMatcher.grammar_from_lark(source)
+        error = LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise ValueError(" ".join(error.split()))
+        return grammar
+
     def matcher(self, grammar: str):
         from llguidance import LLMatcher
 

@@ -286,11 +286,8 @@ def _quantize(src: Path, dst: Path, quant: str) -> None:
 
 # ---------------------------------------------------------------------------------------------- Ollama
 
-OURS = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-# the same turns in Ollama's Go template language
+# our chat template's turns in Ollama's Go template language (tool definitions and calls are not
+# rendered: Ollama's tool support reads a template's .Tools, which this one does not use yet)
 OLLAMA_TEMPLATE = "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"
 
 
@@ -298,7 +295,9 @@ def modelfile(gguf_name: str, chat_template: str | None, stops: list[str]) -> st
     """An Ollama Modelfile for the GGUF file `gguf_name` beside it: FROM, the chat template in Go's
     template language when it is ours (Ollama reads other models' templates from the GGUF), stops."""
     lines = [f"FROM ./{gguf_name}"]
-    if chat_template == OURS:
+    from trulyopen.data.tokenizer import CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATE
+
+    if chat_template in (CHAT_TEMPLATE, LEGACY_CHAT_TEMPLATE):
         lines.append(f'TEMPLATE """{OLLAMA_TEMPLATE}"""')
     lines += [f'PARAMETER stop "{s}"' for s in stops]
     return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import threading
 import time
 import uuid
@@ -39,7 +40,18 @@ from starlette.exceptions import HTTPException
 from trulyopen.infer.engine import Engine, Event, Logprob
 from trulyopen.infer.engine import Request as EngineRequest
 from trulyopen.infer.sampling import SamplingParams
-from trulyopen.serve.protocol import APIError, ChatRequest, CompletionRequest, ErrorResponse, parse
+from trulyopen.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ErrorResponse,
+    NamedToolChoice,
+    parse,
+)
+
+# an assistant's tool call, as our chat template and Qwen's and Hermes' render it
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
 
 # Below this, sampling is greedy: dividing float32 logits by a smaller temperature can overflow to
 # inf, and NaN probabilities would fail every request in the engine's batch, not just this one.
@@ -171,10 +183,30 @@ class Server:
         )
 
     def grammar_of(self, body) -> str | None:
-        """The grammar that `response_format` asks the answer to follow (None: free text)."""
+        """The grammar the answer is decoded under: a required or named tool's call, or the JSON
+        that `response_format` asks for (None: free text)."""
+        from trulyopen.infer.constrain import COMPACT
+
+        if self.tool_mode(body) in ("required", "named"):
+            tools = self._tools(body)
+            if isinstance(body.tool_choice, NamedToolChoice):
+                tools = [t for t in tools if t.function.name == body.tool_choice.function.name]
+            calls = []
+            for t in tools:
+                props = {"name": {"const": t.function.name}, "arguments": t.function.parameters}
+                call = {"type": "object", "properties": props, "required": ["name", "arguments"]}
+                calls.append({**call, "additionalProperties": False})
+            call = (
+                {"anyOf": calls, "x-guidance": COMPACT}
+                if len(calls) > 1
+                else {**calls[0], "x-guidance": COMPACT}
+            )
+            lark = f'start: "{CALL_OPEN}" call "{CALL_CLOSE}"\ncall: %json {json.dumps(call)}'
+            return self._compile(lark, "lark", "tools")
         fmt = body.response_format
         if fmt is None or fmt.type == "text":
             return None
+        param = "response_format.json_schema.schema"
         if fmt.type == "json_object":
             schema = {"type": "object"}
         elif fmt.json_schema is None:
@@ -185,35 +217,74 @@ class Server:
             )
         else:
             schema = fmt.json_schema.schema_ if fmt.json_schema.schema_ is not None else {"type": "object"}
-        return self._grammar(json.dumps(schema, sort_keys=True))
+            _check_schema(schema, param)
+        return self._compile(json.dumps(schema, sort_keys=True), "json_schema", param)
 
-    def _grammar(self, schema_text: str) -> str:
-        """Cached: agents send the same schema again and again."""
-        if schema_text not in self.grammar_cache:
-            from jsonschema import Draft202012Validator, SchemaError
-
+    def _compile(self, source: str, kind: str, param: str) -> str:
+        """A grammar from a JSON schema's text or a Lark grammar, cached: agents send the same
+        schemas again and again."""
+        if (kind, source) not in self.grammar_cache:
             from trulyopen.infer.constrain import Grammars
 
-            param = "response_format.json_schema.schema"
-            schema = json.loads(schema_text)
-            try:
-                Draft202012Validator.check_schema(schema)
-            except SchemaError as e:
-                where = "/".join(str(p) for p in e.path)
-                raise APIError(
-                    400,
-                    f"{param}: not a valid JSON schema{f' at {where}' if where else ''}: {e.message}",
-                    param=param,
-                ) from None
             if self.grammars is None:
                 self.grammars = Grammars(self.tok, self.vocab)
+            build = (
+                self.grammars.lark
+                if kind == "lark"
+                else lambda text: self.grammars.json_schema(json.loads(text))
+            )
             try:
-                self.grammar_cache[schema_text] = self.grammars.json_schema(schema)
+                self.grammar_cache[kind, source] = build(source)
             except ValueError as e:
                 raise APIError(
                     400, f"{param}: the grammar library cannot compile it: {e}", param=param
                 ) from None
-        return self.grammar_cache[schema_text]
+        return self.grammar_cache[kind, source]
+
+    def tool_mode(self, body) -> str | None:
+        """None (no tools, or tool_choice none), auto, required or named."""
+        if not isinstance(body, ChatRequest) or not body.tools or body.tool_choice == "none":
+            if isinstance(body, ChatRequest) and body.tool_choice not in (None, "none") and not body.tools:
+                raise APIError(400, "tool_choice: given without tools", param="tool_choice")
+            return None
+        if isinstance(body.tool_choice, NamedToolChoice):
+            return "named"
+        return body.tool_choice or "auto"
+
+    def _tools(self, body) -> list:
+        """The request's tools, checked: names unique, parameters a valid JSON schema, and a named
+        tool_choice among them."""
+        names = [t.function.name for t in body.tools]
+        for i, t in enumerate(body.tools):
+            _check_schema(t.function.parameters, f"tools.{i}.function.parameters")
+            if names.index(t.function.name) != i:
+                raise APIError(
+                    400,
+                    f"tools.{i}.function.name: '{t.function.name}' is given twice",
+                    param=f"tools.{i}.function.name",
+                )
+        if isinstance(body.tool_choice, NamedToolChoice) and body.tool_choice.function.name not in names:
+            name = body.tool_choice.function.name
+            raise APIError(400, f"tool_choice: no tool is named '{name}'", param="tool_choice.function.name")
+        return body.tools
+
+    @staticmethod
+    def calls_in(text: str) -> tuple[str | None, list[dict]]:
+        """An answer's text, split into its content (None when only calls) and its tool calls,
+        each complete <tool_call>{"name", "arguments"}</tool_call> with JSON that parses."""
+        calls, rest, at = [], [], 0
+        for m in CALL.finditer(text):
+            try:
+                call = json.loads(m.group(1))
+                name, arguments = call["name"], call["arguments"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            rest.append(text[at : m.start()])
+            at = m.end()
+            fn = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
+            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn})
+        content = ("".join(rest) + text[at:]).strip() if calls else text
+        return (content or None), calls
 
     def _stops(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
@@ -225,9 +296,10 @@ class Server:
         if isinstance(body, ChatRequest):
             if self.chat is None:
                 raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions")
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [_message(m, i) for i, m in enumerate(body.messages)]
+            tools = [t.model_dump(exclude_none=True) for t in self._tools(body)] if body.tools else None
             try:
-                return self.chat.prompt(messages), self.chat_stops
+                return self.chat.prompt(messages, tools), self.chat_stops
             except TemplateError as e:  # a template's raise_exception (roles must alternate, ...)
                 raise APIError(
                     400, f"the chat template refused the messages: {e}", param="messages"
@@ -345,6 +417,45 @@ class Server:
             timer.cancel()
             if req.finish_reason is None:
                 self.engine.cancel(req)
+
+
+def _message(m, i: int) -> dict:
+    """A message as chat templates take it (transformers' convention: a call's arguments a dict)."""
+    out = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        calls = []
+        for j, call in enumerate(m.tool_calls):
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                param = f"messages.{i}.tool_calls.{j}.function.arguments"
+                raise APIError(400, f"{param}: not JSON", param=param) from None
+            calls.append(
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": arguments},
+                }
+            )
+        out["tool_calls"] = calls
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _check_schema(schema: dict, param: str) -> None:
+    """A 400 naming `param` (and the place inside it) unless `schema` is a valid JSON schema."""
+    from jsonschema import Draft202012Validator, SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as e:
+        where = "/".join(str(p) for p in e.path)
+        raise APIError(
+            400,
+            f"{param}: not a valid JSON schema{f' at {where}' if where else ''}: {e.message}",
+            param=param,
+        ) from None
 
 
 def _sse(data) -> bytes:
@@ -541,6 +652,19 @@ def build_app(server: Server) -> FastAPI:
             raise APIError(400, str(e), code=code) from None
         head = {"id": rid, "created": int(time.time()), "model": server.name}
         logprobs = server.chat_logprobs if chat else server.completion_logprobs
+        tools = server.tool_mode(body)
+
+        def answer(text: str, reason: str | None) -> tuple[dict, str | None]:
+            """The assistant's message, its tool calls parsed out of the text when tools were given.
+            A required call cut off by max_tokens is no call and no content: nothing half-parsed."""
+            if tools is None:
+                return {"role": "assistant", "content": text}, reason
+            if reason == "length" and tools in ("required", "named"):
+                return {"role": "assistant", "content": None}, reason
+            content, calls = server.calls_in(text)
+            if not calls:
+                return {"role": "assistant", "content": text}, reason
+            return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
 
         def usage():
             n = sum(len(req.output) for req, _ in choices)
@@ -565,8 +689,8 @@ def build_app(server: Server) -> FastAPI:
                 content = "".join(texts[i])
                 lp = logprobs(scored[i]) if params.logprobs is not None else None
                 if chat:
-                    message = {"role": "assistant", "content": content}
-                    out.append({"index": i, "message": message, "finish_reason": reasons[i], "logprobs": lp})
+                    message, reason = answer(content, reasons[i])
+                    out.append({"index": i, "message": message, "finish_reason": reason, "logprobs": lp})
                 else:
                     out.append({"index": i, "text": content, "finish_reason": reasons[i], "logprobs": lp})
             kind = "chat.completion" if chat else "text_completion"
@@ -585,16 +709,54 @@ def build_app(server: Server) -> FastAPI:
                 choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lp}
             return {**head, "object": kind, "choices": [choice]}
 
+        def tool_chunks(i: int, text: str, reason: str) -> list[dict]:
+            """A finished answer's chunks, as OpenAI streams calls: each call's id and name first,
+            then its arguments; or the text as content."""
+            message, reason = answer(text, reason)
+            out = []
+            if message["content"]:
+                out.append(
+                    {
+                        **head,
+                        "object": kind,
+                        "choices": [
+                            {"index": i, "delta": {"content": message["content"]}, "finish_reason": None}
+                        ],
+                    }
+                )
+            for j, call in enumerate(message.get("tool_calls", [])):
+                fn = call["function"]
+                opening = {
+                    "index": j,
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": fn["name"], "arguments": ""},
+                }
+                arguments = {"index": j, "function": {"arguments": fn["arguments"]}}
+                for delta in (opening, arguments):
+                    choice = {"index": i, "delta": {"tool_calls": [delta]}, "finish_reason": None}
+                    out.append({**head, "object": kind, "choices": [choice]})
+            out.append(
+                {**head, "object": kind, "choices": [{"index": i, "delta": {}, "finish_reason": reason}]}
+            )
+            return out
+
         async def stream():
             try:
                 if chat:
                     for i in range(len(choices)):
                         yield _sse(chunk(i, None, first=True))
+                held = [""] * len(choices)  # with tools: the text, until it is known to hold calls or not
                 async for i, e in server.merged(choices, deadline):
                     if e.finish_reason == "error":
                         yield _sse(APIError(500, f"generation failed: {e.error}", "server_error").body())
                         break
-                    if e.text or e.finish_reason or e.logprobs:
+                    if tools is not None:
+                        held[i] += e.text
+                        if e.finish_reason is not None:
+                            for piece in tool_chunks(i, held[i], e.finish_reason):
+                                yield _sse(piece)
+                    elif e.text or e.finish_reason or e.logprobs:
                         yield _sse(chunk(i, e))
                 if include_usage:
                     yield _sse({**head, "object": kind, "choices": [], "usage": usage()})

@@ -77,19 +77,61 @@ class ContentPart(BaseModel):
     text: str = ""
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart]
+    content: str | list[ContentPart] | None = None  # None: an assistant turn of tool calls only
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None  # a `tool` turn: the call it answers
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content if part.type == "text")
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict  # a JSON schema of the arguments object
+    strict: bool | None = None  # (always: a required call is decoded under its schema's grammar)
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    # auto (the default with tools): the model decides; required: some tool; a named function: that
+    # one; none: text only. A required or named call is decoded under the tool's argument schema.
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # (one call per answer when constrained)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
