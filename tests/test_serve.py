@@ -702,3 +702,25 @@ def test_our_chat_template_renders_tools_and_trains_on_the_calls(tok):
         and "add 2 and 3" not in trained
         and "5<|end|>" not in trained.replace("It is 5.<|end|>", "")
     )
+
+
+def test_embeddings_are_the_mean_of_the_last_hidden_state(server, model, tok):
+    """/v1/embeddings through the openai client (which asks for base64) and as floats: each input's
+    last hidden state averaged over its tokens, texts and token ids alike; bad inputs name the field."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    texts = ["def add(a, b):", "héllo wörld 日本語"]
+    r = client.embeddings.create(model="tiny", input=texts)
+    floats = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": texts}).json()
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    with torch.no_grad():
+        want = [model.model(input_ids=torch.tensor([i])).last_hidden_state[0].mean(0) for i in ids]
+    for got, plain, w in zip(r.data, floats["data"], want, strict=True):
+        assert torch.allclose(torch.tensor(got.embedding), w, atol=1e-5)
+        assert torch.allclose(torch.tensor(plain["embedding"]), w, atol=1e-5)
+    assert r.usage.prompt_tokens == sum(map(len, ids))
+    by_ids = client.embeddings.create(model="tiny", input=ids[0])
+    assert torch.allclose(torch.tensor(by_ids.data[0].embedding), want[0], atol=1e-5)
+    bad = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": ["x", ""]})
+    assert bad.status_code == 400 and error_of(bad)["param"] == "input.1"

@@ -2,7 +2,8 @@
 
     GET  /v1/models              the one model this server holds
     POST /v1/completions         text in, text out            (stream: server-sent events)
-    POST /v1/chat/completions    messages through the tokenizer's chat template
+    POST /v1/chat/completions    messages through the tokenizer's chat template (tools, JSON schemas)
+    POST /v1/embeddings          the last hidden state, mean-pooled over each input's tokens
     GET  /health                 ok, with the engine's load
     GET  /                       the chat page (chat.html)
 
@@ -44,6 +45,7 @@ from trulyopen.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    EmbeddingRequest,
     ErrorResponse,
     NamedToolChoice,
     parse,
@@ -324,6 +326,44 @@ class Server:
             req.matcher = self.grammars.matcher(grammar)
         self.engine.submit(req)
         return req, queue
+
+    def embedding_inputs(self, body) -> list[list[int]]:
+        """Each input's token ids: texts are tokenized; ids are checked against the vocabulary."""
+        raw = body.input
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        if not raw:
+            raise APIError(400, "input: empty", param="input")
+        inputs = []
+        for i, x in enumerate(raw):
+            ids = self.tok(x, add_special_tokens=False)["input_ids"] if isinstance(x, str) else list(x)
+            if not ids or len(ids) > self.max_prompt or any(t >= self.vocab for t in ids):
+                why = (
+                    "empty"
+                    if not ids
+                    else f"longer than {self.max_prompt} tokens"
+                    if len(ids) > self.max_prompt
+                    else f"ids must be below {self.vocab}"
+                )
+                raise APIError(400, f"input.{i}: {why}", param=f"input.{i}")
+            inputs.append(ids)
+        return inputs
+
+    def embed(self, inputs: list[list[int]]):
+        """[inputs, hidden] float32: the model's last hidden state (after its final norm), averaged
+        over each input's tokens. One input at a time: no padding to get wrong, and inputs are short."""
+        import torch
+
+        model = getattr(self.engine, "model", None)
+        if model is None:
+            raise APIError(400, "embeddings are served by the default engine only", param="model")
+        device = next(model.parameters()).device
+        out = []
+        with torch.inference_mode():
+            for ids in inputs:
+                hidden = model.base_model(input_ids=torch.tensor([ids], device=device)).last_hidden_state
+                out.append(hidden[0].float().mean(dim=0).cpu())
+        return torch.stack(out)
 
     @staticmethod
     def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
@@ -767,6 +807,42 @@ def build_app(server: Server) -> FastAPI:
                 server.admission.release()
 
         return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/v1/embeddings", **_documented(EmbeddingRequest))
+    async def embeddings(request: Request):
+        server.check_key(request.headers.get("authorization"))
+        body = parse(EmbeddingRequest, await request.body())
+        if body.model != server.name:
+            raise APIError(
+                404,
+                f"the model '{body.model}' does not exist; this server has '{server.name}'",
+                param="model",
+                code="model_not_found",
+            )
+        inputs = server.embedding_inputs(body)
+        await server.admission.acquire()
+        try:  # off the event loop: a forward pass blocks for as long as it takes
+            vectors = await asyncio.to_thread(server.embed, inputs)
+        finally:
+            server.admission.release()
+        if body.dimensions is not None and body.dimensions != vectors.shape[-1]:
+            raise APIError(
+                400, f"dimensions: this model's embeddings have {vectors.shape[-1]}", param="dimensions"
+            )
+        data = []
+        for i, v in enumerate(vectors):
+            if body.encoding_format == "base64":  # little-endian float32, as OpenAI sends them
+                e = base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+            else:
+                e = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": e})
+        n = sum(map(len, inputs))
+        return {
+            "object": "list",
+            "data": data,
+            "model": server.name,
+            "usage": {"prompt_tokens": n, "total_tokens": n},
+        }
 
     @app.post("/v1/completions", **_documented(CompletionRequest))
     async def completions(request: Request):

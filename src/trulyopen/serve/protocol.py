@@ -145,6 +145,15 @@ class ChatRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    # a text, texts, token ids, or lists of token ids (the server checks the vocabulary's end)
+    input: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[list[Annotated[int, Field(ge=0)]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)  # only the model's own width is served
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
