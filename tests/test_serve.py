@@ -724,3 +724,49 @@ def test_embeddings_are_the_mean_of_the_last_hidden_state(server, model, tok):
     assert torch.allclose(torch.tensor(by_ids.data[0].embedding), want[0], atol=1e-5)
     bad = httpx.post(server.url + "/v1/embeddings", json={"model": "tiny", "input": ["x", ""]})
     assert bad.status_code == 400 and error_of(bad)["param"] == "input.1"
+
+
+def test_the_openai_agents_sdk_runs_a_tool_loop_to_the_end(server):
+    """The OpenAI Agents SDK, pointed at our server with the tiny model: the agent's first turn must
+    call the tool (tool_choice required, decoded under its schema), the SDK runs it and sends the
+    result back, and the next turn (tool_choice reset to auto, as the SDK does) ends the run."""
+    from typing import Annotated
+
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+    from openai import AsyncOpenAI
+    from pydantic import Field
+
+    set_tracing_disabled(True)
+    calls = []
+
+    @function_tool
+    def add(a: Annotated[int, Field(ge=-99, le=99)], b: Annotated[int, Field(ge=-99, le=99)]) -> int:
+        """Add two integers."""
+        calls.append((a, b))
+        return a + b
+
+    model = OpenAIChatCompletionsModel(
+        model="tiny", openai_client=AsyncOpenAI(base_url=server.url + "/v1", api_key="none")
+    )
+    settings = ModelSettings(tool_choice="required", max_tokens=128, temperature=0.0)
+    agent = Agent(
+        name="calculator",
+        instructions="Add with the tool.",
+        tools=[add],
+        model=model,
+        model_settings=settings,
+    )
+    result = Runner.run_sync(agent, "What is 2 plus 3?", max_turns=3)
+    assert len(calls) == 1 and all(-99 <= x <= 99 for x in calls[0])  # the framework called the tool once
+    kinds = [item.type for item in result.new_items]
+    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item", (
+        kinds
+    )
+    assert result.final_output is not None
