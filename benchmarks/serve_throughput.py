@@ -12,6 +12,9 @@ Rows:
            own process, each asking for --tokens tokens (ignore_eos) after its own prompt:
            aggregate completion tokens/s over the wall time, and time to first token (p50, p99).
   sequential  the same requests one after another through model.generate(): tokens/s.
+  structured  the server row with every other client asking for JSON under a schema
+           (response_format json_schema; its grammar masks that request's tokens), against all
+           free, interleaved twice, best of each: the ratio (target >= 0.9x).
 
   llama.cpp  (when llama-cpp-python is installed; --no-llamacpp skips) on the same model and on a 150M
            Llama made here over the same tokenizer (random weights: speed does not depend on them),
@@ -102,18 +105,31 @@ def ours_generate(model, ids: list[int], n: int) -> float:
     return time.perf_counter() - start
 
 
-async def clients(url: str, name: str, prompts: list[list[int]], n: int) -> tuple[float, list[float], int]:
+# half the clients of the structured-output row answer under this schema: a string of code, so
+# that constrained answers run about as long as free ones
+SCHEMA = {"type": "object", "properties": {"code": {"type": "string"}}, "required": ["code"]}
+
+
+async def clients(
+    url: str, name: str, prompts: list[list[int]], n: int, constrained: int = 0
+) -> tuple[float, list[float], int]:
     """Every prompt as its own streaming request, all at once, with aiohttp (the client of vLLM's
-    own serving benchmark): wall time, each request's time to first token, completion tokens."""
+    own serving benchmark): wall time, each request's time to first token, completion tokens.
+    Every `constrained`-th request (0: none) asks for JSON under SCHEMA (response_format)."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=600)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
 
-        async def one(ids):
+        async def one(i, ids):
             body = {"model": name, "prompt": ids, "max_tokens": n, "temperature": 0, "stream": True}
             body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
+            if constrained and i % constrained == 0:
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "c", "schema": SCHEMA},
+                }
             start, first, used = time.perf_counter(), None, 0
             async with session.post(url + "/v1/completions", json=body) as r:
                 async for line in r.content:
@@ -126,7 +142,7 @@ async def clients(url: str, name: str, prompts: list[list[int]], n: int) -> tupl
             return first, used
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
+        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         wall = time.perf_counter() - start
     return wall, [r[0] for r in results], sum(r[1] for r in results)
 
@@ -312,11 +328,26 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         asyncio.run(clients(url, name, prompts[:2], 4))  # warm-up
+        asyncio.run(clients(url, name, prompts[:2], 4, constrained=1))  # (compiles the schema once)
         wall, ttft, used = asyncio.run(clients(url, name, prompts, args.tokens))
+        # structured outputs: half the clients under a JSON schema, against all free, interleaved
+        free_runs, mixed_runs = [], []
+        for _ in range(2):
+            w, _, u = asyncio.run(clients(url, name, prompts, args.tokens))
+            free_runs.append(u / w)
+            w, _, u = asyncio.run(clients(url, name, prompts, args.tokens, constrained=2))
+            mixed_runs.append(u / w)
     finally:
         proc.terminate()
         proc.wait(timeout=60)
     assert used == args.clients * args.tokens, used
+    structured = {"free_tokens_per_s": max(free_runs), "half_constrained_tokens_per_s": max(mixed_runs)}
+    structured["ratio"] = structured["half_constrained_tokens_per_s"] / structured["free_tokens_per_s"]
+    half, free = structured["half_constrained_tokens_per_s"], structured["free_tokens_per_s"]
+    print(
+        f"server, {args.clients} clients, half under a JSON schema: {half:.1f} tok/s against {free:.1f} "
+        f"all free ({structured['ratio']:.2f}x, target 0.9x)"
+    )
     server = {
         "wall_s": wall,
         "tokens_per_s": used / wall,
@@ -351,6 +382,7 @@ def main() -> None:
         "single": singles,
         "sequential_tokens_per_s": sequential,
         "server": server,
+        "structured": structured,
         "llamacpp": llamacpp,
     }
     print(json.dumps(record))
