@@ -52,14 +52,31 @@ class Grammars:
         return LLMatcher(self.tokenizer, grammar)
 
 
+_executor = None  # llguidance's own thread pool: several requests' masks at once, outside the GIL
+
+
 def mask(logits: torch.Tensor, matchers: list) -> None:
     """Row i of `logits` [rows, vocab] keeps only the tokens matchers[i] allows (None: all)."""
+    global _executor
+    import llguidance
     import llguidance.torch as lt
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     bitmask = lt.allocate_token_bitmask(len(rows), logits.shape[-1])
-    for j, i in enumerate(rows):
-        lt.fill_next_token_bitmask(matchers[i], bitmask, j)
-    sub = logits[rows]
-    lt.apply_token_bitmask_inplace(sub, bitmask)
-    logits[rows] = sub
+    if len(rows) == 1:
+        lt.fill_next_token_bitmask(matchers[rows[0]], bitmask, 0)
+    else:
+        if _executor is None:
+            _executor = llguidance.LLExecutor(num_threads=torch.get_num_threads())
+        lt.fill_next_token_bitmask_par(_executor, [(matchers[i], j) for j, i in enumerate(rows)], bitmask)
+    # the bits unpacked with plain tensor operations (llguidance's own apply is torch.compile'd: a
+    # compiler run on the first request, and a C++ compiler needed at all)
+    bits = (bitmask.unsqueeze(-1) >> _SHIFTS) & 1  # [rows, words, 32]: bit k of word w is token 32w+k
+    blocked = bits.view(len(rows), -1)[:, : logits.shape[-1]] == 0
+    if len(rows) == logits.shape[0]:
+        logits.masked_fill_(blocked, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill(blocked, float("-inf"))
+
+
+_SHIFTS = torch.arange(32, dtype=torch.int32)
