@@ -770,3 +770,21 @@ def test_the_openai_agents_sdk_runs_a_tool_loop_to_the_end(server):
         kinds
     )
     assert result.final_output is not None
+
+
+def test_the_eager_mask_equals_llguidances_compiled_one(tok, monkeypatch):
+    """Where torch.compile cannot run (no C++ compiler), masks are applied eagerly: the same bits."""
+    from trulyopen.infer import constrain
+
+    grammars = constrain.Grammars(tok, 400)
+    grammar = grammars.json_schema(PERSON)
+    matchers = [grammars.matcher(grammar), None, grammars.matcher(grammar)]
+    for t in tok('{"name": "a', add_special_tokens=False)["input_ids"]:
+        assert matchers[2].consume_token(t)
+    logits = torch.randn(3, 400)
+    compiled, eager = logits.clone(), logits.clone()
+    constrain.mask(compiled, matchers)
+    monkeypatch.setattr(constrain, "_compiled", False)
+    constrain.mask(eager, matchers)
+    assert torch.equal(compiled, eager) and torch.equal(compiled[1], logits[1])
+    assert 0 < int(torch.isfinite(compiled[0]).sum()) < 400 and not torch.equal(compiled[0], compiled[2])

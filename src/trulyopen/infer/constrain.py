@@ -52,31 +52,26 @@ class Grammars:
         return LLMatcher(self.tokenizer, grammar)
 
 
-_executor = None  # llguidance's own thread pool: several requests' masks at once, outside the GIL
-
-
 def mask(logits: torch.Tensor, matchers: list) -> None:
     """Row i of `logits` [rows, vocab] keeps only the tokens matchers[i] allows (None: all)."""
-    global _executor
-    import llguidance
     import llguidance.torch as lt
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     bitmask = lt.allocate_token_bitmask(len(rows), logits.shape[-1])
-    if len(rows) == 1:
-        lt.fill_next_token_bitmask(matchers[rows[0]], bitmask, 0)
-    else:
-        if _executor is None:
-            _executor = llguidance.LLExecutor(num_threads=torch.get_num_threads())
-        lt.fill_next_token_bitmask_par(_executor, [(matchers[i], j) for j, i in enumerate(rows)], bitmask)
-    # the bits unpacked with plain tensor operations (llguidance's own apply is torch.compile'd: a
-    # compiler run on the first request, and a C++ compiler needed at all)
-    bits = (bitmask.unsqueeze(-1) >> _SHIFTS) & 1  # [rows, words, 32]: bit k of word w is token 32w+k
-    blocked = bits.view(len(rows), -1)[:, : logits.shape[-1]] == 0
-    if len(rows) == logits.shape[0]:
-        logits.masked_fill_(blocked, float("-inf"))
-    else:
-        logits[rows] = logits[rows].masked_fill(blocked, float("-inf"))
+    for j, i in enumerate(rows):
+        lt.fill_next_token_bitmask(matchers[i], bitmask, j)
+    sub = logits[rows]
+    global _compiled
+    if _compiled:
+        try:  # llguidance's kernel, torch.compile'd: 0.92x of free throughput at 32 clients, half
+            lt.apply_token_bitmask_inplace(sub, bitmask)  # constrained, against 0.67x for the eager
+        except Exception:  # no C++ compiler for inductor, say: the same bits, eagerly, from now on
+            _compiled = False
+    if not _compiled:
+        bits = (bitmask.unsqueeze(-1) >> _SHIFTS) & 1  # bit k of word w: token 32w + k
+        sub.masked_fill_(bits.view(len(rows), -1)[:, : sub.shape[-1]] == 0, float("-inf"))
+    logits[rows] = sub
 
 
+_compiled = True
 _SHIFTS = torch.arange(32, dtype=torch.int32)
