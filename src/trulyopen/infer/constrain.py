@@ -30,17 +30,18 @@ class Grammars:
         reason, for a schema it cannot compile (a look-around pattern, say)."""
         from llguidance import LLMatcher
 
-        grammar = LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
-        error = LLMatcher.validate_grammar(grammar, self.tokenizer)
-        if error:
-            raise ValueError(" ".join(error.split()))
-        return grammar
+        return self._valid(LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT))
 
     def lark(self, source: str) -> str:
         """A grammar in llguidance's Lark dialect (which embeds JSON schemas as %json {...})."""
         from llguidance import LLMatcher
 
-        grammar = LLMatcher.grammar_from_lark(source)
+        return self._valid(LLMatcher.grammar_from_lark(source))
+
+    def _valid(self, grammar: str) -> str:
+        """`grammar`, once llguidance has checked it against this tokenizer (ValueError: why not)."""
+        from llguidance import LLMatcher
+
         error = LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise ValueError(" ".join(error.split()))

@@ -148,14 +148,17 @@ class Server:
         if not hmac.compare_digest(given, wanted):
             raise APIError(401, "invalid API key", "invalid_request_error", code="invalid_api_key")
 
-    def params(self, body, stop_ids: tuple[int, ...], prompt_len: int) -> SamplingParams:
-        if body.model != self.name:
+    def check_model(self, model: str) -> None:
+        if model != self.name:
             raise APIError(
                 404,
-                f"the model '{body.model}' does not exist; this server has '{self.name}'",
+                f"the model '{model}' does not exist; this server has '{self.name}'",
                 param="model",
                 code="model_not_found",
             )
+
+    def params(self, body, stop_ids: tuple[int, ...], prompt_len: int) -> SamplingParams:
+        self.check_model(body.model)
         if prompt_len > self.max_prompt:
             raise APIError(
                 400,
@@ -171,7 +174,6 @@ class Server:
                 param="max_tokens",
                 code="invalid_value",
             )
-        self.grammar_of(body)  # a bad schema is a 400 before any work
         return SamplingParams(
             max_new_tokens=wanted or self.limits.max_tokens,
             temperature=body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0,
@@ -679,12 +681,12 @@ def build_app(server: Server) -> FastAPI:
         body = parse(cls, await request.body())  # (BodyGuard has bounded its size and time)
         ids, stops = server.prompt_ids(body)
         params = server.params(body, stops, len(ids))
+        grammar = server.grammar_of(body)  # a bad schema or tool is a 400 before any work
         chat = cls is ChatRequest
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         deadline = request.state.deadline
         await server.admission.acquire()
         try:
-            grammar = server.grammar_of(body)
             choices = [server.submit(ids, p, grammar) for p in server.choices(params, body.n)]
         except ValueError as e:
             server.admission.release()
@@ -739,6 +741,9 @@ def build_app(server: Server) -> FastAPI:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
+        def frame(choice: dict) -> dict:
+            return {**head, "object": kind, "choices": [choice]}
+
         def chunk(i: int, e: Event | None, first: bool = False) -> dict:
             text, reason = (e.text, e.finish_reason) if e is not None else (None, None)
             lp = logprobs(e.logprobs or []) if e is not None and params.logprobs is not None else None
@@ -747,7 +752,7 @@ def build_app(server: Server) -> FastAPI:
                 choice = {"index": i, "delta": delta, "finish_reason": reason, "logprobs": lp}
             else:
                 choice = {"index": i, "text": text or "", "finish_reason": reason, "logprobs": lp}
-            return {**head, "object": kind, "choices": [choice]}
+            return frame(choice)
 
         def tool_chunks(i: int, text: str, reason: str) -> list[dict]:
             """A finished answer's chunks, as OpenAI streams calls: each call's id and name first,
@@ -756,13 +761,7 @@ def build_app(server: Server) -> FastAPI:
             out = []
             if message["content"]:
                 out.append(
-                    {
-                        **head,
-                        "object": kind,
-                        "choices": [
-                            {"index": i, "delta": {"content": message["content"]}, "finish_reason": None}
-                        ],
-                    }
+                    frame({"index": i, "delta": {"content": message["content"]}, "finish_reason": None})
                 )
             for j, call in enumerate(message.get("tool_calls", [])):
                 fn = call["function"]
@@ -774,11 +773,8 @@ def build_app(server: Server) -> FastAPI:
                 }
                 arguments = {"index": j, "function": {"arguments": fn["arguments"]}}
                 for delta in (opening, arguments):
-                    choice = {"index": i, "delta": {"tool_calls": [delta]}, "finish_reason": None}
-                    out.append({**head, "object": kind, "choices": [choice]})
-            out.append(
-                {**head, "object": kind, "choices": [{"index": i, "delta": {}, "finish_reason": reason}]}
-            )
+                    out.append(frame({"index": i, "delta": {"tool_calls": [delta]}, "finish_reason": None}))
+            out.append(frame({"index": i, "delta": {}, "finish_reason": reason}))
             return out
 
         async def stream():
@@ -812,13 +808,7 @@ def build_app(server: Server) -> FastAPI:
     async def embeddings(request: Request):
         server.check_key(request.headers.get("authorization"))
         body = parse(EmbeddingRequest, await request.body())
-        if body.model != server.name:
-            raise APIError(
-                404,
-                f"the model '{body.model}' does not exist; this server has '{server.name}'",
-                param="model",
-                code="model_not_found",
-            )
+        server.check_model(body.model)
         inputs = server.embedding_inputs(body)
         await server.admission.acquire()
         try:  # off the event loop: a forward pass blocks for as long as it takes
