@@ -163,6 +163,7 @@ def test_hand_made_bad_requests_get_openai_errors_and_spoil_no_one_elses(parrot,
         ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": 10**30}, "max_tokens"),
         ({"max_tokens": "16"}, "max_tokens"),  # strict, as OpenAI: a string is no integer
+        ({"max_tokens": 1.5}, "max_tokens"),
         ({"stream": 0}, "stream"),
         ({"seed": 2**70}, "seed"),
         ({"repetition_penalty": 5e-324}, "repetition_penalty"),
@@ -190,6 +191,9 @@ def test_hand_made_bad_requests_get_openai_errors_and_spoil_no_one_elses(parrot,
                 assert form.status_code == 400 and openai_error(form.text)["code"] == "invalid_json"
                 plain = client.post(url, content=json.dumps(ok), headers={"content-type": "text/plain"})
                 assert plain.status_code == 200
+                # 2.0 is the integer 2 in JSON (and JSON Schema): schema-driven clients send it so
+                r = client.post(url, json={**ok, "n": 2.0, "max_tokens": 3.0})
+                assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
                 # over the size limit with no Content-Length (chunked): counted as it arrives
                 r = client.post(url, content=iter([b"[" + b" " * 6000] * 2))
                 assert r.status_code == 413 and openai_error(r.text)["code"] == "body_too_large"

@@ -184,8 +184,14 @@ def parse(cls: type[BaseModel], raw: bytes) -> BaseModel:
     def no_constant(name: str):
         raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; JSON has neither
 
+    def number(text: str) -> float | int:
+        # JSON has one kind of number: 1.0 is the integer 1 (JSON Schema says so too, and
+        # schema-driven clients send it so), while strict validation below would refuse it for n
+        x = float(text)
+        return int(x) if x.is_integer() and abs(x) < 2**63 else x
+
     try:
-        data = json.loads(raw, parse_constant=no_constant)
+        data = json.loads(raw, parse_constant=no_constant, parse_float=number)
     # ValueError: bad JSON or UTF-8, NaN, an integer of over 4300 digits; RecursionError: deep nesting
     except (ValueError, RecursionError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
