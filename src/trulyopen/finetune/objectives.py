@@ -343,7 +343,7 @@ def build_items(renderer: ChatRenderer, examples: list[Example], method: str, se
     out = []
     for ex in examples:
         if method == "sft":
-            it = item_of(renderer.conversation(ex.messages))
+            it = item_of(renderer.conversation(ex.messages, ex.tools))
             out.append(it if len(it) <= seq_len else None)
         elif method == "dpo":
             pair = (

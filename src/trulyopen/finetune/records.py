@@ -1,6 +1,7 @@
 """Post-training records: read, check and normalise every accepted format into one shape.
 
     chat               {"messages": [{"role": "user", "content": ...}, {"role": "assistant", ...}]}
+                       with "tools" and assistant "tool_calls" and "tool" turns as OpenAI writes them
     prompt_completion  {"prompt": "...", "completion": "..."}        -> a user and an assistant turn
     preference         {"prompt": ..., "chosen": "...", "rejected": "..."}
     grpo               {"prompt": ..., "verifier": {"type": "exact", "answer": "4"}}
@@ -27,7 +28,12 @@ FORMATS_FOR = {"sft": ("chat", "prompt_completion"), "dpo": ("preference",), "gr
 
 
 class BadRecord(UserError, ValueError):
-    """A record that cannot be used; the message says why (the reader adds where)."""
+    """A record that cannot be used; the message says why (the reader adds where), and `field`
+    names the field at fault when one is."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Example:
     chosen: str = ""
     rejected: str = ""
     verifier: dict | None = None
+    tools: list[dict] | None = None  # the functions the conversation may call (chat records)
 
 
 def _guess_format(record: dict) -> str:
@@ -70,12 +77,61 @@ def _messages(value: Any, what: str) -> list[dict]:
         if m["role"] not in ROLES:
             raise BadRecord(f"{what}[{i}].role is {m['role']!r}, not one of {', '.join(ROLES)}")
         content = m.get("content")
+        calls = m.get("tool_calls") if m["role"] == "assistant" else None
+        if calls is not None:
+            if not isinstance(calls, list) or not calls:
+                raise BadRecord(f"{what}[{i}].tool_calls must be a non-empty list")
+            calls = [template_call(c, f"{what}[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
+            content = content or ""  # a turn of calls alone has no text (OpenAI sends null)
         if not isinstance(content, str):
             raise BadRecord(f"{what}[{i}].content must be a string (got {type(content).__name__})")
-        if not content.strip():
+        if not content.strip() and not calls:
             raise BadRecord(f"{what}[{i}].content is empty")
-        out.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     return out
+
+
+def _function(value: Any, what: str) -> dict:
+    """The "function" object of a tool or a tool call, which must at least have a name."""
+    function = value.get("function") if isinstance(value, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise BadRecord(f"{what}.function.name must be a non-empty string", f"{what}.function.name")
+    return function
+
+
+def template_call(call: Any, what: str) -> dict:
+    """An OpenAI tool call as chat templates take it: transformers' convention has the arguments
+    as an object, where OpenAI's messages carry them as a JSON string."""
+    function = _function(call, what)
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise BadRecord(f"{what}.function.arguments: not JSON", f"{what}.function.arguments") from None
+    if not isinstance(arguments, dict):
+        raise BadRecord(f"{what}.function.arguments must be a JSON object", f"{what}.function.arguments")
+    out = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+    return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
+
+
+def _tools(value: Any) -> list[dict] | None:
+    """A record's tools: OpenAI's [{"type": "function", "function": {name, description, parameters}}]."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise BadRecord("tools must be a non-empty list")
+    for i, tool in enumerate(value):
+        function = _function(tool, f"tools[{i}]")
+        if not isinstance(function.get("parameters", {}), dict):
+            raise BadRecord(f"tools[{i}].function.parameters must be a JSON schema object")
+    return value
 
 
 def _reply(value: Any, what: str) -> str:
@@ -100,7 +156,7 @@ def parse(record: Any, fmt: str, where: str, index: int) -> Example:
         messages = _messages(record.get("messages"), "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRecord("messages has no assistant turn to learn from")
-        return Example(rid, where, messages)
+        return Example(rid, where, messages, tools=_tools(record.get("tools")))
     if "prompt" not in record:
         raise BadRecord("has no prompt")
     prompt = _messages(record["prompt"], "prompt")

@@ -55,15 +55,15 @@ class ChatRenderer:
         trained = [any(ts < e and te > s for s, e in spans) for ts, te in enc["offset_mapping"]]
         return Rendered(list(enc["input_ids"]), trained)
 
-    def conversation(self, messages: list[dict]) -> Rendered:
-        """The whole conversation; every assistant turn is trained."""
-        full = self.text(messages)
+    def conversation(self, messages: list[dict], tools: list[dict] | None = None) -> Rendered:
+        """The whole conversation; every assistant turn (its tool calls included) is trained."""
+        full = self.text(messages, tools=tools)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.text(messages[:i], generation_prompt=True) if i else ""
-            through = self.text(messages[: i + 1])
+            before = self.text(messages[:i], generation_prompt=True, tools=tools) if i else ""
+            through = self.text(messages[: i + 1], tools=tools)
             if not (through.startswith(before) and full.startswith(through)):
                 raise RenderError("the chat template does not render a conversation's prefix as a prefix")
             spans.append((len(before), len(through)))

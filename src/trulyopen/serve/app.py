@@ -24,7 +24,6 @@ import base64
 import hashlib
 import hmac
 import json
-import re
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from starlette.exceptions import HTTPException
 from trulyopen.infer.engine import Engine, Event, Logprob
 from trulyopen.infer.engine import Request as EngineRequest
 from trulyopen.infer.sampling import SamplingParams
+from trulyopen.infer.tool_calls import call_grammar, parse_calls
 from trulyopen.serve.protocol import (
     APIError,
     ChatRequest,
@@ -52,8 +52,6 @@ from trulyopen.serve.protocol import (
 )
 
 # an assistant's tool call, as our chat template and Qwen's and Hermes' render it
-CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
-CALL = re.compile(re.escape(CALL_OPEN) + r"\s*(.*?)\s*" + re.escape(CALL_CLOSE), re.DOTALL)
 
 # Below this, sampling is greedy: dividing float32 logits by a smaller temperature can overflow to
 # inf, and NaN probabilities would fail every request in the engine's batch, not just this one.
@@ -189,23 +187,11 @@ class Server:
     def grammar_of(self, body) -> str | None:
         """The grammar the answer is decoded under: a required or named tool's call, or the JSON
         that `response_format` asks for (None: free text)."""
-        from trulyopen.infer.constrain import COMPACT
-
         if self.tool_mode(body) in ("required", "named"):
             tools = self._tools(body)
             if isinstance(body.tool_choice, NamedToolChoice):
                 tools = [t for t in tools if t.function.name == body.tool_choice.function.name]
-            calls = []
-            for t in tools:
-                props = {"name": {"const": t.function.name}, "arguments": t.function.parameters}
-                call = {"type": "object", "properties": props, "required": ["name", "arguments"]}
-                calls.append({**call, "additionalProperties": False})
-            call = (
-                {"anyOf": calls, "x-guidance": COMPACT}
-                if len(calls) > 1
-                else {**calls[0], "x-guidance": COMPACT}
-            )
-            lark = f'start: "{CALL_OPEN}" call "{CALL_CLOSE}"\ncall: %json {json.dumps(call)}'
+            lark = call_grammar([(t.function.name, t.function.parameters) for t in tools])
             return self._compile(lark, "lark", "tools")
         fmt = body.response_format
         if fmt is None or fmt.type == "text":
@@ -274,21 +260,17 @@ class Server:
 
     @staticmethod
     def calls_in(text: str) -> tuple[str | None, list[dict]]:
-        """An answer's text, split into its content (None when only calls) and its tool calls,
-        each complete <tool_call>{"name", "arguments"}</tool_call> with JSON that parses."""
-        calls, rest, at = [], [], 0
-        for m in CALL.finditer(text):
-            try:
-                call = json.loads(m.group(1))
-                name, arguments = call["name"], call["arguments"]
-            except (ValueError, KeyError, TypeError):
-                continue
-            rest.append(text[at : m.start()])
-            at = m.end()
-            fn = {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}
-            calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn})
-        content = ("".join(rest) + text[at:]).strip() if calls else text
-        return (content or None), calls
+        """An answer's text, split into its content (None when only calls) and its tool calls in
+        OpenAI's shape, each with an id and its arguments as a JSON string."""
+        content, calls = parse_calls(text)
+        return content, [
+            {
+                "id": "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+            }
+            for name, arguments in calls
+        ]
 
     def _stops(self, stop_ids: tuple[int, ...]) -> tuple[int, ...]:
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
@@ -463,22 +445,16 @@ class Server:
 
 def _message(m, i: int) -> dict:
     """A message as chat templates take it (transformers' convention: a call's arguments a dict)."""
+    from trulyopen.finetune.records import BadRecord, template_call
+
     out = {"role": m.role, "content": m.text()}
     if m.tool_calls:
         calls = []
         for j, call in enumerate(m.tool_calls):
             try:
-                arguments = json.loads(call.function.arguments)
-            except ValueError:
-                param = f"messages.{i}.tool_calls.{j}.function.arguments"
-                raise APIError(400, f"{param}: not JSON", param=param) from None
-            calls.append(
-                {
-                    "id": call.id,
-                    "type": "function",
-                    "function": {"name": call.function.name, "arguments": arguments},
-                }
-            )
+                calls.append(template_call(call.model_dump(), f"messages.{i}.tool_calls.{j}"))
+            except BadRecord as e:
+                raise APIError(400, str(e), param=e.field) from None
         out["tool_calls"] = calls
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
