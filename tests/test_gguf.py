@@ -377,78 +377,326 @@ def test_gguf_for_serving_is_exported_once_per_weights(models, tmp_path):
     assert cached_gguf(str(ckpt), "q8_0") != first
 
 
-def test_serve_engine_llama_cpp_through_the_openai_client(models, tmp_path):
+class Served:
+    """`trulyopen serve RUN --engine llama.cpp --quant f32` in its own process (a run whose
+    checkpoint is the qwen3 model), with that model in fp32 and its tokenizer to check it by."""
+
+    def __init__(self, models: dict[str, Path], tmp: Path):
+        import socket
+        import subprocess
+        import sys
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from tests.test_serve import wait_until_healthy
+
+        run = tmp / "run"
+        fake_run_checkpoint(models["qwen3"], run)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "trulyopen", "serve", str(run), "--engine", "llama.cpp"]
+        self.proc = subprocess.Popen(
+            cmd + ["--quant", "f32", "--port", str(port), "--max-len", "512"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        try:
+            wait_until_healthy(self.proc, self.url, 120)
+        except BaseException:
+            self.stop()
+            raise
+        self.model = AutoModelForCausalLM.from_pretrained(str(models["qwen3"]), dtype=torch.float32).eval()
+        self.tok = AutoTokenizer.from_pretrained(str(models["qwen3"]))
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none")
+
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+        return self.proc.stdout.read()
+
+
+@pytest.fixture(scope="module")
+def served(models, tmp_path_factory):
+    s = Served(models, tmp_path_factory.mktemp("served"))
+    yield s
+    assert "Traceback" not in s.stop()
+
+
+def test_serve_engine_llama_cpp_through_the_openai_client(served):
     """`trulyopen serve RUN --engine llama.cpp` in its own process: the real `openai` client gets
     our engine's greedy text (f32), streamed and not, on completions and chat."""
-    import socket
-    import subprocess
-    import sys
-
     import openai
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.test_serve import greedy_text, wait_until_healthy
+    from tests.test_serve import greedy_text
 
-    run = tmp_path / "run"
-    fake_run_checkpoint(models["qwen3"], run)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "trulyopen", "serve", str(run), "--engine", "llama.cpp", "--quant", "f32"]
-    proc = subprocess.Popen(
-        cmd + ["--port", str(port), "--max-len", "256"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    model, tok, client = served.model, served.tok, served.client()
+    assert [m.id for m in client.models.list().data] == ["run"]
+    prompt = "def parse(text):\n    "
+    r = client.completions.create(model="run", prompt=prompt, max_tokens=24, temperature=0)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    assert r.choices[0].text == greedy_text(model, tok, ids, 24)
+    assert r.usage.prompt_tokens == len(ids)
+    streamed = client.completions.create(
+        model="run", prompt=prompt, max_tokens=24, temperature=0, stream=True
     )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_healthy(proc, url, 120)
-        model = AutoModelForCausalLM.from_pretrained(str(models["qwen3"]), dtype=torch.float32).eval()
-        tok = AutoTokenizer.from_pretrained(str(models["qwen3"]))
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
-        assert [m.id for m in client.models.list().data] == ["run"]
-        prompt = "def parse(text):\n    "
-        r = client.completions.create(model="run", prompt=prompt, max_tokens=24, temperature=0)
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        assert r.choices[0].text == greedy_text(model, tok, ids, 24)
-        assert r.usage.prompt_tokens == len(ids)
-        streamed = client.completions.create(
-            model="run", prompt=prompt, max_tokens=24, temperature=0, stream=True
-        )
-        assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
+    assert "".join(c.choices[0].text for c in streamed) == r.choices[0].text
 
-        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo wörld"}]
-        chat = client.chat.completions.create(model="run", messages=messages, max_tokens=16, temperature=0)
-        chat_ids = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        chat_ids = tok(chat_ids, add_special_tokens=False)["input_ids"]
-        end = tok.convert_tokens_to_ids("<|end|>")
-        assert chat.choices[0].message.content == greedy_text(model, tok, chat_ids, 16, (end,))
-        chunks = list(
-            client.chat.completions.create(
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "héllo wörld"}]
+    chat = client.chat.completions.create(model="run", messages=messages, max_tokens=16, temperature=0)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert chat.choices[0].message.content == greedy_text(model, tok, served.chat_ids(messages), 16, (end,))
+    chunks = list(
+        client.chat.completions.create(
+            model="run",
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        chat.choices[0].message.content
+    )
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    # sampling with a seed repeats; the limits and errors are the server's own
+    a, b = (
+        client.completions.create(model="run", prompt=prompt, max_tokens=16, temperature=1.0, seed=7)
+        for _ in range(2)
+    )
+    assert a.choices[0].text == b.choices[0].text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="run", prompt=" ".join(map(str, range(400))), max_tokens=8)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=8)
+
+
+def test_llama_cpp_json_schema_and_tool_calls_validate(served):
+    """Through llama.cpp, response_format json_schema answers (sampled, several seeds, streamed and
+    not) validate against the schema, and tool_choice required / a named tool give tool_calls whose
+    arguments validate against that tool's schema: the request's llguidance mask is applied in
+    llama.cpp's sampler chain."""
+    import jsonschema
+
+    from tests.test_serve import ADD, PERSON, UPPER
+
+    client = served.client()
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    texts = set()
+    for seed in range(6):
+        args = dict(model="run", messages=messages, max_tokens=60, seed=seed, response_format=fmt)
+        if seed % 2:
+            r = client.chat.completions.create(**args)
+            text, reason = r.choices[0].message.content, r.choices[0].finish_reason
+        else:
+            chunks = list(client.chat.completions.create(**args, stream=True))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        assert reason == "stop", text
+        jsonschema.validate(json.loads(text), PERSON)
+        texts.add(text)
+    assert len(texts) > 3  # sampled: the seeds give different values
+
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    # closed (this vocabulary's random model would write further properties to max_tokens)
+    upper = {**UPPER, "function": {**UPPER["function"]}}
+    upper["function"]["parameters"] = {**UPPER["function"]["parameters"], "additionalProperties": False}
+    specs = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, upper)}
+    for choice in ("required", {"type": "function", "function": {"name": "upper"}}):
+        for seed in range(2):
+            args = dict(
                 model="run",
                 messages=messages,
-                max_tokens=16,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
+                tools=[ADD, upper],
+                tool_choice=choice,
+                max_tokens=96,
+                seed=seed,
             )
-        )
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
-            chat.choices[0].message.content
-        )
-        assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
-        # sampling with a seed repeats; the limits and errors are the server's own
-        a, b = (
-            client.completions.create(model="run", prompt=prompt, max_tokens=16, temperature=1.0, seed=7)
-            for _ in range(2)
-        )
-        assert a.choices[0].text == b.choices[0].text
-        with pytest.raises(openai.BadRequestError):
-            client.completions.create(model="run", prompt=" ".join(map(str, range(400))), max_tokens=8)
-        with pytest.raises(openai.NotFoundError):
-            client.completions.create(model="other", prompt="x", max_tokens=8)
+            r = client.chat.completions.create(**args)
+            assert r.choices[0].message.tool_calls, r.choices[0]
+            (call,) = r.choices[0].message.tool_calls
+            assert r.choices[0].finish_reason == "tool_calls"
+            assert choice == "required" or call.function.name == "upper"
+            jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name])
+            calls: dict[int, dict] = {}
+            reason = None
+            for c in client.chat.completions.create(**args, stream=True):
+                for d in c.choices[0].delta.tool_calls or []:
+                    got = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                    got["name"] += (d.function.name or "") if d.function else ""
+                    got["arguments"] += (d.function.arguments or "") if d.function else ""
+                reason = c.choices[0].finish_reason or reason
+            assert reason == "tool_calls" and list(calls.values()) == [
+                {"name": call.function.name, "arguments": call.function.arguments}
+            ]
+
+
+def model_logprobs(model, prompt: list[int], out: list[int]) -> torch.Tensor:
+    """Our model's log-softmax over the vocabulary before each token of `out` [len(out), vocab]."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + out])).logits[0, len(prompt) - 1 : -1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_llama_cpp_logprobs_equal_our_models(served):
+    """logprobs through llama.cpp (f32) on completions and chat, streamed and not: each greedy
+    token's log-probability, and its top alternatives, are our model's log-softmax to 1e-3; the
+    alternatives are sorted and the chosen token is the first."""
+    from trulyopen.infer.engine import generate
+    from trulyopen.infer.sampling import SamplingParams
+
+    model, tok, client = served.model, served.tok, served.client()
+    prompt = "def parse(text):\n    "
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    r = client.completions.create(model="run", prompt=ids, max_tokens=16, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    out = generate(model, [ids], SamplingParams(max_new_tokens=16, temperature=0))[0]  # llama.cpp's too
+    want = model_logprobs(model, ids, out)
+    assert len(lp.token_logprobs) == len(out) and lp.tokens == [tok.decode([t]) for t in out]
+    for i, (top, token, value) in enumerate(zip(lp.top_logprobs, lp.tokens, lp.token_logprobs, strict=True)):
+        assert abs(value - float(want[i, out[i]])) < 1e-3
+        # (at most 3: tokens that decode to the same text, such as half characters, share an entry)
+        assert 1 <= len(top) <= 3 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert abs(top[token] - value) < 1e-6  # greedy: the chosen token is the most likely
+        best = want[i].topk(3).values
+        assert all(float((best - v).abs().min()) < 1e-3 for v in top.values())
+
+    messages = [{"role": "user", "content": "héllo wörld"}]
+    args = dict(model="run", messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(**args)
+    content = chat.choices[0].logprobs.content
+    chat_ids = served.chat_ids(messages)
+    stops = (tok.eos_token_id, tok.convert_tokens_to_ids("<|end|>"))
+    answer = generate(model, [chat_ids], SamplingParams(max_new_tokens=10, temperature=0, stop_ids=stops))[0]
+    want = model_logprobs(model, chat_ids, answer)
+    assert len(content) == len(answer)
+    assert all(abs(c.logprob - float(want[i, answer[i]])) < 1e-3 for i, c in enumerate(content))
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token for c in content)
+    streamed = [c for c in client.chat.completions.create(**args, stream=True) if c.choices]
+    pieces = [x for c in streamed if c.choices[0].logprobs for x in c.choices[0].logprobs.content]
+    assert [x.token for x in pieces] == [x.token for x in content]
+    assert np.allclose([x.logprob for x in pieces], [x.logprob for x in content], atol=1e-4)
+
+
+class Collected:
+    """A request's events, and whether it has finished."""
+
+    def __init__(self):
+        import threading
+
+        self.events, self.done = [], threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if event.finish_reason is not None:
+            self.done.set()
+
+
+def test_llama_cpp_engine_under_a_grammar_keeps_the_models_logprobs(models, tmp_path):
+    """LlamaCppEngine directly (f32): a sampled answer under a JSON schema validates, and its
+    logprobs are the model's own log-softmax (to 1e-3), taken before the mask (the grammar forces
+    tokens the model would not have ranked first). A matcher that refuses the sampled token, or
+    that fails in llama.cpp's sampler callback, fails its request alone, with "error"."""
+    import jsonschema
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.test_serve import PERSON
+    from trulyopen.infer.constrain import Grammars
+    from trulyopen.infer.engine import Request
+    from trulyopen.infer.sampling import SamplingParams
+    from trulyopen.serve.llamacpp import LlamaCppEngine
+
+    tok = AutoTokenizer.from_pretrained(str(models["qwen3"]))
+    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3"]), dtype=torch.float32).eval()
+    gguf_file = export.write_gguf(models["qwen3"], tmp_path / "model-f32.gguf", "f32")
+    engine = LlamaCppEngine(gguf_file, lambda ids: tok.decode(ids, skip_special_tokens=True), 256, threads=2)
+    grammars = Grammars(tok, engine.vocab_size)
+    grammar = grammars.json_schema(PERSON)
+    prompt = tok("def parse(text):\n    ", add_special_tokens=False)["input_ids"]
+
+    def run(matcher, logprobs=None, seed=0) -> Collected:
+        got = Collected()
+        params = SamplingParams(max_new_tokens=60, temperature=1.0, seed=seed, logprobs=logprobs)
+        req = Request(prompt, params, got)
+        req.matcher = matcher
+        engine.submit(req)
+        assert got.done.wait(60)
+        return got
+
+    engine.start()
+    try:
+        forced = 0
+        for seed in range(2):
+            got = run(grammars.matcher(grammar), logprobs=2, seed=seed)
+            assert got.events[-1].finish_reason == "stop", got.events[-1]
+            out = [t for e in got.events for t in e.token_ids]
+            jsonschema.validate(json.loads(tok.decode(out, skip_special_tokens=True)), PERSON)
+            scored = [lp for e in got.events for lp in e.logprobs]
+            want = model_logprobs(model, prompt, out)
+            assert [lp.token for lp in scored] == out
+            for i, lp in enumerate(scored):
+                assert abs(lp.logprob - float(want[i, out[i]])) < 1e-3
+                top = want[i].topk(2)
+                assert [t for t, _ in lp.top] == top.indices.tolist()
+                assert np.allclose([v for _, v in lp.top], top.values, atol=1e-3)
+                forced += lp.top[0][0] != lp.token
+        assert forced > 0  # the mask chose against the model's first choice, the logprobs did not follow
+
+        class Refusing:  # allows every token, then refuses the one sampled
+            def compute_bitmask(self):
+                return b"\xff" * (4 * ((engine.vocab_size + 31) // 32))
+
+            def consume_token(self, token):
+                return False
+
+            def get_error(self):
+                return "no such token here"
+
+            def is_stopped(self):
+                return False
+
+        class Failing(Refusing):
+            def compute_bitmask(self):
+                raise RuntimeError("the mask failed")
+
+        refused = run(Refusing()).events[-1]
+        assert refused.finish_reason == "error" and "refused a token: no such token here" in refused.error
+        failed = run(Failing()).events[-1]
+        assert failed.finish_reason == "error" and "the mask failed" in failed.error
+        # and the engine goes on: a free request after them
+        assert run(None).events[-1].finish_reason in ("stop", "length")
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    assert "Traceback" not in proc.stdout.read()
+        engine.stop()
+
+
+def test_the_grammar_mask_covers_ids_past_the_tokenizers(tok_dir):
+    """llama.cpp's vocabulary may be larger than the tokenizer's: those ids are masked too, and
+    the others are masked as the matcher's own bitmask says."""
+    from transformers import AutoTokenizer
+
+    from tests.test_serve import PERSON
+    from trulyopen.infer.constrain import Grammars
+    from trulyopen.serve.llamacpp import allow
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    grammars = Grammars(tok, len(tok))
+    matcher = grammars.matcher(grammars.json_schema(PERSON))
+    scores = np.zeros(len(tok) + 100, dtype=np.float32)
+    allow(scores, matcher)
+    bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+    allowed = set(np.flatnonzero(np.isfinite(scores)).tolist())
+    assert allowed == set(np.flatnonzero(bits[: len(tok)]).tolist())
+    assert allowed == {tok.convert_tokens_to_ids("{")} | allowed and len(allowed) < 20
+    assert np.isneginf(scores[len(tok) :]).all()

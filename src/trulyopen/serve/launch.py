@@ -7,6 +7,7 @@ directory or hub name). bf16 is used where the hardware runs it fast (`precision
 from __future__ import annotations
 
 import errno
+import importlib
 import importlib.util
 import os
 import subprocess
@@ -116,12 +117,77 @@ def serve_external(engine: str, target: str, host: str, port: int, api_key: str 
         model_dir = Path(tempfile.mkdtemp(prefix="trulyopen-serve-"))
         export_checkpoint(Path(found.path), model_dir)
     name = Path(str(target).rstrip("/")).name
-    # the two servers take the same options but one: how the model directory is named
+    known = _sglang_parsers() if engine == "sglang" else ()
+    parser = tool_parser(engine, chat_template(str(model_dir)), known)
+    cmd = external_command(engine, str(model_dir), name, host, port, api_key, parser)
+    print(" ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
+def external_command(
+    engine: str,
+    model: str,
+    name: str,
+    host: str,
+    port: int,
+    api_key: str | None = None,
+    tool_parser: str | None = None,
+) -> list[str]:
+    """The command line of vLLM's or SGLang's OpenAI server for `model` (a Hugging Face directory
+    or hub name), served as `name`; with `tool_parser`, tool calls in the answers come back as
+    `tool_calls` (tool_choice auto; both servers decode required and named calls under a grammar
+    of their own). Tools, response_format and logprobs are those servers' own."""
+    # the two servers take the same options but the model's and how tool calls are turned on
     entry, model_opt = {
         "vllm": ("vllm.entrypoints.openai.api_server", "--model"),
         "sglang": ("sglang.launch_server", "--model-path"),
     }[engine]
-    cmd = [sys.executable, "-m", entry, model_opt, str(model_dir), "--served-model-name", name]
+    cmd = [sys.executable, "-m", entry, model_opt, model, "--served-model-name", name]
     cmd += ["--host", host, "--port", str(port)] + (["--api-key", api_key] if api_key else [])
-    print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=os.environ.copy())
+    if tool_parser is not None:
+        if engine == "vllm":
+            cmd.append("--enable-auto-tool-choice")
+        cmd += ["--tool-call-parser", tool_parser]
+    return cmd
+
+
+def tool_parser(engine: str, template: str, sglang_parsers=()) -> str | None:
+    """The parser, by the name `engine` knows it, of the calls a chat template writes as
+    `<tool_call>{"name": .., "arguments": ..}</tool_call>` (ours, Hermes' and Qwen's convention);
+    None for a template that writes none. SGLang's `qwen25` parser wants the newlines of Qwen 2.5's
+    template inside the tags, which ours has not; its `hermes` parser (newer SGLang) does not, and
+    is used where `sglang_parsers` (the installed SGLang's) has it."""
+    if "<tool_call>" not in template:
+        return None
+    if engine == "vllm" or "hermes" in sglang_parsers:
+        return "hermes"
+    return "qwen25"
+
+
+def chat_template(model: str) -> str:
+    """The text of the files that hold a Hugging Face model's chat template ("" where none do); a
+    hub model's when its files are in the local cache (nothing is downloaded for this)."""
+    texts = []
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        path: Path | None = Path(model) / name
+        if not path.is_file():
+            try:
+                from huggingface_hub import try_to_load_from_cache
+
+                cached = try_to_load_from_cache(model, name)
+            except Exception:  # not a hub name (a missing directory, say)
+                cached = None
+            path = Path(cached) if isinstance(cached, str) else None
+        if path is not None:
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(texts)
+
+
+def _sglang_parsers() -> tuple[str, ...]:
+    """The tool-call parsers the installed SGLang knows (its module moved between versions)."""
+    for module in ("sglang.srt.function_call.function_call_parser", "sglang.srt.function_call_parser"):
+        try:
+            return tuple(importlib.import_module(module).FunctionCallParser.ToolCallParserEnum)
+        except Exception:
+            continue
+    return ()

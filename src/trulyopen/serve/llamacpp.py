@@ -7,7 +7,9 @@
 The engine has the interface of `trulyopen.infer.engine.Engine` (submit, cancel, start, stop,
 running, waiting, max_len, vocab_size), so `serve.app.Server` cannot tell the two apart. Prompts
 are tokenised by the model's own tokenizer (llama.cpp's gives the same ids: tests/test_gguf.py),
-and text is streamed and stopped by the same `take` as in our engine; llama.cpp samples.
+and text is streamed and stopped by the same `take` as in our engine; llama.cpp samples. A logits
+processor, first in llama.cpp's sampler chain, keeps the raw logits for `logprobs` (the model's
+own, as our engine's) and applies a grammar's llguidance mask (response_format, tool calls).
 
 llama-cpp-python's `Llama` holds one sequence: requests are decoded one after another (its
 `generate` keeps the key-value cache of the longest common prefix with the previous request, so a
@@ -25,8 +27,11 @@ import time
 from collections import deque
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from trulyopen.errors import UserError
-from trulyopen.infer.engine import Event, Request, take
+from trulyopen.infer.engine import Event, Request, _logprobs, take
 from trulyopen.infer.text import TextStream
 
 
@@ -89,10 +94,6 @@ class LlamaCppEngine:
             raise ValueError(
                 f"a prompt of {len(req.prompt)} tokens does not fit this engine's {self.max_len}"
             )
-        if req.matcher is not None:
-            raise ValueError("response_format is not served by --engine llama.cpp; use the default engine")
-        if req.params.logprobs is not None:
-            raise ValueError("logprobs are not served by --engine llama.cpp; use the default engine")
         req.stream = TextStream(self.decode, req.params.stop_strings)
         with self._lock:
             self.waiting.append(req)
@@ -133,6 +134,8 @@ class LlamaCppEngine:
                     self.running.remove(req)
 
     def _run(self, req: Request) -> None:
+        import llama_cpp
+
         if req.cancelled:
             req.finish_reason = "cancelled"
             req.on_event(Event("", [], "cancelled"))
@@ -140,6 +143,8 @@ class LlamaCppEngine:
         p = req.params
         seed = p.seed if p.seed is not None else random.randrange(2**31)
         self.llm.set_seed(seed % 2**32)
+        step = _Step(req)
+        wanted = req.matcher is not None or p.logprobs is not None
         tokens = self.llm.generate(
             req.prompt,
             temp=p.temperature,
@@ -148,15 +153,26 @@ class LlamaCppEngine:
             min_p=0.0,  # llama-cpp-python's default is 0.05; ours samples from the whole distribution
             repeat_penalty=p.repetition_penalty,
             reset=True,  # keeps the cache of the prefix shared with the previous request
+            logits_processor=llama_cpp.LogitsProcessorList([step]) if wanted else None,
         )
         req.length = len(req.prompt)
         try:
             for token in tokens:
+                token = int(token)
+                if step.error is not None:
+                    raise step.error
                 if req.cancelled:
                     req.finish_reason = "cancelled"
                     req.on_event(Event("", [], "cancelled"))
                     return
-                event = take(req, int(token), self.max_len, time.perf_counter())
+                if req.matcher is not None and not req.matcher.consume_token(token):
+                    req.finish_reason = "error"
+                    req.error = f"the grammar refused a token: {req.matcher.get_error()}"
+                    req.on_event(Event("", [], "error", req.error))
+                    return
+                event = take(req, token, self.max_len, time.perf_counter())
+                if step.raw is not None:
+                    event.logprobs = _logprobs(torch.from_numpy(step.raw)[None], [req], {0: token})[0]
                 req.length += 1
                 if event.finish_reason is not None:
                     req.finish_reason = event.finish_reason
@@ -165,6 +181,37 @@ class LlamaCppEngine:
                     return
         finally:
             tokens.close()
+
+
+class _Step:
+    """llama.cpp's logits processor for one request, run before its samplers at each step: it
+    keeps the raw logits when the request asked for logprobs, and masks the tokens the request's
+    grammar does not allow. (An exception raised here would only be printed by ctypes: it is kept
+    for the engine to fail the request with.)"""
+
+    def __init__(self, req: Request):
+        self.req = req
+        self.raw: np.ndarray | None = None
+        self.error: Exception | None = None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        try:
+            if self.req.params.logprobs is not None:
+                self.raw = np.array(scores, dtype=np.float32)  # a copy: the mask comes next
+            if self.req.matcher is not None:
+                allow(scores, self.req.matcher)
+        except Exception as e:
+            self.error = e
+        return scores
+
+
+def allow(scores: np.ndarray, matcher) -> None:
+    """Set to -inf the scores [vocab] of the tokens `matcher` does not allow next, and of the ids
+    past its tokenizer's (llama.cpp's vocabulary may be larger)."""
+    import llguidance.numpy as ln
+
+    bits = np.frombuffer(matcher.compute_bitmask(), dtype=np.int32)  # bit k of word w: token 32w + k
+    ln.apply_token_bitmask_inplace(scores, bits)
 
 
 # ------------------------------------------------------------------------------------ the GGUF file
