@@ -426,14 +426,29 @@ class RemoteModelConfig(Section):
 class SynthConfig(Section):
     """Post-training data derived from the run's curated corpus, with no outside model by default."""
 
-    kinds: list[Literal["sft", "preference", "grpo"]] = Field(
+    kinds: list[Literal["sft", "preference", "grpo", "tools"]] = Field(
         default_factory=lambda: ["sft", "preference", "grpo"],
         description="What to make: sft (write a function from its docstring and signature), "
-        "preference (the real body against a corrupted one), grpo (prompts with checkable answers).",
+        "preference (the real body against a corrupted one), grpo (prompts with checkable answers), "
+        "tools (conversations that call a corpus function with arguments the corpus uses, and its "
+        "sandboxed result; trained with sft).",
     )
     max_per_kind: int = Field(default=2000, ge=1, description="At most this many examples of each kind.")
     max_answer_lines: int = Field(
         default=30, ge=1, description="Functions whose body is longer than this are left out."
+    )
+    tools_per_example: int = Field(
+        default=3,
+        ge=1,
+        le=16,
+        description="Tools listed in a tool-use conversation: the called one and others.",
+    )
+    tools_heldout: float = Field(
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the called functions held out of training; their conversations go to "
+        "tools_heldout.jsonl, which the eval stage's tool_call task asks.",
     )
     seed: int = Field(default=0, description="Seed of the selection and of the corruptions.")
     remote: RemoteModelConfig | None = Field(

@@ -45,6 +45,7 @@ from trulyopen.train.precision import autocast_for, choose_dtype, dtype_name, pe
 from trulyopen.train.schedule import learning_rate
 
 SYNTH_FILE = {"sft": "sft.jsonl", "dpo": "preference.jsonl", "grpo": "grpo.jsonl"}
+SYNTH_EXTRA = {"sft": ("tools.jsonl",)}  # also trained with the method when the synth stage made them
 
 
 @dataclass
@@ -77,16 +78,17 @@ class FinetunePaths:
 
 
 def data_sources(cfg: FinetuneConfig, paths: FinetunePaths) -> list[FinetuneDataConfig]:
-    """The recipe's data, or what the synth stage made for this method."""
+    """The recipe's data, or what the synth stage made for this method (for sft: its instruction
+    pairs, and its tool-use conversations when it made them)."""
     if cfg.data:
         return cfg.data
-    made = paths.synth / SYNTH_FILE[cfg.method]
-    if not made.exists():
+    made = [paths.synth / name for name in (SYNTH_FILE[cfg.method], *SYNTH_EXTRA.get(cfg.method, ()))]
+    if not any(p.exists() for p in made):
         raise DataError(
-            f"finetune.data is empty and the synth stage has not made {made}: "
+            f"finetune.data is empty and the synth stage has not made {made[0]}: "
             f"list files in finetune.data, or add a synth section that makes {cfg.method} data"
         )
-    return [FinetuneDataConfig(path=made)]
+    return [FinetuneDataConfig(path=p) for p in made if p.exists()]
 
 
 def in_val(example_id: str, fraction: float) -> bool:

@@ -206,6 +206,44 @@ def run_many(codes: list[str], *, workers: int = 2, **kw: object) -> list[Sandbo
         return list(pool.map(lambda code: run_python(code, **kw), codes))
 
 
+def run_lines(
+    program: str,
+    items: list,
+    *,
+    stdin_of=json.dumps,
+    batch_size: int = 200,
+    timeout_s: float = 20.0,
+    line_chars: int = 400,
+) -> list[dict]:
+    """Run `program` over items, a batch per sandboxed process: it reads `stdin_of(batch)` and
+    prints one JSON line per item, in order. When a process dies (a loop its own timer could not
+    stop, memory, a blocked call), the lines it printed are kept, the item it died on gets
+    {"ok": False, "why": <status>}, and the rest runs again: one bad item costs one retry."""
+    results: list[dict] = []
+    pending = list(items)
+    while pending:
+        batch = pending[:batch_size]
+        run = run_python(
+            program,
+            timeout_s=timeout_s,
+            stdin=stdin_of(batch),
+            max_output=len(batch) * (line_chars + 100) + 1000,
+        )
+        done = []
+        for line in [line for line in run.stdout.splitlines() if line.strip()][: len(batch)]:
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut short by the process dying
+        results.extend(done)
+        if len(done) < len(batch):
+            results.append({"ok": False, "why": run.status if run.status != "ok" else "crash"})
+            pending = pending[len(done) + 1 :]
+        else:
+            pending = pending[len(batch) :]
+    return results
+
+
 def _wait_unreaped(pid: int, timeout_s: float) -> bool:
     """Wait for pid to exit, True if it did in time; leave it unreaped.
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from trulyopen.files import write_text
+from trulyopen.synth.tool_use import MAX_CALLS_PER_FUNCTION
 
 WHAT = {
     "sft.jsonl": "chat records: the user gives a function's signature and docstring, the assistant "
@@ -20,6 +21,11 @@ WHAT = {
     "the edit; the edit is named in `corruption`)",
     "grpo.jsonl": "prompts with checkable answers: what a constant expression found in the corpus "
     "evaluates to, with a verifier (`numeric` for numbers, `exact` repr for the rest)",
+    "tools.jsonl": "tool-use conversations (OpenAI's format, trained with sft): a corpus function among "
+    "others as tools, a question made from its summary and arguments the corpus calls it with, the "
+    "assistant's call, the result of running it in the sandbox, and an answer",
+    "tools_heldout.jsonl": "the same for held-out functions, never trained on: the eval stage's "
+    "`tool_call` task",
 }
 
 
@@ -96,6 +102,22 @@ def card_text(m: dict[str, Any]) -> str:
             "(`trulyopen.rewards.sandbox`), never in the synth process. "
             f"Verifiers: {_counts(g['verifiers'])}.",
         ]
+    if "tools" in m["kinds"]:
+        t = m["kinds"]["tools"]
+        h = t["heldout"]
+        lines += [
+            "",
+            f"Tools: {t['tools']:,} documented module-level functions made tool specs (the others: "
+            f"{_counts(t['tools_skipped'])}); {t['calls']:,} calls with JSON-literal arguments were found "
+            f"in code and doctests, and {t['functions_called']:,} functions are called. Calls left out "
+            f"before running: {t.get('calls_not_a_tool', 0):,} call no tool, "
+            f"{t.get('calls_not_fitting_schema', 0):,} do not fit its schema, "
+            f"{t.get('calls_repeated', 0):,} repeat another, {t.get('calls_over_cap', 0):,} exceed "
+            f"{MAX_CALLS_PER_FUNCTION} per function. Each call ran twice in the sandbox, its document "
+            "run as its module; a result that differed was dropped. Functions of modules that read "
+            "the machine (os, sys, time, ...) or whose body does were never run. Held-out functions: "
+            f"{h['candidates']:,} calls, {h['kept']:,} conversations in `tools_heldout.jsonl`.",
+        ]
     lines += ["", "## Decontamination", ""]
     d = m["decontamination"]
     if d is None:
@@ -140,7 +162,10 @@ def card_text(m: dict[str, Any]) -> str:
         "- The instructions are templated, not written by people; they teach completing a documented",
         "  signature, not following free-form requests.",
         "- Answers are whatever the corpus holds: they may rely on names imported elsewhere in their",
-        "  module, and are as correct as the corpus is. Nothing here was executed except GRPO expressions.",
+        "  module, and are as correct as the corpus is. Nothing here was executed except GRPO expressions",
+        "  and tool calls, both in the sandbox.",
+        "- Tool-use questions are templated from a docstring's summary and the call's arguments: they",
+        "  teach choosing a tool and filling its arguments, not understanding what a user means.",
         "- Rejected answers differ from chosen ones by one mechanical edit; some edits may leave the",
         "  behaviour unchanged for every input (for example an off-by-one in an unused constant).",
         "- GRPO expressions are small, constant and often simple; they test reading Python, not writing it.",

@@ -22,7 +22,6 @@ tuples and dicts of those).
 from __future__ import annotations
 
 import ast
-import json
 from collections import Counter
 from dataclasses import dataclass
 
@@ -308,33 +307,12 @@ def evaluate(expressions: list[str], batch_size: int = 200, timeout_s: float = 2
     timer could not stop, or memory), the lines it printed are kept, the expression it died on is
     marked failed, and the rest is run again, so one bad expression costs one retry, not the batch.
     """
-    from trulyopen.rewards.sandbox import run_python
+    from trulyopen.rewards.sandbox import run_lines
 
-    results: list[Evaluated] = []
-    pending = list(expressions)
-    while pending:
-        batch = pending[:batch_size]
-        run = run_python(
-            EVALUATOR,
-            timeout_s=timeout_s,
-            stdin=json.dumps(batch),
-            max_output=len(batch) * (MAX_REPR_CHARS + 100) + 1000,
-        )
-        lines = [line for line in run.stdout.splitlines() if line.strip()]
-        done = []
-        for line in lines[: len(batch)]:
-            try:
-                out = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line cut short by the process dying
-            done.append(Evaluated(out["ok"], out.get("repr", ""), out.get("number"), out.get("why", "")))
-        results.extend(done)
-        if len(done) < len(batch):
-            results.append(Evaluated(False, why=run.status if run.status != "ok" else "crash"))
-            pending = pending[len(done) + 1 :]
-        else:
-            pending = pending[len(batch) :]
-    return results
+    lines = run_lines(
+        EVALUATOR, expressions, batch_size=batch_size, timeout_s=timeout_s, line_chars=MAX_REPR_CHARS
+    )
+    return [Evaluated(o["ok"], o.get("repr", ""), o.get("number"), o.get("why", "")) for o in lines]
 
 
 def verifier(result: Evaluated) -> dict:

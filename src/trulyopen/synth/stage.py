@@ -2,7 +2,9 @@
 
     train.jsonl ─► parse ─► functions ─► sft.jsonl (docstring + signature -> the real function)
                      │           └─────► preference.jsonl (the real function against a corrupted one)
-                     └────► constant expressions ─► sandbox ─► grpo.jsonl (prompts with checked answers)
+                     ├────► constant expressions ─► sandbox ─► grpo.jsonl (prompts with checked answers)
+                     └────► tools + literal calls ─► sandbox ─► tools.jsonl (tool-use conversations)
+                                                               tools_heldout.jsonl (for evaluation)
 
 Only the train split is read: the validation split feeds evaluation and must not leak into tuning.
 Every candidate gets a stable id, and each kind keeps the `max_per_kind` candidates whose seeded
@@ -29,6 +31,7 @@ from trulyopen.parallel import ordered_map
 from trulyopen.progress import Progress
 from trulyopen.recipe import DecontaminationConfig, SynthConfig
 from trulyopen.synth import expressions as ex
+from trulyopen.synth import tool_use
 from trulyopen.synth.card import write_card
 from trulyopen.synth.code_tasks import (
     Function,
@@ -43,7 +46,8 @@ from trulyopen.synth.code_tasks import (
 )
 from trulyopen.synth.remote import remote_step
 
-KINDS = ("sft", "preference", "grpo")
+KINDS = ("sft", "preference", "grpo", "tools")
+HELDOUT = "tools_heldout"  # tool-use conversations of held-out functions, for evaluation
 CHUNK_DOCS = 32
 
 
@@ -86,20 +90,34 @@ def _init(max_answer_lines: int, kinds: tuple[str, ...]) -> None:
     _max_answer_lines, _kinds = max_answer_lines, kinds
 
 
-def _analyse(chunk: list[tuple[int, str, str]]) -> list[tuple[bool, list[Function], Counter, ex.Found]]:
-    """Per document: parsed?, its usable functions, why others were skipped, its expressions."""
+@dataclass
+class Analysed:
+    """What one document offers."""
+
+    parsed: bool
+    functions: list[Function] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # functions left out, by reason
+    found: ex.Found = field(default_factory=lambda: ex.Found([], Counter()))
+    tools: list[tool_use.Tool] = field(default_factory=list)
+    calls: list[tool_use.Call] = field(default_factory=list)
+    tools_skipped: Counter = field(default_factory=Counter)
+
+
+def _analyse(chunk: list[tuple[int, str, str]]) -> list[Analysed]:
+    """Per document: its usable functions, expressions, tools and literal calls."""
     out = []
     for index, doc_id, text in chunk:
         tree = parse_python(text)
-        skipped: Counter = Counter()
-        functions: list[Function] = []
-        found = ex.Found([], Counter())
+        a = Analysed(tree is not None)
         if tree is not None:
             if {"sft", "preference"} & set(_kinds):
-                functions = find_functions(doc_id, tree, text, _max_answer_lines, index, skipped)
+                a.functions = find_functions(doc_id, tree, text, _max_answer_lines, index, a.skipped)
             if "grpo" in _kinds:
-                found = ex.find_expressions(tree)
-        out.append((tree is not None, functions, skipped, found))
+                a.found = ex.find_expressions(tree)
+            if "tools" in _kinds:
+                a.tools = tool_use.find_tools(doc_id, tree, a.tools_skipped)
+                a.calls = tool_use.find_calls(doc_id, tree, index)
+        out.append(a)
     return out
 
 
@@ -118,6 +136,9 @@ class Scan:
     occurrences: int = 0  # safe expressions found, repeats included
     rejected: Counter = field(default_factory=Counter)  # expressions refused, by reason
     unparsable: list[str] = field(default_factory=list)  # ids of documents that are not Python
+    tools: list[tool_use.Tool] = field(default_factory=list)
+    calls: list[tool_use.Call] = field(default_factory=list)
+    tools_skipped: Counter = field(default_factory=Counter)  # functions that make no tool, by reason
 
 
 def _scan(
@@ -128,18 +149,21 @@ def _scan(
     index = 0
     with Progress("synth", len(docs)) as bar:
         for chunk in analysed:
-            for parsed, functions, skipped, found in chunk:
+            for a in chunk:
                 doc_id = docs[index][0]
                 bar.update()
-                if not parsed:
+                if not a.parsed:
                     scan.unparsable.append(doc_id)
                 else:
-                    scan.functions.extend(functions)
-                    scan.skipped.update(skipped)
-                    scan.rejected.update(found.rejected)
-                    scan.occurrences += len(found.expressions)
-                    for j, text in enumerate(found.expressions):
+                    scan.functions.extend(a.functions)
+                    scan.skipped.update(a.skipped)
+                    scan.rejected.update(a.found.rejected)
+                    scan.occurrences += len(a.found.expressions)
+                    for j, text in enumerate(a.found.expressions):
                         scan.expressions.setdefault(text, (doc_id, (index, j)))
+                    scan.tools.extend(a.tools)
+                    scan.calls.extend(a.calls)
+                    scan.tools_skipped.update(a.tools_skipped)
                 index += 1
     return scan
 
@@ -242,6 +266,42 @@ def _preference_maker(seed: int, corruptions: Counter) -> Maker:
     return make
 
 
+def _tools_maker(
+    text_of: dict[str, str], pool: list[tool_use.Tool], per_example: int, seed: int, workers: int
+) -> Maker:
+    """Runs a batch's calls in the sandbox, one program per defining document (`workers` at a
+    time), and makes a conversation of each call that returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def make(batch: list[Candidate]) -> list[Made]:
+        by_doc: dict[str, list[int]] = {}
+        for k, c in enumerate(batch):
+            by_doc.setdefault(c.item.tool.doc_id, []).append(k)
+
+        def run(doc_id: str) -> list[dict]:
+            calls = [(batch[k].item.tool.name, batch[k].item.arguments) for k in by_doc[doc_id]]
+            path = doc_id.split("/", 1)[-1]
+            return tool_use.run_calls(text_of[doc_id], path, tool_use.module_of(doc_id), calls)
+
+        results: list[dict] = [{}] * len(batch)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as threads:
+            for doc_id, outcome in zip(by_doc, threads.map(run, by_doc), strict=True):
+                for k, r in zip(by_doc[doc_id], outcome, strict=True):
+                    results[k] = r
+        return [
+            (tool_use.record(c.item, r["result"], pool, per_example, seed), "")
+            if r["ok"]
+            else (None, r["why"])
+            for c, r in zip(batch, results, strict=True)
+        ]
+
+    return make
+
+
+def tools_text(record: dict) -> str:
+    return "\n".join(m["content"] for m in record["messages"])
+
+
 def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
@@ -300,12 +360,23 @@ def synthesize(
         elif kind == "preference":
             cands = [Candidate(preference_id(f), f.order, f) for f in functions]
             kept = selection.run(cands, cfg.seed, _preference_maker(cfg.seed, extra), preference_text)
-        else:
+        elif kind == "grpo":
             cands = [
                 Candidate("grpo-" + stable_id("grpo", text), order, (text, doc_id))
                 for text, (doc_id, order) in scan.expressions.items()
             ]
             kept = selection.run(cands, cfg.seed, _grpo_maker(extra), grpo_text)
+        else:
+            asked, held = tool_use.questions(scan.tools, scan.calls, cfg.seed, cfg.tools_heldout, extra)
+            held_keys = {q.tool.key for q in held}
+            pool = sorted((t for t in scan.tools if t.key not in held_keys), key=lambda t: t.key)
+            text_of = {doc_id: text for doc_id, _, text in docs}
+            make = _tools_maker(text_of, pool, cfg.tools_per_example, cfg.seed, workers)
+            cands = [Candidate(q.id, q.order, q) for q in asked]
+            kept = selection.run(cands, cfg.seed, make, tools_text)
+            held_out = Selection(cfg.max_per_kind, decontaminator, eval_sets)
+            held_kept = held_out.run([Candidate(q.id, q.order, q) for q in held], cfg.seed, make, tools_text)
+            outputs[HELDOUT] = [r for _, r in sorted(held_kept, key=lambda k: k[0].order)]
         records = [record for _, record in kept]
         order = {record["id"]: cand.order for cand, record in kept}
         if kind == "sft" and cfg.remote is not None:
@@ -317,6 +388,14 @@ def synthesize(
         stats = {"candidates": len(cands), **selection.stats(), "selected": len(kept), "kept": len(records)}
         if kind == "preference":
             stats["corruptions"] = dict(sorted(extra.items()))
+        if kind == "tools":
+            stats.update(
+                tools=len(scan.tools),
+                tools_skipped=dict(sorted(scan.tools_skipped.items())),
+                calls=len(scan.calls),
+                **dict(sorted(extra.items())),
+                heldout={"candidates": len(held), **held_out.stats(), "kept": len(held_kept)},
+            )
         if kind == "grpo":
             stats.update(
                 occurrences=scan.occurrences,
@@ -325,8 +404,8 @@ def synthesize(
             )
         kind_stats[kind] = stats
 
-    for kind in KINDS:  # a kind no longer asked for must not leave a stale file behind
-        if kind not in kinds and (out_dir / f"{kind}.jsonl").exists():
+    for kind in (*KINDS, HELDOUT):  # a kind no longer asked for must not leave a stale file behind
+        if kind not in outputs and (out_dir / f"{kind}.jsonl").exists():
             (out_dir / f"{kind}.jsonl").unlink()
     files = {}
     used: Counter = Counter()
