@@ -593,3 +593,168 @@ def test_rating_parser_and_rate_limiter() -> None:
     for _ in range(3):
         limiter.wait()
     assert slept == [2.0, 2.0]
+
+
+# ----------------------------------------------------------------------------- tools
+
+UNITS = '''\
+"""Unit conversions.
+
+>>> to_celsius(212)
+100.0
+"""
+
+import os
+
+
+def to_celsius(fahrenheit, digits=1):
+    """Convert a temperature in degrees Fahrenheit to degrees Celsius."""
+    return round((fahrenheit - 32) * 5 / 9, digits)
+
+
+def join_words(words: list, sep: str = " "):
+    """Join the words with the separator between each pair.
+
+    >>> join_words(["a", "b"], sep="-")
+    'a-b'
+    """
+    return sep.join(words)
+
+
+def bounded(value: int, low: int = 0, high: int = 100):
+    """Return the value limited to the closed interval from low to high."""
+    return min(max(value, low), high)
+
+
+def initials(name):
+    """Return the first letter of each word of a name, in capitals."""
+    return "".join(word[0].upper() for word in name.split())
+
+
+def home_of(user):
+    """Return the home directory of a user, as the environment says."""
+    return os.environ.get("HOME", "/home/" + user)
+
+
+def spread(text):
+    """Return the distinct letters of a text, in no particular order."""
+    return list(set(text))
+
+
+def boxed(value):
+    """Wrap a value in a one-element tuple subclass nobody can serialise."""
+    return object()
+
+
+def total(*numbers):
+    """Add up any number of numbers given as arguments."""
+    return sum(numbers)
+
+
+if __name__ == "__main__":
+    print(to_celsius(100), to_celsius(-40, digits=0), join_words(["x", "y", "z"]))
+    print(home_of("ann"), spread("abcdefghijkl"), spread("mnopqrstuvwx"), boxed(3), total(1, 2))
+'''
+CALLER = '''\
+"""Uses the conversions."""
+
+import units
+from units import join_words
+
+BOUNDED = [units.bounded(15, high=10), units.initials("Ada King Lovelace")]
+READINGS = [units.to_celsius(50), units.to_celsius(98.6, digits=2), units.to_celsius("hot")]
+TITLE = join_words(["unit", "report"])
+SAME = units.to_celsius(50)
+'''
+
+
+def tools_corpus(tmp_path: Path) -> Path:
+    data = tmp_path / "tools-run" / "data"
+    (data / "corpus").mkdir(parents=True)
+    with open(data / "corpus" / "train.jsonl", "w") as f:
+        for doc_id, text in [("toy/units.py", UNITS), ("toy/report.py", CALLER), ("toy/helpers.py", HELPERS)]:
+            f.write(json.dumps({"id": doc_id, "source": "toy", "meta": {}, "text": text}) + "\n")
+    return data / "corpus"
+
+
+def test_tools_conversations_call_corpus_functions_with_their_real_results(tmp_path: Path) -> None:
+    """Each conversation offers the called function among others, asks with its summary and the
+    arguments the corpus uses, calls it with arguments its schema accepts, and the tool turn holds
+    what the function really returns; functions that read the machine, return what JSON cannot
+    hold, answer differently from run to run, or take *args never become calls."""
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from trulyopen.data.tokenizer import CHAT_TEMPLATE, save_hf, train_tokenizer
+    from trulyopen.finetune.records import parse
+    from trulyopen.finetune.render import ChatRenderer
+    from trulyopen.recipe import TokenizerConfig
+
+    corpus = tools_corpus(tmp_path)
+    manifest = synthesize(SynthConfig(kinds=["tools"], tools_heldout=0.0), corpus, tmp_path / "out")
+    records = read_jsonl(tmp_path / "out" / "tools.jsonl")
+    namespace: dict = {}
+    exec(UNITS, namespace)  # the test's own copy: what the functions really return
+    calls = set()
+    for r in records:
+        user, call_turn, tool_turn, answer = r["messages"]
+        [call] = call_turn["tool_calls"]
+        name, arguments = call["function"]["name"], json.loads(call["function"]["arguments"])
+        spec = next(t["function"] for t in r["tools"] if t["function"]["name"] == name)
+        jsonschema.validate(arguments, spec["parameters"])
+        assert spec["description"] in user["content"] and len(r["tools"]) == 3
+        assert tool_turn["tool_call_id"] == call["id"] and tool_turn["content"] in answer["content"]
+        assert json.loads(tool_turn["content"]) == namespace[name](**arguments)
+        calls.add((name, json.dumps(arguments, sort_keys=True)))
+    assert calls == {
+        ("to_celsius", '{"fahrenheit": 212}'),  # the module's doctest
+        ("to_celsius", '{"fahrenheit": 100}'),  # its __main__ block
+        ("to_celsius", '{"digits": 0, "fahrenheit": -40}'),
+        ("to_celsius", '{"fahrenheit": 50}'),  # another document, through `import units`, once
+        ("to_celsius", '{"digits": 2, "fahrenheit": 98.6}'),
+        ("join_words", '{"sep": "-", "words": ["a", "b"]}'),
+        ("join_words", '{"words": ["x", "y", "z"]}'),
+        ("join_words", '{"words": ["unit", "report"]}'),  # through `from units import join_words`
+        ("bounded", '{"high": 10, "value": 15}'),
+        ("initials", '{"name": "Ada King Lovelace"}'),
+    }
+    stats = manifest["kinds"]["tools"]
+    assert stats["tools_skipped"]["reads_machine"] == 1  # home_of
+    assert stats["tools_skipped"]["signature"] == 2  # total(*numbers), and fib under its decorator
+    assert stats["failed"] == {"TypeError": 1, "differs": 1, "not_json": 1} or stats["failed"] == {
+        "TypeError": 1,
+        "differs": 2,
+        "not_json": 1,
+    }  # to_celsius("hot"); spread(...): its two texts, one of which may come out equal by chance
+    # the records train as chat records: the call is the assistant's, the result is not
+    save_hf(
+        train_tokenizer(iter([UNITS, CALLER, HELPERS] * 20), TokenizerConfig(vocab_size=600)),
+        tmp_path / "tok",
+    )
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ex = parse(records[0], "auto", "tools.jsonl:1", 0)
+    rendered = ChatRenderer(tok, CHAT_TEMPLATE).conversation(ex.messages, ex.tools)
+    trained = tok.decode([t for t, x in zip(rendered.ids, rendered.trained, strict=True) if x])
+    assert (
+        f'<tool_call>{{"name": "{records[0]["messages"][1]["tool_calls"][0]["function"]["name"]}"' in trained
+    )
+    assert records[0]["messages"][0]["content"] not in trained and "<tools>" not in trained
+
+
+def test_tools_hold_out_functions_and_repeat_to_the_byte(tmp_path: Path) -> None:
+    corpus = tools_corpus(tmp_path)
+
+    def run(name: str) -> tuple[list[dict], list[dict], bytes]:
+        synthesize(SynthConfig(kinds=["tools"], tools_heldout=0.5, seed=3), corpus, tmp_path / name)
+        out = tmp_path / name
+        return (
+            read_jsonl(out / "tools.jsonl"),
+            read_jsonl(out / "tools_heldout.jsonl"),
+            (out / "tools.jsonl").read_bytes(),
+        )
+
+    train, held, raw = run("a")
+    called = lambda records: {r["messages"][1]["tool_calls"][0]["function"]["name"] for r in records}  # noqa: E731
+    assert train and held and not called(train) & called(held)
+    assert not any(t["function"]["name"] in called(held) for r in train for t in r["tools"])  # not even shown
+    assert run("b")[2] == raw
