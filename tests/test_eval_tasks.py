@@ -8,6 +8,7 @@ import io
 import json
 import random
 import re
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -34,7 +35,17 @@ GOOD = {
     "generation": {"id": "q1", "prompt": "2 + 2 =", "verifier": {"type": "numeric", "answer": 4}},
     "code": {"id": "q1", "prompt": "def f():\n", "tests": "assert f() == 1"},
     "text": {"id": "q1", "text": "Some held-out text."},
+    "tool_call": {
+        "id": "q1",
+        "messages": [{"role": "user", "content": "Add 2 and 3."}],
+        "tools": [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}],
+        "answer": {"name": "add", "arguments": {"a": 2, "b": 3}},
+    },
 }
+
+
+def _tool(**changes) -> str:
+    return json.dumps({**GOOD["tool_call"], "id": "q2", **changes})
 
 
 def _mc(**changes) -> dict:
@@ -77,6 +88,15 @@ MALFORMED = [
     ("code", '{"prompt": "def f():\\n"}', "missing field(s) 'tests'"),
     ("text", '{"id": "t"}', "missing field(s) 'text'"),
     ("text", '{"text": "x", "choices": ["a"]}', "unknown field(s) 'choices' for a text item"),
+    ("tool_call", _tool(answer={"name": "sub", "arguments": {}}), "field 'answer.name': 'sub' is none of"),
+    (
+        "tool_call",
+        _tool(answer={"name": "add", "arguments": "{}"}),
+        "'answer.arguments' must be a JSON object",
+    ),
+    ("tool_call", _tool(tools=[{"type": "function", "function": {}}]), "tools[0].function.name must be"),
+    ("tool_call", _tool(messages=[{"role": "robot", "content": "x"}]), "messages[0].role is 'robot'"),
+    ("tool_call", json.dumps({"messages": [], "answer": {}}), "missing field(s) 'tools'"),
 ]
 
 
@@ -139,6 +159,11 @@ def test_instance_text_holds_everything_an_item_shows():
     assert instance_text(gen) == "2+2?\n4"
     code = Instance(id="1", where="f:1", kind="code", prompt="def f():\n", tests="assert f()")
     assert instance_text(code) == "def f():\n\nassert f()"
+    path = Path(tempfile.mkdtemp()) / "tools.jsonl"
+    path.write_text(json.dumps(GOOD["tool_call"]) + "\n")
+    [tool] = load_instances(path, "tool_call")
+    assert instance_text(tool) == 'Add 2 and 3.\n{"name": "add", "arguments": {"a": 2, "b": 3}}'
+    assert write_instances(path, [tool]) == 1 and load_instances(path, "tool_call") == [tool]
 
 
 # ----------------------------------------------------------------------------- suites
@@ -476,15 +501,46 @@ def test_builtin_tasks_are_deterministic_and_never_read_train(val_run: dict, mon
         build_builtin_tasks(val_run["corpus"] / "train.jsonl", tmp_path / "bad")
 
 
+def test_tool_call_task_is_made_from_the_held_out_tool_conversations(val_run: dict, tmp_path: Path):
+    """The synth stage's held-out conversations become tool_call items up to the question, with the
+    call they make as the answer; a line that is no such conversation is named."""
+    from trulyopen.recipe import SynthConfig
+    from trulyopen.synth import synthesize
+
+    from .test_synth import tools_corpus
+
+    synthesize(
+        SynthConfig(kinds=["tools"], tools_heldout=0.5, seed=3), tools_corpus(tmp_path), tmp_path / "synth"
+    )
+    heldout = tmp_path / "synth" / "tools_heldout.jsonl"
+    conversations = {r["id"]: r for r in _read(heldout)}
+    report = build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path / "tasks", tools_heldout=heldout)
+    items = load_instances(tmp_path / "tasks" / "tool_call.jsonl", "tool_call")
+    assert report["tool_call"]["items"] == len(items) == len(conversations) > 0
+    for item in items:
+        source = conversations[item.id]
+        call = source["messages"][1]["tool_calls"][0]["function"]
+        assert item.messages == source["messages"][:1] and item.tools == source["tools"]
+        assert item.call == {"name": call["name"], "arguments": json.loads(call["arguments"])}
+    # without held-out conversations the task is empty, and the eval stage leaves it out
+    assert build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path / "none")["tool_call"]["items"] == 0
+    heldout.write_text(heldout.read_text() + '{"id": "x", "messages": []}\n')
+    with pytest.raises(
+        DataError, match=f"{re.escape(str(heldout))}:{len(conversations) + 1}: not a tool-use"
+    ):
+        build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path / "bad", tools_heldout=heldout)
+
+
 def test_builtin_tasks_respect_max_items(val_run: dict, tmp_path: Path):
     report = build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path, seed=0, max_items=1)
     assert {name: r["items"] for name, r in report.items()} == {
         "next_line": 1,
         "docstring_completion": 1,
         "heldout_text": 1,
+        "tool_call": 0,  # (no synth stage here)
     }
     for r in report.values():
-        assert load_instances(Path(r["file"]), r["type"])  # every file is a valid task file
+        assert r["items"] == 0 or load_instances(Path(r["file"]), r["type"])  # every file is a valid task file
 
 
 # ----------------------------------------------------------------------------- contamination

@@ -240,6 +240,7 @@ def _eval_inputs(ctx: Context) -> list[Path]:
 
     cfg = ctx.recipe.eval
     files = [ctx.data / "corpus/val.jsonl", ctx.data / "corpus/train.jsonl"] if ctx.recipe.data else []
+    files.append(ctx.run_dir / "synth" / "tools_heldout.jsonl")  # the built-in tool_call task's
     if cfg.suite is not None:
         from trulyopen.evaluate.taskfile import load_suite
 

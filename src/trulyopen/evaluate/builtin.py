@@ -1,7 +1,8 @@
 """Built-in evaluation tasks made from the run's held-out split, so a run needs no downloaded benchmark.
 
-Only `data/corpus/val.jsonl` is read: the split the model never trained on (the data stage keeps
-near-duplicates of it out of train), so these tasks measure generalisation, not recall.
+Only what the model never trained on is read: `data/corpus/val.jsonl` (the data stage keeps
+near-duplicates of it out of train) and the synth stage's held-out tool conversations, so these
+tasks measure generalisation, not recall.
 
     next_line.jsonl             multiple choice: the first lines of a function (at least 3, the cut
                                 drawn by a seeded RNG), then its real next non-empty line against 3
@@ -15,6 +16,9 @@ near-duplicates of it out of train), so these tasks measure generalisation, not 
                                 sandbox, so every item can be passed and cannot be passed by a stub
     heldout_text.jsonl          text: held-out documents cut at line ends into pieces of about
                                 2,000 characters, for bits per byte
+    tool_call.jsonl             tool calls: the synth stage's conversations about its held-out
+                                functions (synth/tools_heldout.jsonl; never trained on), asked up to
+                                the question: is the right function called, with valid arguments?
 
 Each task keeps at most `max_items` items, picked by a hash of (seed, item id) and written in that
 order, so a task's `limit` takes a seeded sample and not the first files. Each item's own choices
@@ -54,7 +58,12 @@ SANDBOX_TIMEOUT_S = 5.0  # as the code evaluation runs them
 TEXT_CHARS = 2000
 STUBS = ("pass", "raise NotImplementedError")  # bodies a docstring task must not accept
 
-TASKS = {"next_line": "multiple_choice", "docstring_completion": "code", "heldout_text": "text"}
+TASKS = {
+    "next_line": "multiple_choice",
+    "docstring_completion": "code",
+    "heldout_text": "text",
+    "tool_call": "tool_call",
+}
 
 
 @dataclass
@@ -381,11 +390,43 @@ def heldout_text_items(docs: list[_Doc]) -> list[dict]:
     ]
 
 
+# ----------------------------------------------------------------------------- tool calls
+
+
+def tool_call_items(heldout: Path | None) -> list[dict]:
+    """One item per held-out tool-use conversation: its tools and question, and the call it makes."""
+    if heldout is None or not Path(heldout).is_file():
+        return []
+    items = []
+    for lineno, line in enumerate(Path(heldout).read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            question, call_turn = record["messages"][:2]
+            call = call_turn["tool_calls"][0]["function"]
+            answer = {"name": call["name"], "arguments": json.loads(call["arguments"])}
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise DataError(f"{heldout}:{lineno}: not a tool-use conversation of the synth stage") from None
+        meta = {"source_doc": record.get("source_doc"), "call_doc": record.get("call_doc")}
+        items.append(
+            {
+                "id": record["id"],
+                "messages": [question],
+                "tools": record["tools"],
+                "answer": answer,
+                "meta": meta,
+            }
+        )
+    return items
+
+
 # ----------------------------------------------------------------------------- all of them
 
 
-def build_builtin_tasks(val_corpus: Path, out_dir: Path, seed: int = 0, max_items: int = 500) -> dict:
-    """Write next_line, docstring_completion and heldout_text task files from the held-out split.
+def build_builtin_tasks(
+    val_corpus: Path, out_dir: Path, seed: int = 0, max_items: int = 500, tools_heldout: Path | None = None
+) -> dict:
+    """Write next_line, docstring_completion and heldout_text task files from the held-out split,
+    and tool_call from the synth stage's held-out tool conversations when there are some.
 
     Returns {task: {"file", "type", "items", "sha256"}}, plus the docstring filter's counts under
     "docstring_completion"/"filter". A task with no items gets an empty file.
@@ -398,6 +439,7 @@ def build_builtin_tasks(val_corpus: Path, out_dir: Path, seed: int = 0, max_item
         "next_line": _select(next_line_items(docs, seed), seed, max_items),
         "docstring_completion": docstring_items(docs, seed, max_items, stats),
         "heldout_text": _select(heldout_text_items(docs), seed, max_items),
+        "tool_call": _select(tool_call_items(tools_heldout), seed, max_items),
     }
     out_dir = Path(out_dir)
     report: dict = {}

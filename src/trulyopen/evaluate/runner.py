@@ -16,6 +16,7 @@ from trulyopen.evaluate.models import EvalModel
 from trulyopen.evaluate.multiple_choice import evaluate as evaluate_mc
 from trulyopen.evaluate.taskfile import TaskSpec, load_instances
 from trulyopen.evaluate.text import evaluate_text
+from trulyopen.evaluate.tool_calls import evaluate_tool_calls
 from trulyopen.files import atomic_open, sha256_file, write_json
 from trulyopen.ledger import Ledger, code_version, file_record, machine_summary
 
@@ -30,6 +31,8 @@ def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict]]:
         return evaluate_generation(em.model, em.tokenizer, spec, instances)
     if spec.type == "code":
         return evaluate_code(em.model, em.tokenizer, spec, instances)
+    if spec.type == "tool_call":
+        return evaluate_tool_calls(em.model, em.tokenizer, spec, instances, em.max_len)
     return evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
 
 

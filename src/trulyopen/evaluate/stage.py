@@ -1,7 +1,8 @@
 """The eval stage of a run: built-in tasks from the held-out split, the recipe's suite, each of the
 run's models, and how much of each task the training corpus already contained.
 
-    <run>/eval/tasks/           the built-in task files (made from data/corpus/val.jsonl only)
+    <run>/eval/tasks/           the built-in task files (made from data/corpus/val.jsonl, and the
+                                tool calls from synth/tools_heldout.jsonl: never trained on)
     <run>/eval/<stage>/         results.json and per-item records for that stage's newest checkpoint
     <run>/eval/contamination.json
 """
@@ -21,6 +22,7 @@ BUILTIN = [
     ("next_line", "multiple_choice", {}),
     ("docstring_completion", "code", {"max_new_tokens": 128}),
     ("heldout_text", "text", {}),
+    ("tool_call", "tool_call", {"max_new_tokens": 64}),
 ]
 
 
@@ -29,7 +31,11 @@ def builtin_specs(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
 
     out = run_dir / "eval" / "tasks"
     build_builtin_tasks(
-        run_dir / "data" / "corpus" / "val.jsonl", out, seed=cfg.seed, max_items=cfg.builtin_items
+        run_dir / "data" / "corpus" / "val.jsonl",
+        out,
+        seed=cfg.seed,
+        max_items=cfg.builtin_items,
+        tools_heldout=run_dir / "synth" / "tools_heldout.jsonl",
     )
     specs = []
     for name, kind, extra in BUILTIN:

@@ -7,6 +7,9 @@ JSON object: provenance, a reference solution) is carried along but never scored
     generation       {"id", "prompt", "verifier": {<a spec of trulyopen.rewards.verifiers>}}
     code             {"id", "prompt", "tests"}    prompt + completion + tests run in the sandbox
     text             {"id", "text"}               scored in bits per byte
+    tool_call        {"id", "messages", "tools", "answer": {"name", "arguments"}}   messages and tools
+                                                  in OpenAI's format: is the right function called,
+                                                  with arguments its schema accepts?
 
 Files are checked strictly, every line before any model runs: invalid JSON, a missing, mistyped or
 unknown field, empty choices, an answer out of range, a repeated id or a bad verifier spec is a
@@ -34,8 +37,8 @@ from trulyopen.errors import UserError
 from trulyopen.files import atomic_open
 from trulyopen.rewards.verifiers import VerifierError, parse_verifier
 
-KINDS = ("multiple_choice", "generation", "code", "text")
-TaskKind = Literal["multiple_choice", "generation", "code", "text"]
+KINDS = ("multiple_choice", "generation", "code", "text", "tool_call")
+TaskKind = Literal["multiple_choice", "generation", "code", "text", "tool_call"]
 
 # per kind: the required fields and the optional ones ("id" and "meta" are allowed everywhere)
 _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -43,6 +46,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "generation": (("prompt", "verifier"), ()),
     "code": (("prompt", "tests"), ()),
     "text": (("text",), ()),
+    "tool_call": (("messages", "tools", "answer"), ()),
 }
 _COMMON = ("id", "meta")
 
@@ -66,6 +70,9 @@ class Instance:
     verifier: dict | None = None
     tests: str = ""
     text: str = ""
+    messages: list[dict] = field(default_factory=list)
+    tools: list[dict] = field(default_factory=list)
+    call: dict | None = None  # tool_call: the expected {"name", "arguments"}
     meta: dict = field(default_factory=dict)
 
 
@@ -138,6 +145,22 @@ def _parse_record(record: object, kind: str, lineno: int, where: str) -> Instanc
     elif kind == "code":
         inst.prompt = _string(record, "prompt")
         inst.tests = _string(record, "tests")
+    elif kind == "tool_call":
+        from trulyopen.finetune.records import BadRecord, read_messages, read_tools
+
+        try:
+            inst.messages = read_messages(record["messages"], "messages")
+            inst.tools = read_tools(record["tools"]) or []
+        except BadRecord as e:
+            raise ValueError(f"field {e}") from None
+        answer = record["answer"]
+        if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
+            raise ValueError("field 'answer' must be an object with the function's name and its arguments")
+        if not isinstance(answer.get("arguments"), dict):
+            raise ValueError("field 'answer.arguments' must be a JSON object")
+        if answer["name"] not in [t["function"]["name"] for t in inst.tools]:
+            raise ValueError(f"field 'answer.name': {answer['name']!r} is none of the tools")
+        inst.call = {"name": answer["name"], "arguments": answer["arguments"]}
     else:
         inst.text = _string(record, "text")
     return inst
@@ -179,6 +202,9 @@ def load_instances(path: Path, kind: str) -> list[Instance]:
 def instance_text(inst: Instance) -> str:
     """All the text of an item a model could have seen in training: what contamination checks look at."""
     parts = [inst.context, inst.question or "", *inst.choices, inst.prompt, inst.tests, inst.text]
+    parts += [m["content"] for m in inst.messages]
+    if inst.call is not None:  # the expected call: the answer a trained-on item would give away
+        parts.append(json.dumps(inst.call, ensure_ascii=False))
     if inst.verifier is not None:  # the expected answer, or the tests that check it
         parts += [str(inst.verifier.get(name, "")) for name in ("answer", "tests")]
     return "\n".join(p for p in parts if p)
@@ -195,6 +221,8 @@ def instance_record(inst: Instance) -> dict:
         record |= {"prompt": inst.prompt, "verifier": inst.verifier}
     elif inst.kind == "code":
         record |= {"prompt": inst.prompt, "tests": inst.tests}
+    elif inst.kind == "tool_call":
+        record |= {"messages": inst.messages, "tools": inst.tools, "answer": inst.call}
     else:
         record["text"] = inst.text
     if inst.meta:
@@ -230,7 +258,7 @@ class TaskSpec(BaseModel):
     path: Path = Field(
         description="The task file (JSONL); relative paths are resolved against the suite file."
     )
-    type: TaskKind = Field(description="Kind of items: multiple_choice, generation, code or text.")
+    type: TaskKind = Field(description="Kind of items: multiple_choice, generation, code, text or tool_call.")
     few_shot: int = Field(default=0, ge=0, description="Examples from the same file put before each item.")
     seed: int = Field(default=1234, description="Seed of the few-shot choice and of sampling.")
     normalization: Literal["token", "char", "none"] = Field(
@@ -244,7 +272,9 @@ class TaskSpec(BaseModel):
         description="Multiple choice: score the choices as continuations (cloze), as letters after a "
         "lettered list (lettered), or both.",
     )
-    max_new_tokens: int = Field(default=128, ge=1, description="Generation and code: most tokens generated.")
+    max_new_tokens: int = Field(
+        default=128, ge=1, description="Generation, code and tool_call: most tokens generated."
+    )
     temperature: float = Field(
         default=0.0, ge=0.0, description="Generation and code: sampling temperature (0: greedy)."
     )

@@ -61,7 +61,7 @@ def _guess_format(record: dict) -> str:
     )
 
 
-def _messages(value: Any, what: str) -> list[dict]:
+def read_messages(value: Any, what: str) -> list[dict]:
     if isinstance(value, str):
         if not value.strip():
             raise BadRecord(f"{what} is empty")
@@ -121,7 +121,7 @@ def template_call(call: Any, what: str) -> dict:
     return {"id": call["id"], **out} if isinstance(call.get("id"), str) else out
 
 
-def _tools(value: Any) -> list[dict] | None:
+def read_tools(value: Any) -> list[dict] | None:
     """A record's tools: OpenAI's [{"type": "function", "function": {name, description, parameters}}]."""
     if value is None:
         return None
@@ -153,13 +153,13 @@ def parse(record: Any, fmt: str, where: str, index: int) -> Example:
     fmt = _guess_format(record) if fmt == "auto" else fmt
     rid = str(record.get("id", index))
     if fmt == "chat":
-        messages = _messages(record.get("messages"), "messages")
+        messages = read_messages(record.get("messages"), "messages")
         if not any(m["role"] == "assistant" for m in messages):
             raise BadRecord("messages has no assistant turn to learn from")
-        return Example(rid, where, messages, tools=_tools(record.get("tools")))
+        return Example(rid, where, messages, tools=read_tools(record.get("tools")))
     if "prompt" not in record:
         raise BadRecord("has no prompt")
-    prompt = _messages(record["prompt"], "prompt")
+    prompt = read_messages(record["prompt"], "prompt")
     if fmt == "prompt_completion":
         return Example(
             rid,
