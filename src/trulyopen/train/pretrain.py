@@ -115,6 +115,12 @@ def pretrain(
             f"({cfg.max_steps} steps of {cfg.global_batch_tokens:,} tokens): each sequence is seen "
             f"{epochs:.1f} times; add data, or lower pretrain.max_steps"
         )
+    validates = len(val) >= cfg.seq_len + 1
+    if not validates and world.main:
+        warn(
+            f"pretrain: the validation split ({len(val):,} tokens) is shorter than one sequence of "
+            f"{cfg.seq_len + 1}: no val_bpb is measured; raise data.split.val_fraction to get one"
+        )
     nbytes = token_bytes(paths.tokenizer / "tokenizer.json")
     eval_tasks = load_suite(cfg.eval_suite) if cfg.eval_suite else []
 
@@ -259,7 +265,8 @@ def pretrain(
             }
             done = step + 1
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                record["val_bpb"] = round(validate(), 6)
+                if validates:
+                    record["val_bpb"] = round(validate(), 6)
                 if eval_tasks:  # every rank runs them: a sharded model needs all ranks for a forward
                     record.update(in_loop_metrics(train_model, paths.tokenizer, eval_tasks, autocast))
             metrics.write(record)
