@@ -244,7 +244,7 @@ class Engine:
                 seen = torch.tensor([r.prompt + r.output], device=row.device)
                 row = penalise(row, seen, r.params.repetition_penalty)
                 chosen[i] = int(sample_next(row, r.params, r.generator)[0])
-        scored = _logprobs(raw, reqs, chosen)
+        scored = logprobs_of(raw, reqs, chosen)
         now = time.perf_counter()
         for i, r in enumerate(reqs):
             if r.matcher is not None and not r.matcher.consume_token(chosen[i]):
@@ -276,7 +276,9 @@ class Engine:
         req.on_event(Event(text, list(tokens), reason, error, logprobs))
 
 
-def _logprobs(logits: torch.Tensor, reqs: list[Request], chosen: dict[int, int]) -> dict[int, list[Logprob]]:
+def logprobs_of(
+    logits: torch.Tensor, reqs: list[Request], chosen: dict[int, int]
+) -> dict[int, list[Logprob]]:
     """Row i's sampled token's log-probability under the model (log-softmax of its raw logits, as
     a scorer computes it), with its top-k, for the requests that asked for them."""
     rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from trulyopen.errors import UserError
-from trulyopen.infer.engine import Event, Request, _logprobs, take
+from trulyopen.infer.engine import Event, Request, logprobs_of, take
 from trulyopen.infer.text import TextStream
 
 
@@ -172,7 +172,7 @@ class LlamaCppEngine:
                     return
                 event = take(req, token, self.max_len, time.perf_counter())
                 if step.raw is not None:
-                    event.logprobs = _logprobs(torch.from_numpy(step.raw)[None], [req], {0: token})[0]
+                    event.logprobs = logprobs_of(torch.from_numpy(step.raw)[None], [req], {0: token})[0]
                 req.length += 1
                 if event.finish_reason is not None:
                     req.finish_reason = event.finish_reason
