@@ -19,6 +19,7 @@ import json
 
 import torch
 
+from trulyopen.errors import warn
 from trulyopen.evaluate.stats import mean_and_stderr
 from trulyopen.infer.engine import generate
 from trulyopen.infer.sampling import SamplingParams
@@ -60,8 +61,13 @@ def evaluate_tool_calls(model, tok, spec, instances: list, max_len: int) -> tupl
     renderer = ChatRenderer(tok)
     prompts = [renderer.prompt(i.messages, i.tools) for i in instances]
     asked = [k for k, p in enumerate(prompts) if len(p) + MIN_ANSWER_TOKENS <= max_len]
+    if len(asked) < len(prompts):
+        warn(
+            f"eval: task {spec.name}: {len(prompts) - len(asked)} of {len(prompts)} items leave less than "
+            f"{MIN_ANSWER_TOKENS} of the model's {max_len} positions for the answer, and are not asked"
+        )
     if not asked:
-        raise ValueError(f"task {spec.name}: no item's prompt fits the model's {max_len} positions")
+        return {}, [{"id": i.id, "skipped": "prompt too long"} for i in instances]
     longest = max(len(prompts[k]) for k in asked)
     params = SamplingParams(
         max_new_tokens=min(spec.max_new_tokens, max_len - longest),
