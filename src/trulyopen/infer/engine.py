@@ -99,12 +99,7 @@ class Engine:
 
     # ------------------------------------------------------------------ from any thread
     def submit(self, req: Request) -> Request:
-        if not req.prompt:
-            raise ValueError("an empty prompt: give at least one token")
-        if len(req.prompt) >= self.max_len:
-            raise ValueError(
-                f"a prompt of {len(req.prompt)} tokens does not fit this engine's {self.max_len}"
-            )
+        check_prompt(req.prompt, self.max_len)
         seed = req.params.seed if req.params.seed is not None else random.randrange(2**63)
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
         if req.params.stop_strings or self.decode is not None:
@@ -293,6 +288,18 @@ def logprobs_of(
         top = list(zip(top_i[row, :n].tolist(), top_p[row, :n].tolist(), strict=True))
         out[i] = [Logprob(chosen[i], float(logp[row, chosen[i]]), top)]
     return out
+
+
+class PromptTooLong(ValueError):
+    """A prompt that leaves no room to generate in the engine's context."""
+
+
+def check_prompt(prompt: list[int], max_len: int) -> None:
+    """What every engine refuses before it takes a request: no prompt, or one too long."""
+    if not prompt:
+        raise ValueError("an empty prompt: give at least one token")
+    if len(prompt) >= max_len:
+        raise PromptTooLong(f"a prompt of {len(prompt)} tokens does not fit this engine's {max_len}")
 
 
 def take(r: Request, token: int, max_len: int, now: float) -> Event:

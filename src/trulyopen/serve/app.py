@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
-from trulyopen.infer.engine import Engine, Event, Logprob
+from trulyopen.infer.engine import Engine, Event, Logprob, PromptTooLong
 from trulyopen.infer.engine import Request as EngineRequest
 from trulyopen.infer.sampling import SamplingParams
 from trulyopen.infer.tool_calls import call_grammar, parse_calls
@@ -666,7 +666,7 @@ def build_app(server: Server) -> FastAPI:
             choices = [server.submit(ids, p, grammar) for p in server.choices(params, body.n)]
         except ValueError as e:
             server.admission.release()
-            code = "context_length_exceeded" if "does not fit" in str(e) else "invalid_value"
+            code = "context_length_exceeded" if isinstance(e, PromptTooLong) else "invalid_value"
             raise APIError(400, str(e), code=code) from None
         head = {"id": rid, "created": int(time.time()), "model": server.name}
         logprobs = server.chat_logprobs if chat else server.completion_logprobs

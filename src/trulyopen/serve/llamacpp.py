@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from trulyopen.errors import UserError
-from trulyopen.infer.engine import Event, Request, logprobs_of, take
+from trulyopen.infer.engine import Event, Request, check_prompt, logprobs_of, take
 from trulyopen.infer.text import TextStream
 
 
@@ -88,12 +88,7 @@ class LlamaCppEngine:
         self._stopping = False
 
     def submit(self, req: Request) -> Request:
-        if not req.prompt:
-            raise ValueError("an empty prompt: give at least one token")
-        if len(req.prompt) >= self.max_len:
-            raise ValueError(
-                f"a prompt of {len(req.prompt)} tokens does not fit this engine's {self.max_len}"
-            )
+        check_prompt(req.prompt, self.max_len)
         req.stream = TextStream(self.decode, req.params.stop_strings)
         with self._lock:
             self.waiting.append(req)
