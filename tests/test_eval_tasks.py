@@ -510,20 +510,26 @@ def test_tool_call_task_is_made_from_the_held_out_tool_conversations(val_run: di
     from .test_synth import tools_corpus
 
     synthesize(
-        SynthConfig(kinds=["tools"], tools_heldout=0.5, seed=3), tools_corpus(tmp_path), tmp_path / "synth"
+        SynthConfig(kinds=["tools"], tools_heldout=0.5, seed=0), tools_corpus(tmp_path), tmp_path / "synth"
     )
     heldout = tmp_path / "synth" / "tools_heldout.jsonl"
     conversations = {r["id"]: r for r in _read(heldout)}
     report = build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path / "tasks", tools_heldout=heldout)
-    items = load_instances(tmp_path / "tasks" / "tool_call.jsonl", "tool_call")
-    assert report["tool_call"]["items"] == len(items) == len(conversations) > 0
-    for item in items:
-        source = conversations[item.id]
-        call = source["messages"][1]["tool_calls"][0]["function"]
-        assert item.messages == source["messages"][:1] and item.tools == source["tools"]
-        assert item.call == {"name": call["name"], "arguments": json.loads(call["arguments"])}
+    seen = 0
+    for task, held_out in (("tool_call", "call"), ("tool_call_new_tools", "function")):
+        items = load_instances(tmp_path / "tasks" / f"{task}.jsonl", "tool_call")
+        assert report[task]["items"] == len(items) > 0
+        for item in items:
+            source = conversations[item.id]
+            call = source["messages"][1]["tool_calls"][0]["function"]
+            assert source["held_out"] == held_out
+            assert item.messages == source["messages"][:1] and item.tools == source["tools"]
+            assert item.call == {"name": call["name"], "arguments": json.loads(call["arguments"])}
+        seen += len(items)
+    assert seen == len(conversations)
     # without held-out conversations the task is empty, and the eval stage leaves it out
-    assert build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path / "none")["tool_call"]["items"] == 0
+    none = build_builtin_tasks(val_run["corpus"] / "val.jsonl", tmp_path / "none")
+    assert none["tool_call"]["items"] == none["tool_call_new_tools"]["items"] == 0
     heldout.write_text(heldout.read_text() + '{"id": "x", "messages": []}\n')
     with pytest.raises(
         DataError, match=f"{re.escape(str(heldout))}:{len(conversations) + 1}: not a tool-use"
@@ -538,9 +544,12 @@ def test_builtin_tasks_respect_max_items(val_run: dict, tmp_path: Path):
         "docstring_completion": 1,
         "heldout_text": 1,
         "tool_call": 0,  # (no synth stage here)
+        "tool_call_new_tools": 0,
     }
     for r in report.values():
-        assert r["items"] == 0 or load_instances(Path(r["file"]), r["type"])  # every file is a valid task file
+        assert r["items"] == 0 or load_instances(
+            Path(r["file"]), r["type"]
+        )  # every file is a valid task file
 
 
 # ----------------------------------------------------------------------------- contamination

@@ -692,7 +692,10 @@ def test_tools_conversations_call_corpus_functions_with_their_real_results(tmp_p
 
     corpus = tools_corpus(tmp_path)
     manifest = synthesize(SynthConfig(kinds=["tools"], tools_heldout=0.0), corpus, tmp_path / "out")
-    records = read_jsonl(tmp_path / "out" / "tools.jsonl")
+    trained = read_jsonl(tmp_path / "out" / "tools.jsonl")
+    held = read_jsonl(tmp_path / "out" / "tools_heldout.jsonl")  # a new question to each function
+    assert [r["held_out"] for r in held] == ["call", "call"]  # called three or more times
+    records = trained + held
     namespace: dict = {}
     exec(UNITS, namespace)  # the test's own copy: what the functions really return
     calls = set()
@@ -745,7 +748,7 @@ def test_tools_hold_out_functions_and_repeat_to_the_byte(tmp_path: Path) -> None
     corpus = tools_corpus(tmp_path)
 
     def run(name: str) -> tuple[list[dict], list[dict], bytes]:
-        synthesize(SynthConfig(kinds=["tools"], tools_heldout=0.5, seed=3), corpus, tmp_path / name)
+        synthesize(SynthConfig(kinds=["tools"], tools_heldout=0.5, seed=0), corpus, tmp_path / name)
         out = tmp_path / name
         return (
             read_jsonl(out / "tools.jsonl"),
@@ -755,6 +758,13 @@ def test_tools_hold_out_functions_and_repeat_to_the_byte(tmp_path: Path) -> None
 
     train, held, raw = run("a")
     called = lambda records: {r["messages"][1]["tool_calls"][0]["function"]["name"] for r in records}  # noqa: E731
-    assert train and held and not called(train) & called(held)
-    assert not any(t["function"]["name"] in called(held) for r in train for t in r["tools"])  # not even shown
+    new_tools = [r for r in held if r["held_out"] == "function"]
+    new_questions = [r for r in held if r["held_out"] == "call"]
+    assert train and new_tools and new_questions and len(new_tools) + len(new_questions) == len(held)
+    assert not called(train) & called(new_tools)
+    assert not any(
+        t["function"]["name"] in called(new_tools) for r in train for t in r["tools"]
+    )  # not even shown
+    asked = {r["messages"][0]["content"] for r in train}
+    assert called(new_questions) <= called(train) and not asked & {r["messages"][0]["content"] for r in held}
     assert run("b")[2] == raw

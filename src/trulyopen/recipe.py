@@ -448,7 +448,8 @@ class SynthConfig(Section):
         ge=0.0,
         lt=1.0,
         description="Share of the called functions held out of training; their conversations go to "
-        "tools_heldout.jsonl, which the eval stage's tool_call task asks.",
+        "tools_heldout.jsonl (with one call of each other function called three or more times), "
+        "which the eval stage's tool_call tasks ask.",
     )
     seed: int = Field(default=0, description="Seed of the selection and of the corruptions.")
     remote: RemoteModelConfig | None = Field(

@@ -16,9 +16,11 @@ tasks measure generalisation, not recall.
                                 sandbox, so every item can be passed and cannot be passed by a stub
     heldout_text.jsonl          text: held-out documents cut at line ends into pieces of about
                                 2,000 characters, for bits per byte
-    tool_call.jsonl             tool calls: the synth stage's conversations about its held-out
-                                functions (synth/tools_heldout.jsonl; never trained on), asked up to
-                                the question: is the right function called, with valid arguments?
+    tool_call.jsonl             tool calls: the synth stage's held-out conversations
+                                (synth/tools_heldout.jsonl, never trained on), asked up to the
+                                question: is the right function called, with valid arguments? Here
+                                new questions to functions the tuned model was trained to call
+    tool_call_new_tools.jsonl   the same for functions held out of training altogether
 
 Each task keeps at most `max_items` items, picked by a hash of (seed, item id) and written in that
 order, so a task's `limit` takes a seeded sample and not the first files. Each item's own choices
@@ -63,6 +65,7 @@ TASKS = {
     "docstring_completion": "code",
     "heldout_text": "text",
     "tool_call": "tool_call",
+    "tool_call_new_tools": "tool_call",
 }
 
 
@@ -393,8 +396,10 @@ def heldout_text_items(docs: list[_Doc]) -> list[dict]:
 # ----------------------------------------------------------------------------- tool calls
 
 
-def tool_call_items(heldout: Path | None) -> list[dict]:
-    """One item per held-out tool-use conversation: its tools and question, and the call it makes."""
+def tool_call_items(heldout: Path | None, held_out: str) -> list[dict]:
+    """One item per held-out tool-use conversation of the kind `held_out` ("call": a new question
+    to a trained function; "function": a function never trained on): its tools and question, and
+    the call it makes as the answer."""
     if heldout is None or not Path(heldout).is_file():
         return []
     items = []
@@ -406,6 +411,8 @@ def tool_call_items(heldout: Path | None) -> list[dict]:
             answer = {"name": call["name"], "arguments": json.loads(call["arguments"])}
         except (ValueError, KeyError, IndexError, TypeError):
             raise DataError(f"{heldout}:{lineno}: not a tool-use conversation of the synth stage") from None
+        if record.get("held_out", "function") != held_out:
+            continue
         meta = {"source_doc": record.get("source_doc"), "call_doc": record.get("call_doc")}
         items.append(
             {
@@ -439,7 +446,8 @@ def build_builtin_tasks(
         "next_line": _select(next_line_items(docs, seed), seed, max_items),
         "docstring_completion": docstring_items(docs, seed, max_items, stats),
         "heldout_text": _select(heldout_text_items(docs), seed, max_items),
-        "tool_call": _select(tool_call_items(tools_heldout), seed, max_items),
+        "tool_call": _select(tool_call_items(tools_heldout, "call"), seed, max_items),
+        "tool_call_new_tools": _select(tool_call_items(tools_heldout, "function"), seed, max_items),
     }
     out_dir = Path(out_dir)
     report: dict = {}

@@ -23,6 +23,7 @@ BUILTIN = [
     ("docstring_completion", "code", {"max_new_tokens": 128}),
     ("heldout_text", "text", {}),
     ("tool_call", "tool_call", {"max_new_tokens": 64}),
+    ("tool_call_new_tools", "tool_call", {"max_new_tokens": 64}),
 ]
 
 

@@ -115,8 +115,11 @@ def card_text(m: dict[str, Any]) -> str:
             f"{t.get('calls_repeated', 0):,} repeat another, {t.get('calls_over_cap', 0):,} exceed "
             f"{MAX_CALLS_PER_FUNCTION} per function. Each call ran twice in the sandbox, its document "
             "run as its module; a result that differed was dropped. Functions of modules that read "
-            "the machine (os, sys, time, ...) or whose body does were never run. Held-out functions: "
-            f"{h['candidates']:,} calls, {h['kept']:,} conversations in `tools_heldout.jsonl`.",
+            "the machine (os, sys, time, ...) or whose body does were never run. Held out of training, "
+            f"in `tools_heldout.jsonl`: {h['kept_by_kind'].get('function', 0):,} conversations of "
+            f"functions never shown in training (a seeded {cfg['tools_heldout']:.0%} of them), and "
+            f"{h['kept_by_kind'].get('call', 0):,} new questions to trained functions (one of each "
+            "function called three or more times).",
         ]
     lines += ["", "## Decontamination", ""]
     d = m["decontamination"]

@@ -368,7 +368,7 @@ def synthesize(
             kept = selection.run(cands, cfg.seed, _grpo_maker(extra), grpo_text)
         else:
             asked, held = tool_use.questions(scan.tools, scan.calls, cfg.seed, cfg.tools_heldout, extra)
-            held_keys = {q.tool.key for q in held}
+            held_keys = {q.tool.key for q in held if q.held_out == "function"}  # never shown in training
             pool = sorted((t for t in scan.tools if t.key not in held_keys), key=lambda t: t.key)
             text_of = {doc_id: text for doc_id, _, text in docs}
             make = _tools_maker(text_of, pool, cfg.tools_per_example, cfg.seed, workers)
@@ -394,7 +394,12 @@ def synthesize(
                 tools_skipped=dict(sorted(scan.tools_skipped.items())),
                 calls=len(scan.calls),
                 **dict(sorted(extra.items())),
-                heldout={"candidates": len(held), **held_out.stats(), "kept": len(held_kept)},
+                heldout={
+                    "candidates": len(held),
+                    **held_out.stats(),
+                    "kept": len(held_kept),
+                    "kept_by_kind": dict(Counter(r["held_out"] for _, r in held_kept)),
+                },
             )
         if kind == "grpo":
             stats.update(

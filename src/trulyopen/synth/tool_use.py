@@ -27,7 +27,7 @@ import json
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from trulyopen.synth.code_tasks import rank_key, stable_id
 
@@ -248,14 +248,16 @@ class Question:
     arguments: dict
     call_doc: str  # where the call is written
     order: tuple[int, int]
+    held_out: str | None = None  # "function" (never seen in training) or "call" (a new question)
 
 
 def questions(
     tools: list[Tool], calls: list[Call], seed: int, heldout: float, stats: Counter
 ) -> tuple[list[Question], list[Question]]:
     """The calls matched to their functions, at most MAX_CALLS_PER_FUNCTION each (a seeded pick),
-    split into those of training functions and those of held-out functions (a seeded `heldout`
-    share of the functions that have any)."""
+    split into training and held-out questions. Held out: every call of a seeded `heldout` share
+    of the functions (held_out "function": tools a model never saw), and one call of each other
+    function called three or more times (held_out "call": a new question for a tool it knows)."""
     by_key = {t.key: t for t in tools}
     doc_of = {module_of(t.doc_id): t.doc_id for t in tools}
     found: dict[str, Question] = {}
@@ -279,9 +281,16 @@ def questions(
         per_tool.setdefault(q.tool.key, []).append(q)
     train, held = [], []
     for key, qs in per_tool.items():
-        stats["calls_over_cap"] += max(0, len(qs) - MAX_CALLS_PER_FUNCTION)
-        goes_to = held if int(rank_key(seed, "heldout\0" + key)[:8], 16) < heldout * 16**8 else train
-        goes_to.extend(qs[:MAX_CALLS_PER_FUNCTION])
+        if int(rank_key(seed, "heldout\0" + key)[:8], 16) < heldout * 16**8:
+            held.extend(replace(q, held_out="function") for q in qs[:MAX_CALLS_PER_FUNCTION])
+            stats["calls_over_cap"] += max(0, len(qs) - MAX_CALLS_PER_FUNCTION)
+            continue
+        n_held = 1 if len(qs) >= 3 else 0
+        trained = qs[: min(len(qs) - n_held, MAX_CALLS_PER_FUNCTION)]
+        if n_held:  # the next after the trained ones (past the cap when there are more)
+            held.append(replace(qs[len(trained)], held_out="call"))
+        stats["calls_over_cap"] += len(qs) - len(trained) - n_held
+        train.extend(trained)
     stats["functions_called"] = len(per_tool)
     return train, held
 
@@ -384,6 +393,7 @@ def record(q: Question, result: str, pool: list[Tool], tools_per_example: int, s
         "id": record_id,
         "source_doc": tool.doc_id,
         "call_doc": q.call_doc,
+        **({"held_out": q.held_out} if q.held_out else {}),
         "tools": [t.spec() for t in tools],
         "messages": [
             {"role": "user", "content": question},
