@@ -551,3 +551,51 @@ def test_every_method_runs_on_a_hugging_face_directory(hf_dir, tmp_path, method,
     out = export_checkpoint(final, tmp_path / "hf")
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.model_type == "qwen3"
     assert (out / "adapter" / "adapter_config.json").exists() == (adapter != "none")
+
+
+def test_tool_records_in_openai_format_are_read_and_bad_ones_named(tmp_path):
+    """Records as OpenAI writes them: tools, an assistant turn of calls with null content and JSON
+    string arguments (read as an object, the template's convention), and tool turns; a bad call or
+    tool is named by its field."""
+    from trulyopen.finetune.records import read_examples
+    from trulyopen.recipe import FinetuneDataConfig
+
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+
+    def talk(calls=None, tools=None):
+        return {
+            "tools": tools or [tool],
+            "messages": [
+                {"role": "user", "content": "add 2 and 3"},
+                {"role": "assistant", "content": None, "tool_calls": calls or [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "5"},
+                {"role": "assistant", "content": "5"},
+            ],
+        }
+
+    bad_arguments = [{**call, "function": {"name": "add", "arguments": "{2, 3}"}}]
+    data = write_jsonl(
+        tmp_path / "tools.jsonl",
+        [
+            talk(),
+            talk(calls=bad_arguments),
+            talk(calls=[{"type": "function", "function": {"arguments": "{}"}}]),
+            talk(tools=[{"type": "function", "function": {"name": "add", "parameters": "any"}}]),
+        ],
+    )
+    examples, bad = read_examples([FinetuneDataConfig(path=data)], "sft", "skip")
+    [ex] = examples
+    assert ex.tools == [tool] and ex.messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}
+        ],
+    }
+    assert ex.messages[2] == {"role": "tool", "content": "5", "tool_call_id": "c1"}
+    assert [b["reason"] for b in bad] == [
+        "messages[1].tool_calls[0].function.arguments: not JSON",
+        "messages[1].tool_calls[0].function.name must be a non-empty string",
+        "tools[0].function.parameters must be a JSON schema object",
+    ]
