@@ -163,7 +163,7 @@ ORDER = [
     "test_gguf.py",  # 80 s
     "test_finetune.py",  # 77 s
     "test_faults.py",  # 71 s
-    "test_tool_use.py",  # 31 s
+    "test_tool_use.py",  # 48 s (one thread)
     "test_errors.py",  # 70 s
     "test_release.py",  # 55 s
     "test_eval.py",  # 47 s

@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+import torch
+
 from trulyopen import pipeline
 from trulyopen.recipe import load_recipe
 
@@ -84,7 +86,14 @@ def test_finetuning_on_tool_conversations_calls_the_right_tool_more_often_than_t
         },
         eval={"models": ["pretrain", "finetune"], "contamination": False},
     )
-    run = pipeline.run(load_recipe(recipe), tmp_path / "run", workers=1)
+    # one thread: this small model's steps are too short to share two cores with the test beside it
+    # (two threads each, on two cores, made it five times slower in the parallel suite)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = pipeline.run(load_recipe(recipe), tmp_path / "run", workers=1)
+    finally:
+        torch.set_num_threads(threads)
     rates = {}
     for stage in ("pretrain", "finetune"):
         tasks = json.loads((run / "eval" / stage / "results.json").read_text())["tasks"]
