@@ -260,6 +260,9 @@ def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
     out = tmp_path / "release"
     assert audit(out).cls == 1 and (out / "model" / "model.safetensors").exists()
     assert (out / "model" / "adapter" / "adapter_config.json").exists()
+    # the post-training data ships beside the corpus it was made from (its licence allows both)
+    for name in ("sft.jsonl", "tools.jsonl", "tools_heldout.jsonl", "manifest.json", "SYNTHCARD.md"):
+        assert (out / "data" / "synth" / name).read_bytes() == (tmp_path / "synth" / name).read_bytes()
     rows = list(csv.DictReader((out / "checkpoints.csv").open()))
     assert {(r["stage"], r["step"]) for r in rows} == {
         ("pretrain", "2"),

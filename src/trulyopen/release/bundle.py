@@ -12,7 +12,9 @@
       tokenizer/
       data/                manifest, data card, curation record, sources; corpus/ with the documents
                            of each source whose licence allows it (and shards/ when all do);
-                           REBUILD.md: per source, whether it is here and how to make it again
+                           REBUILD.md: per source, whether it is here and how to make it again;
+                           synth/: the post-training data made from the corpus (its manifest and
+                           card, and its records when every source's licence allows them)
       recipes/recipe.yaml  the resolved recipe every stage ran with
       code/                the package source that ran, version.json (version, git commit, source
                            hash), changes.patch (uncommitted changes), requirements.txt (the
@@ -158,6 +160,11 @@ def _data(run_dir: Path, out: Path, recipe: Recipe, allowed: dict[str, bool]) ->
         if (data / "shards" / "shards.json").exists():  # the fingerprint checkpoints are checked against
             _copy(data / "shards" / "shards.json", out / "data" / "shards" / "shards.json")
     write_text(out / "data" / "REBUILD.md", cards.rebuild_notes(recipe, allowed))
+    synth = run_dir / "synth"
+    for f in sorted(synth.glob("*")) if synth.is_dir() else []:
+        # the records quote corpus text: shipped on the corpus's terms, the account of them always
+        if f.is_file() and (f.suffix != ".jsonl" or (allowed and all(allowed.values()))):
+            _copy(f, out / "data" / "synth" / f.name)
 
 
 def _gguf(model_dir: Path, name: str) -> None:
