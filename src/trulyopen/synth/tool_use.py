@@ -327,13 +327,14 @@ def expired(signum, frame):
 
 
 signal.signal(signal.SIGALRM, expired)
+failed = None
+signal.setitimer(signal.ITIMER_REAL, {CALL_TIMEOUT_S * 5})
 try:
-    signal.setitimer(signal.ITIMER_REAL, {CALL_TIMEOUT_S * 5})
     exec(compile(job["source"], job["path"], "exec"), namespace)
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    failed = None
 except BaseException as e:
     failed = "module_" + type(e).__name__
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 for name, arguments in job["calls"]:
     if failed:
         line = {{"ok": False, "why": failed}}
