@@ -489,7 +489,7 @@ def test_llama_cpp_json_schema_and_tool_calls_validate(served):
     llama.cpp's sampler chain."""
     import jsonschema
 
-    from tests.test_serve import ADD, PERSON, UPPER
+    from tests.test_serve import ADD, PERSON, UPPER, check_tool_calls
 
     client = served.client()
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
@@ -513,34 +513,7 @@ def test_llama_cpp_json_schema_and_tool_calls_validate(served):
     # closed (this vocabulary's random model would write further properties to max_tokens)
     upper = {**UPPER, "function": {**UPPER["function"]}}
     upper["function"]["parameters"] = {**UPPER["function"]["parameters"], "additionalProperties": False}
-    specs = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, upper)}
-    for choice in ("required", {"type": "function", "function": {"name": "upper"}}):
-        for seed in range(2):
-            args = dict(
-                model="run",
-                messages=messages,
-                tools=[ADD, upper],
-                tool_choice=choice,
-                max_tokens=96,
-                seed=seed,
-            )
-            r = client.chat.completions.create(**args)
-            assert r.choices[0].message.tool_calls, r.choices[0]
-            (call,) = r.choices[0].message.tool_calls
-            assert r.choices[0].finish_reason == "tool_calls"
-            assert choice == "required" or call.function.name == "upper"
-            jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name])
-            calls: dict[int, dict] = {}
-            reason = None
-            for c in client.chat.completions.create(**args, stream=True):
-                for d in c.choices[0].delta.tool_calls or []:
-                    got = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                    got["name"] += (d.function.name or "") if d.function else ""
-                    got["arguments"] += (d.function.arguments or "") if d.function else ""
-                reason = c.choices[0].finish_reason or reason
-            assert reason == "tool_calls" and list(calls.values()) == [
-                {"name": call.function.name, "arguments": call.function.arguments}
-            ]
+    check_tool_calls(client, "run", messages, [ADD, upper], seeds=2, max_tokens=96)
 
 
 def model_logprobs(model, prompt: list[int], out: list[int]) -> torch.Tensor:

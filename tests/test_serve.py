@@ -569,24 +569,22 @@ UPPER = {
 }
 
 
-def test_required_and_named_tool_calls_validate_against_the_tools_schema(server):
-    """Even the tiny model answers tool_choice required / a named tool with tool_calls whose
-    arguments validate against that tool's schema, streamed (as OpenAI's deltas) and not; a tool
-    turn is accepted in the conversation that follows."""
+def check_tool_calls(client, model: str, messages: list, tools: list, seeds: int, max_tokens: int):
+    """tool_choice required, then the last tool named, for `seeds` seeds: the answer carries one
+    call (an id, finish_reason tool_calls) whose arguments validate against its tool's schema, and
+    the streamed deltas join into the same call. Returns the last call."""
     import jsonschema
-    import openai
 
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
-    messages = [{"role": "user", "content": "add 2 and 3"}]
-    specs = {t["function"]["name"]: t["function"]["parameters"] for t in (ADD, UPPER)}
-    for choice in ("required", {"type": "function", "function": {"name": "upper"}}):
-        for seed in range(3):
+    specs = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    named = tools[-1]["function"]["name"]
+    for choice in ("required", {"type": "function", "function": {"name": named}}):
+        for seed in range(seeds):
             args = dict(
-                model="tiny",
+                model=model,
                 messages=messages,
-                tools=[ADD, UPPER],
+                tools=tools,
                 tool_choice=choice,
-                max_tokens=128,
+                max_tokens=max_tokens,
                 seed=seed,
             )
             r = client.chat.completions.create(**args)
@@ -594,7 +592,7 @@ def test_required_and_named_tool_calls_validate_against_the_tools_schema(server)
             (call,) = r.choices[0].message.tool_calls
             assert r.choices[0].finish_reason == "tool_calls" and call.id.startswith("call_")
             if choice != "required":
-                assert call.function.name == "upper"
+                assert call.function.name == named
             jsonschema.validate(json.loads(call.function.arguments), specs[call.function.name])
             calls: dict[int, dict] = {}
             reason = None
@@ -607,6 +605,18 @@ def test_required_and_named_tool_calls_validate_against_the_tools_schema(server)
             assert reason == "tool_calls" and list(calls.values()) == [
                 {"name": call.function.name, "arguments": call.function.arguments}
             ]
+    return call
+
+
+def test_required_and_named_tool_calls_validate_against_the_tools_schema(server):
+    """Even the tiny model answers tool_choice required / a named tool with tool_calls whose
+    arguments validate against that tool's schema, streamed (as OpenAI's deltas) and not; a tool
+    turn is accepted in the conversation that follows."""
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "add 2 and 3"}]
+    call = check_tool_calls(client, "tiny", messages, [ADD, UPPER], seeds=3, max_tokens=128)
     follow = messages + [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "5"},

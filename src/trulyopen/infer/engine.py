@@ -242,8 +242,9 @@ class Engine:
         scored = logprobs_of(raw, reqs, chosen)
         now = time.perf_counter()
         for i, r in enumerate(reqs):
-            if r.matcher is not None and not r.matcher.consume_token(chosen[i]):
-                self._finish(r, "error", error=f"the grammar refused a token: {r.matcher.get_error()}")
+            refused = grammar_refuses(r, chosen[i])
+            if refused:
+                self._finish(r, "error", error=refused)
                 continue
             event = take(r, chosen[i], self.max_len, now)
             event.logprobs = scored.get(i)
@@ -288,6 +289,14 @@ def logprobs_of(
         top = list(zip(top_i[row, :n].tolist(), top_p[row, :n].tolist(), strict=True))
         out[i] = [Logprob(chosen[i], float(logp[row, chosen[i]]), top)]
     return out
+
+
+def grammar_refuses(r: Request, token: int) -> str | None:
+    """Feed a sampled token to the request's grammar: why it refused it, or None (also when there
+    is no grammar). Any engine that samples under a matcher (ours, llama.cpp's) checks through this."""
+    if r.matcher is None or r.matcher.consume_token(token):
+        return None
+    return f"the grammar refused a token: {r.matcher.get_error()}"
 
 
 class PromptTooLong(ValueError):

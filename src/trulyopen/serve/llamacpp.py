@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from trulyopen.errors import UserError
-from trulyopen.infer.engine import Event, Request, check_prompt, logprobs_of, take
+from trulyopen.infer.engine import Event, Request, check_prompt, grammar_refuses, logprobs_of, take
 from trulyopen.infer.text import TextStream
 
 
@@ -160,9 +160,9 @@ class LlamaCppEngine:
                     req.finish_reason = "cancelled"
                     req.on_event(Event("", [], "cancelled"))
                     return
-                if req.matcher is not None and not req.matcher.consume_token(token):
-                    req.finish_reason = "error"
-                    req.error = f"the grammar refused a token: {req.matcher.get_error()}"
+                refused = grammar_refuses(req, token)
+                if refused:
+                    req.finish_reason, req.error = "error", refused
                     req.on_event(Event("", [], "error", req.error))
                     return
                 event = take(req, token, self.max_len, time.perf_counter())

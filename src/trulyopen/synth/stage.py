@@ -298,10 +298,6 @@ def _tools_maker(
     return make
 
 
-def tools_text(record: dict) -> str:
-    return "\n".join(m["content"] for m in record["messages"])
-
-
 def _jsonl(records: list[dict]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
 
@@ -373,9 +369,9 @@ def synthesize(
             text_of = {doc_id: text for doc_id, _, text in docs}
             make = _tools_maker(text_of, pool, cfg.tools_per_example, cfg.seed, workers)
             cands = [Candidate(q.id, q.order, q) for q in asked]
-            kept = selection.run(cands, cfg.seed, make, tools_text)
+            kept = selection.run(cands, cfg.seed, make, sft_text)  # (chat records, as sft's)
             held_out = Selection(cfg.max_per_kind, decontaminator, eval_sets)
-            held_kept = held_out.run([Candidate(q.id, q.order, q) for q in held], cfg.seed, make, tools_text)
+            held_kept = held_out.run([Candidate(q.id, q.order, q) for q in held], cfg.seed, make, sft_text)
             outputs[HELDOUT] = [r for _, r in sorted(held_kept, key=lambda k: k[0].order)]
         records = [record for _, record in kept]
         order = {record["id"]: cand.order for cand, record in kept}
