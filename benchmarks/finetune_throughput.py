@@ -96,10 +96,10 @@ def measured(ends: list[float], real: list[int], positions: list[int], warmup: i
 
 def row_ours(p: dict) -> dict:
     """finetune() in a fresh run directory, with SFT.batch and MetricsLog.write wrapped to count and time."""
-    from trulyopen.finetune.loop import FinetunePaths, finetune
-    from trulyopen.finetune.objectives import SFT
+    from trulyopen.finetune.stage import FinetunePaths, finetune
     from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig, LoraConfig
     from trulyopen.train.metrics import MetricsLog
+    from trulyopen.train.objectives.sft import SFT
 
     real, positions, ends = [], [], []
     batch, write = SFT.batch, MetricsLog.write
@@ -266,11 +266,11 @@ def prepare(data_run: Path, tmp: Path, seq_len: int) -> dict:
     """The base model's directory, and the kept records in both forms (rendered once, by our renderer)."""
     from transformers import AutoTokenizer
 
-    from trulyopen.finetune.packing import epoch_order, item_of, pack_rows
-    from trulyopen.finetune.render import ChatRenderer
+    from trulyopen.finetune.render import ChatRenderer, item_of
     from trulyopen.model.build import from_preset
     from trulyopen.model.export import export_hf
     from trulyopen.model.presets import Dims
+    from trulyopen.train.packing import epoch_order, pack_rows
 
     tok = AutoTokenizer.from_pretrained(str(data_run / "tokenizer"))
     dims = Dims(hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=HEADS, intermediate=MLP)

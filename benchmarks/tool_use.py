@@ -26,7 +26,7 @@ from pathlib import Path
 from trulyopen.evaluate import models
 from trulyopen.evaluate.runner import evaluate_suite
 from trulyopen.evaluate.taskfile import TaskSpec
-from trulyopen.finetune.loop import FinetunePaths, finetune
+from trulyopen.finetune.stage import FinetunePaths, finetune
 from trulyopen.recipe import FinetuneConfig
 from trulyopen.train import checkpoint
 

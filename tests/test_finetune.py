@@ -9,7 +9,7 @@ import torch
 
 from trulyopen import pipeline
 from trulyopen.data.sources import DataError
-from trulyopen.finetune.loop import FinetunePaths, finetune
+from trulyopen.finetune.stage import FinetunePaths, finetune
 from trulyopen.recipe import FinetuneConfig, load_recipe
 from trulyopen.train import checkpoint
 
@@ -128,8 +128,8 @@ def test_only_assistant_tokens_get_a_gradient(base_run):
     from transformers import AutoTokenizer
 
     from trulyopen.finetune.losses import token_logps
-    from trulyopen.finetune.packing import IGNORE, collate, item_of
-    from trulyopen.finetune.render import ChatRenderer
+    from trulyopen.finetune.render import ChatRenderer, item_of
+    from trulyopen.train.packing import IGNORE, collate
 
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))
     renderer = ChatRenderer(tok)
@@ -164,8 +164,8 @@ def test_packing_gives_the_same_loss_as_unpacked_examples(base_run):
     from transformers import AutoTokenizer
 
     from trulyopen.finetune.losses import token_logps
-    from trulyopen.finetune.packing import collate, item_of
-    from trulyopen.finetune.render import ChatRenderer
+    from trulyopen.finetune.render import ChatRenderer, item_of
+    from trulyopen.train.packing import collate
 
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))
     renderer = ChatRenderer(tok)
@@ -189,7 +189,7 @@ def test_packing_gives_the_same_loss_as_unpacked_examples(base_run):
 
 
 def test_killed_finetune_resumes_to_identical_bits(base_run, tmp_path, monkeypatch):
-    import trulyopen.finetune.loop as loop
+    import trulyopen.train.loop as loop
 
     data = chat_data(tmp_path / "chat.jsonl")
     cfg = _cfg(data, adapter="lora", max_steps=8, checkpoint_every=4, eval_every=4, lora={"dropout": 0.1})
@@ -378,7 +378,7 @@ def test_dpo_loss_equals_trl(base_run, tmp_path, loss):
     from trl import DPOConfig, DPOTrainer
 
     from trulyopen.finetune.losses import dpo_losses, per_item, token_logps
-    from trulyopen.finetune.packing import IGNORE, Item, collate, pack_rows
+    from trulyopen.train.packing import IGNORE, Item, collate, pack_rows
 
     ckpt = checkpoint.newest(base_run / "checkpoints" / "pretrain")
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))

@@ -43,13 +43,22 @@ def test_order_is_a_pure_function_of_seed_data_and_step(shards):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_share_the_global_batch(shards, world):
-    plan = BatchPlan(TokenStream(shards, "train"), 32, 4, seed=0)
-    full = plan.batch_tokens(5)
-    parts = [plan.batch_tokens(5, rank=r, world=world) for r in range(world)]
-    rebuilt = np.empty_like(full)
-    for r, p in enumerate(parts):
-        rebuilt[r::world] = p
-    assert np.array_equal(rebuilt, full)
+    """Each rank runs micro-batches rank::world of a step; together they are the step's rows, once
+    each, and every rank makes as many passes (fillers weigh 0), as DDP and FSDP need."""
+    from trulyopen.train.distributed import World
+    from trulyopen.train.loop import mine
+    from trulyopen.train.objectives.causal_lm import CausalLM
+
+    plan = BatchPlan(TokenStream(shards, "train"), 32, 6, seed=0)
+    sb = CausalLM(plan, micro_batch_size=1).batch(5, model=None)
+    shares = [mine(sb.micros, World(rank=r, size=world)) for r in range(world)]
+    assert len({len(s) for s in shares}) == 1
+    rows = [plan.batch_tokens(*m.batch) for s in shares for m in s if m.weight]
+    assert np.array_equal(
+        np.concatenate(sorted(rows, key=lambda r: r.tobytes())),
+        np.concatenate(sorted(np.split(plan.batch_tokens(5), 6), key=lambda r: r.tobytes())),
+    )
+    assert sum(m.weight == 0 for s in shares for m in s) == -6 % world
 
 
 def test_batch_documents_name_what_the_rows_hold(shards):

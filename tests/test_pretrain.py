@@ -44,7 +44,7 @@ def _paths(data_run, run_dir) -> Paths:
 
 def _run_killed_at(step: int, cfg, paths, monkeypatch) -> None:
     """Run pretraining that dies (KeyboardInterrupt) as step `step` (0-based) begins."""
-    import trulyopen.train.pretrain as loop
+    import trulyopen.train.loop as loop
 
     real = loop.learning_rate
 
@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_identical_bits(data_run, tmp_path, monkeypatch):
 
 def _poison_step(monkeypatch, bad_step: int):
     """Make the loss of one step NaN (counting the calls of lm_loss: one per micro-batch)."""
-    import trulyopen.train.pretrain as loop
+    import trulyopen.train.objectives.causal_lm as loop
 
     real, calls = loop.lm_loss, {"n": 0}
     micro_per_step = 2  # 512 tokens / 64 per sequence / 4 sequences per micro-batch
@@ -254,7 +254,7 @@ def test_resuming_on_other_data_is_refused(data_run, tmp_path, monkeypatch):
     meta["fingerprint"] = "0" * 64
     (other / "shards.json").write_text(json.dumps(meta))
     with pytest.raises(
-        DataMismatchError, match=r"trained on data [0-9a-f]{16}, but the run.s shards are 0{16}"
+        DataMismatchError, match=r"trained on data [0-9a-f]{16}, but the run.s data is 0{16}"
     ):
         pretrain(_cfg(), TINY, Paths(tmp_path, other, data_run / "tokenizer"))
 

@@ -207,14 +207,14 @@ def _synth_run(ctx: Context, records: list[dict]) -> list[Path]:
 
 
 def _finetune_paths(ctx: Context):
-    from trulyopen.finetune.loop import FinetunePaths
+    from trulyopen.finetune.stage import FinetunePaths
 
     return FinetunePaths(ctx.run_dir)
 
 
 def _finetune_inputs(ctx: Context) -> list[Path]:
     from trulyopen.finetune.base import resolve
-    from trulyopen.finetune.loop import data_sources
+    from trulyopen.finetune.stage import data_sources
 
     cfg, paths = ctx.recipe.finetune, _finetune_paths(ctx)
     files = [s.path for s in data_sources(cfg, paths) if s.path is not None]
@@ -227,7 +227,7 @@ def _finetune_inputs(ctx: Context) -> list[Path]:
 
 
 def _finetune_run(ctx: Context, records: list[dict]) -> list[Path]:
-    from trulyopen.finetune.loop import finetune
+    from trulyopen.finetune.stage import finetune
 
     paths = _finetune_paths(ctx)
     final = finetune(ctx.recipe.finetune, paths, fresh=ctx.fresh)

@@ -6,10 +6,15 @@ gradient does not depend on how a step is cut into micro-batches.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from trulyopen.finetune.packing import IGNORE, Batch
+from trulyopen.train.packing import IGNORE, Batch
+
+RefLogps = Callable[[Batch, torch.device], torch.Tensor]
 
 
 def token_logps(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
@@ -83,3 +88,18 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(r − mean of its group) / (std of its group + 1e-4): which completions beat their siblings."""
     r = rewards.view(-1, group_size)
     return ((r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, keepdim=True) + 1e-4)).flatten()
+
+
+def reference_logps(model: torch.nn.Module, frozen_copy: bool) -> RefLogps:
+    """The reference policy's per-token log-probabilities: the base with the adapter switched off
+    (LoRA), a frozen copy of the starting model (`frozen_copy`), or the model itself (for DPO's
+    cache, computed before the first step, when the model still is the reference)."""
+    if hasattr(model, "disable_adapter"):
+
+        def off(b: Batch, device: torch.device) -> torch.Tensor:
+            with torch.no_grad(), model.disable_adapter():
+                return token_logps(model, b, device)
+
+        return off
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else model
+    return lambda b, device: token_logps(ref, b, device)

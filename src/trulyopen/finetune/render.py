@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from trulyopen.errors import UserError
+from trulyopen.train.packing import IGNORE, Item
 
 
 class RenderError(UserError, ValueError):
@@ -27,6 +28,12 @@ class RenderError(UserError, ValueError):
 class Rendered:
     ids: list[int]
     trained: list[bool]  # per token: part of an assistant reply
+
+
+def item_of(r: Rendered) -> Item:
+    """The training item of a rendered conversation: next-token targets on the trained tokens."""
+    targets = [t if trained else IGNORE for t, trained in zip(r.ids[1:], r.trained[1:], strict=True)]
+    return Item(r.ids[:-1], targets)
 
 
 class ChatRenderer:

@@ -5,8 +5,8 @@
              --rdzv_endpoint HOST:29500 -m trulyopen pretrain recipe.yaml         # each of two nodes
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything runs in one process. Every
-rank takes rows rank::world of each global batch (see loader.py), so the data a step sees does not
-depend on the world size, and gradients are averaged over ranks:
+rank takes micro-batches rank::world of each step (see train/loop.py), so the data a step sees does
+not depend on the world size, and gradients are averaged over ranks:
 
     ddp   every rank holds the whole model; gradients are all-reduced (DistributedDataParallel)
     fsdp  parameters, gradients and optimizer state are sharded over ranks (FSDP2 `fully_shard`
@@ -66,6 +66,24 @@ def mean(value: torch.Tensor, world: World) -> torch.Tensor:
     return value if world.device.type == "cuda" else value / world.size
 
 
+def sum_stats(sums: dict[str, float], world: World) -> dict[str, float]:
+    """Stats summed over this rank's micro-batches, summed over all ranks (every rank has the same keys)."""
+    if world.size == 1:
+        return sums
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=world.device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder's blocks: the first ModuleList named `layers` (inside a peft wrapper too)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return module
+    raise ValueError(f"{type(model).__name__}: no list of decoder blocks found to shard")
+
+
 def wrap(model: torch.nn.Module, strategy: str, world: World) -> torch.nn.Module:
     """The model as the training step sees it: itself, DDP, or FSDP2-sharded (in place)."""
     if world.size == 1:
@@ -77,7 +95,7 @@ def wrap(model: torch.nn.Module, strategy: str, world: World) -> torch.nn.Module
         return DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:  # every transformers decoder keeps its blocks here
+    for layer in blocks(model):
         fully_shard(layer)
     fully_shard(model)
     return model

@@ -110,10 +110,10 @@ class BatchPlan:
         epoch, within = divmod(step, self.steps_per_epoch)
         return self.order(epoch)[within * self.batch : (within + 1) * self.batch]
 
-    def batch_tokens(self, step: int, rank: int = 0, world: int = 1) -> np.ndarray:
-        """(rows, seq_len + 1) tokens of this rank's share (rows rank::world) of global batch `step`."""
+    def batch_tokens(self, step: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """(rows, seq_len + 1) tokens of rows lo..hi-1 (default: all) of global batch `step`."""
         L = self.seq_len + 1
-        rows = self.sequences(step)[rank::world]
+        rows = self.sequences(step)[lo:hi]
         return np.stack([self.stream.read(int(s) * L, (int(s) + 1) * L) for s in rows])
 
     def batch_documents(self, step: int) -> list[list[tuple[str, int, int]]]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trulyopen.finetune.render import Rendered
 from trulyopen.train.attention import segment_attention
 
 IGNORE = -100
@@ -27,16 +26,14 @@ IGNORE = -100
 
 @dataclass
 class Item:
+    """One example as the model sees it: its tokens but the last, and the next token at each
+    position (IGNORE where that token is not trained)."""
+
     inputs: list[int]
     targets: list[int]  # IGNORE where not trained
 
     def __len__(self) -> int:
         return len(self.inputs)
-
-
-def item_of(r: Rendered) -> Item:
-    targets = [t if trained else IGNORE for t, trained in zip(r.ids[1:], r.trained[1:], strict=True)]
-    return Item(r.ids[:-1], targets)
 
 
 @dataclass
@@ -55,6 +52,11 @@ class Batch:
             "attention_mask": mask.to(device),
             "position_ids": positions.to(device),
         }
+
+    @property
+    def real_tokens(self) -> int:
+        """Positions that hold an item's token (padding not counted)."""
+        return int((self.owner >= 0).sum())
 
     @property
     def trained_tokens(self) -> int:

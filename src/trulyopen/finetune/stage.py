@@ -1,0 +1,211 @@
+"""The post-training stage: the base model, the records and the objective, handed to the loop.
+
+    resolve the base model and its tokenizer ─► read, check and tokenise the records
+    build the model (full weights, or an adapter on a frozen or 4-bit base)
+    the objective (sft, dpo, grpo); DPO: the reference's log-probabilities, once, into a cache file
+    train/loop.py: resume, steps, metrics, checkpoints (DDP or FSDP2 under torchrun, as pretraining)
+
+Checkpoints, metrics and ledger entries are written as in pretraining; an adapter run's
+checkpoints hold the adapter only and name their base.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trulyopen.data.sources import DataError
+from trulyopen.errors import warn
+from trulyopen.files import sha256_file, write_json
+from trulyopen.finetune import base as bases
+from trulyopen.finetune.losses import reference_logps
+from trulyopen.finetune.records import Example, read_examples
+from trulyopen.finetune.render import ChatRenderer, item_of
+from trulyopen.ledger import config_hash
+from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig
+from trulyopen.train import distributed
+from trulyopen.train.loop import Job, train
+from trulyopen.train.objectives.grpo import GRPO, Prompt
+from trulyopen.train.objectives.preference import DPO
+from trulyopen.train.objectives.sft import SFT
+from trulyopen.train.precision import choose_dtype, dtype_name
+
+SYNTH_FILE = {"sft": "sft.jsonl", "dpo": "preference.jsonl", "grpo": "grpo.jsonl"}
+SYNTH_EXTRA = {"sft": ("tools.jsonl",)}  # also trained with the method when the synth stage made them
+
+
+@dataclass
+class FinetunePaths:
+    run_dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints" / "finetune"
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / "finetune"
+
+    @property
+    def metrics(self) -> Path:
+        return self.stage_dir / "metrics.jsonl"
+
+    @property
+    def records(self) -> Path:
+        return self.stage_dir / "records.json"  # counts, and every bad record with file and line
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.stage_dir / "tokenizer"
+
+    @property
+    def synth(self) -> Path:
+        return self.run_dir / "synth"
+
+
+def data_sources(cfg: FinetuneConfig, paths: FinetunePaths) -> list[FinetuneDataConfig]:
+    """The recipe's data, or what the synth stage made for this method (for sft: its instruction
+    pairs, and its tool-use conversations when it made them)."""
+    if cfg.data:
+        return cfg.data
+    made = [paths.synth / name for name in (SYNTH_FILE[cfg.method], *SYNTH_EXTRA.get(cfg.method, ()))]
+    if not any(p.exists() for p in made):
+        raise DataError(
+            f"finetune.data is empty and the synth stage has not made {made[0]}: "
+            f"list files in finetune.data, or add a synth section that makes {cfg.method} data"
+        )
+    return [FinetuneDataConfig(path=p) for p in made if p.exists()]
+
+
+def in_val(example_id: str, fraction: float) -> bool:
+    """A record goes to validation by a hash of its id: stable across runs, machines and file order."""
+    h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "little")
+    return h / 2**64 < fraction
+
+
+def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> Path:
+    """Post-train, checkpointing as it goes; return the final checkpoint's directory."""
+    world = distributed.init()
+    torch.manual_seed(cfg.seed)
+    device = world.device
+    say = print if world.main else (lambda *a, **k: None)
+    dtype = choose_dtype(cfg.precision, device)
+    if fresh and world.main:
+        shutil.rmtree(paths.checkpoints, ignore_errors=True)
+        paths.metrics.unlink(missing_ok=True)
+        (paths.stage_dir / "reference_logps.safetensors").unlink(missing_ok=True)
+
+    # The base model's tokenizer, kept with the run so its checkpoints export on their own.
+    ref = bases.resolve(cfg, paths.run_dir)
+    tok = bases.load_tokenizer(ref)
+    if not paths.tokenizer.exists() and world.main:
+        tmp = paths.tokenizer.with_name("tokenizer.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        tmp.rename(paths.tokenizer)
+    renderer = ChatRenderer(tok, cfg.chat_template)
+
+    # Records: read and checked, then tokenised; too long is a bad record like any other.
+    sources = data_sources(cfg, paths)
+    examples, bad = read_examples(sources, cfg.method, cfg.on_bad_record)
+    n_records = len(examples) + len(bad)
+    items = build_items(renderer, examples, cfg.method, cfg.seq_len)
+    for ex, it in zip(examples, items, strict=True):
+        if it is None:
+            why = f"longer than finetune.seq_len ({cfg.seq_len} tokens)"
+            if cfg.on_bad_record == "stop":
+                raise DataError(f"{ex.where}: {why} (finetune.on_bad_record is stop)")
+            bad.append({"where": ex.where, "reason": why})
+    first = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if bad and world.main:
+        warn(f"finetune: {len(bad):,} bad records skipped ({first}); all of them in {paths.records}")
+    kept = [(ex, it) for ex, it in zip(examples, items, strict=True) if it is not None]
+    train_items = [it for ex, it in kept if not in_val(ex.id, cfg.val_fraction)]
+    val = [it for ex, it in kept if in_val(ex.id, cfg.val_fraction)]
+    if not train_items:
+        raise DataError(
+            f"finetune: no usable training records in {', '.join(str(s.path or s.dataset) for s in sources)}"
+            + (f" (all {len(bad):,} bad: {first})" if bad else "")
+            + "; fix the records or finetune.data"
+        )
+    if world.main:
+        write_json(
+            paths.records, {"records": n_records, "train": len(train_items), "val": len(val), "bad": bad}
+        )
+    data_files = [s.path for s in sources if s.path is not None and s.path.is_file()]
+    fingerprint = hashlib.sha256("".join(sha256_file(p) for p in data_files).encode()).hexdigest()
+
+    # The model: full weights, or a LoRA adapter on a frozen (QLoRA: 4-bit) base.
+    model = bases.load_model(ref, cfg, dtype, device)
+    model.train()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    say(
+        f"finetune: {cfg.method}{'' if cfg.adapter == 'none' else ' + ' + cfg.adapter} on {ref.model}; "
+        f"{len(train_items):,} train and {len(val):,} val records ({len(bad)} bad); "
+        f"training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters, {dtype_name(dtype)}"
+        + (f", {world.size} processes ({cfg.distributed})" if world.size > 1 else "")
+    )
+    pad_id = tok.pad_token_id
+    if cfg.method == "sft":
+        objective = SFT(cfg, train_items, val, pad_id)
+    elif cfg.method == "dpo":
+        objective = DPO(cfg, train_items, val, pad_id, paths.stage_dir / "reference_logps.safetensors")
+        for turn in (True, False):  # before any update; rank 0 writes the cache, the others read it
+            if world.main == turn:
+                objective.prepare(reference_logps(model, frozen_copy=False), device)
+            distributed.barrier(world)
+    else:
+        reference = reference_logps(model, frozen_copy=True) if cfg.grpo.kl_coef else None
+        objective = GRPO(cfg, train_items, val, tok.decode, renderer.stop_ids(), pad_id, reference)
+
+    def state(step: int) -> dict:
+        extra = {
+            "method": cfg.method,
+            "base": ref.model if ref.adapter is None else str(ref.adapter),
+            "tokenizer": str(paths.tokenizer.relative_to(paths.run_dir)),
+            "bad_records": len(bad),
+        }
+        if cfg.adapter != "none":
+            extra["lora_config"] = bases.lora_config_dict(model)
+        return extra
+
+    job = Job(
+        stage="finetune",
+        cfg=cfg,
+        run_dir=paths.run_dir,
+        model=model,
+        objective=objective,
+        dtype=dtype,
+        config_hash=config_hash(cfg),
+        data_fingerprint=fingerprint,
+        state=state,
+        adapter=cfg.adapter != "none",
+        label=f"finetune {cfg.method}",
+    )
+    return train(job, world)
+
+
+def build_items(renderer: ChatRenderer, examples: list[Example], method: str, seq_len: int) -> list:
+    """Tokenised items per example (None for one longer than seq_len) for the objective."""
+    out = []
+    for ex in examples:
+        if method == "sft":
+            it = item_of(renderer.conversation(ex.messages, ex.tools))
+            out.append(it if len(it) <= seq_len else None)
+        elif method == "dpo":
+            pair = (
+                item_of(renderer.reply(ex.messages, ex.chosen)),
+                item_of(renderer.reply(ex.messages, ex.rejected)),
+            )
+            out.append(pair if max(len(pair[0]), len(pair[1])) <= seq_len else None)
+        else:
+            from trulyopen.rewards.verifiers import parse_verifier
+
+            ids = renderer.prompt(ex.messages)
+            out.append(Prompt(ids, parse_verifier(ex.verifier)) if len(ids) < seq_len else None)
+    return out
