@@ -161,6 +161,30 @@ def finetune(
     _run(recipe, set, run_dir, force, workers, until="finetune")
 
 
+@app.command()
+def tune(
+    recipe: RecipeArg,
+    space: Annotated[
+        Path, typer.Option("--space", help="The search space YAML file (see recipes/quickstart.tune.yaml).")
+    ],
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to finish (a rerun resumes).")],
+    study_dir: Annotated[
+        Path | None,
+        typer.Option("--study-dir", help="Where the study lives (default: runs/<recipe name>-tune/)."),
+    ] = None,
+    set: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-o", help="Override a recipe field in every trial (repeatable)."),
+    ] = None,
+):
+    """Search hyperparameters with Optuna (TPE, median pruning): each trial is a run of the recipe in
+    STUDY_DIR/trial-NNNN with the trial's overrides; results.md, study.json, study.png and the best
+    recipe (best.yaml) are written as it goes. Rerun the same command to resume a stopped study."""
+    from trulyopen.tune import tune as run_tune
+
+    run_tune(recipe, space, trials, study_dir, set or [])
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[
@@ -290,6 +314,61 @@ def _export_hf_quantized(target: Path, out: Path, quant: str) -> None:
         if found.kind == "checkpoint":
             hf_dir = export_checkpoint(hf_dir, Path(scratch) / "hf")
         export_hf_quantized(hf_dir, out, quant)
+
+
+@app.command()
+def merge(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="The models to merge: checkpoints (an adapter checkpoint is merged into its base first), "
+            "run or release directories, Hugging Face model directories or hub names; one architecture."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The directory to write the merged model into.")],
+    method: Annotated[str, typer.Option("--method", help="linear, slerp or ties (as mergekit).")] = "linear",
+    weights: Annotated[
+        str | None,
+        typer.Option("--weights", help="linear, ties: one weight per model, e.g. 0.3,0.7 (default: all 1)."),
+    ] = None,
+    t: Annotated[
+        float | None,
+        typer.Option(
+            "--t", min=0.0, max=1.0, help="slerp: 0 gives the first model, 1 the second (default 0.5)."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="ties: the model the merged ones were fine-tuned from.")
+    ] = None,
+    density: Annotated[
+        float | None,
+        typer.Option("--density", help="ties: the share of each task vector kept, by magnitude (default 1)."),
+    ] = None,
+    normalize: Annotated[
+        bool,
+        typer.Option("--normalize/--no-normalize", help="linear, ties: divide by the sum of the weights."),
+    ] = True,
+):
+    """Merge models of one architecture into one Hugging Face model directory: `linear` (a weighted
+    average, e.g. a soup of one run's checkpoints), `slerp` (spherical interpolation of two models),
+    or `ties` (task vectors relative to --base, trimmed, sign-elected, merged). The tensor math is
+    mergekit's; OUT/ledger.jsonl records every input's hash, the method and its parameters."""
+    from trulyopen.merge.methods import MergeError
+    from trulyopen.merge.methods import method as check_method
+
+    try:
+        weight_list = [float(w) for w in weights.split(",")] if weights is not None else None
+    except ValueError:
+        raise MergeError(f"--weights {weights}: give numbers separated by commas, e.g. 0.3,0.7") from None
+    spec = check_method(method, len(models), weight_list, t, density, normalize, base is not None)
+    for target in [*models, *([base] if base else [])]:
+        _locate(target)  # a wrong path is named before torch is even imported
+    from trulyopen.merge.stage import merge_models
+
+    written = merge_models(models, spec, out, base)
+    typer.echo(
+        f"merged {len(models)} models ({method}) into {written} (provenance: {written / 'ledger.jsonl'})"
+    )
 
 
 ModelArg = Annotated[
@@ -540,8 +619,12 @@ def verify(
     directory: Annotated[Path, typer.Argument(help="A release directory (RUN_DIR/release).")],
     replay: Annotated[
         int | None,
-        typer.Option("--replay", help="Retrain pretraining to this step from the checkpoint before it."),
+        typer.Option("--replay", help="Retrain to this step from the checkpoint before it."),
     ] = None,
+    stage: Annotated[
+        str,
+        typer.Option("--stage", help="The stage --replay retrains: pretrain or finetune."),
+    ] = "pretrain",
 ):
     """Check every hash in SHA256SUMS and the ledger, and that each checkpoint's data fingerprint,
     recipe and code version agree; with --replay STEP, retrain to STEP and compare the weights."""
@@ -552,7 +635,9 @@ def verify(
     for problem in report.problems:
         typer.echo(f"problem: {problem}")
     typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
-    result = run_replay(directory, replay) if replay is not None else None
+    if stage not in ("pretrain", "finetune"):
+        raise errors.UserError(f"--stage {stage}: give pretrain or finetune")
+    result = run_replay(directory, replay, stage=stage) if replay is not None else None
     if result is not None:
         stretch = f"replay: steps {result['from_step']}..{result['step']}"
         if result["identical"]:
@@ -653,7 +738,7 @@ def _interrupted() -> int:
 
 
 # the verbs that run pipeline stages: interrupted, they resume where they stopped
-RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release"}
+RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release", "tune"}
 
 
 def _crash(e: BaseException) -> int:

@@ -3,7 +3,8 @@
     runs/x/                            a run directory  ─► its newest finetune, else pretrain checkpoint
     runs/x/release/                    a release        ─► release/model/ (a Hugging Face directory)
     runs/x/checkpoints/pretrain/step_N a checkpoint     ─► itself (full weights, or an adapter)
-    path/to/model/                     a Hugging Face directory (it has a config.json)
+    path/to/model/                     a Hugging Face directory (it has a config.json; `merge` writes
+                                       one with a ledger.jsonl beside it)
     Qwen/Qwen2.5-0.5B                  a hub name: anything that is not a path
 
 A path that does not exist is reported as a missing path, never passed on to the hub as a name.
@@ -71,6 +72,8 @@ def locate(target: str | Path, field: str = "") -> Located:
         )
     if (path / "model" / "config.json").exists():
         return Located("hf-dir", str(path / "model"))  # a release: its model/ folder
+    if (path / "config.json").exists():  # a model directory, with a ledger too if `merge` made it
+        return Located("hf-dir", str(path))
     if (path / "ledger.jsonl").exists():
         ckpt = newest_checkpoint(path)
         if ckpt is None:
@@ -79,8 +82,6 @@ def locate(target: str | Path, field: str = "") -> Located:
                 f"(`trulyopen pretrain {path / 'recipe.yaml'}`)"
             )
         return Located("checkpoint", str(ckpt))
-    if (path / "config.json").exists():
-        return Located("hf-dir", str(path))
     raise UserError(
         f"{where}{text}: a directory, but not a model (no config.json, state.json, ledger.jsonl or "
         f"model/ in it); give {ACCEPTED}"

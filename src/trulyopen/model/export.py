@@ -20,8 +20,6 @@ from trulyopen.locate import locate
 def export_hf(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> Path:
     """Write `model` to `out` in the Hugging Face format; a peft model is merged, and its adapter
     written on its own to `out/adapter`."""
-    from transformers import AutoTokenizer, GenerationConfig
-
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -30,18 +28,26 @@ def export_hf(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> 
         model = model.merge_and_unload()
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer_dir is not None:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        tok.save_pretrained(str(tmp))
-        end_of_turn = [i for i in tok.convert_tokens_to_ids(["<|end|>"]) if i != tok.unk_token_id]
-        gen = GenerationConfig(
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=[tok.eos_token_id, *end_of_turn] if end_of_turn else tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        gen.save_pretrained(str(tmp))
+        write_tokenizer(tokenizer_dir, tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
+
+
+def write_tokenizer(tokenizer_dir: Path, out: Path) -> None:
+    """The tokenizer's files in `out`, and a generation config whose end tokens are the tokenizer's
+    end of text and, where it has one, its end of turn (so that generation stops after an answer)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok.save_pretrained(str(out))
+    end_of_turn = [i for i in tok.convert_tokens_to_ids(["<|end|>"]) if i != tok.unk_token_id]
+    gen = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.eos_token_id, *end_of_turn] if end_of_turn else tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    gen.save_pretrained(str(out))
 
 
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
