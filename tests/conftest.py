@@ -113,21 +113,26 @@ def recipe_file(corpus: dict) -> Path:
     return write_recipe(corpus["tmp"], corpus)
 
 
-def tiny_llama(tok):
-    """A two-layer Llama over `tok`'s vocabulary, in eval mode: small enough to serve in a test."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(vocab_size: int, **overrides):
+    """The config of a two-layer Llama, 64 wide: small enough to build, train or serve in a test."""
+    from transformers import LlamaConfig
 
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    dims = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
     )
+    return LlamaConfig(vocab_size=vocab_size, **{**dims, **overrides})
+
+
+def tiny_llama(tok):
+    """A two-layer Llama over `tok`'s vocabulary, in eval mode: small enough to serve in a test."""
+    from transformers import LlamaForCausalLM
+
+    config = tiny_llama_config(len(tok), bos_token_id=None, eos_token_id=tok.eos_token_id)
     return LlamaForCausalLM(config).eval()
 
 
@@ -171,7 +176,9 @@ ORDER = [
     "test_pipeline.py",  # 30 s
     "test_release_requirements.py",  # 30 s
     "test_serve.py",  # 20 s
+    "test_merge.py",  # 20 s
     "test_sandbox.py",  # 19 s
+    "test_losses.py",  # 11 s, most of it importing TRL's trainers
     "test_infer.py",  # 10 s
     "test_eval_tasks.py",  # 8 s
 ]
