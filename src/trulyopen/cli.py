@@ -161,30 +161,6 @@ def finetune(
     _run(recipe, set, run_dir, force, workers, until="finetune")
 
 
-@app.command()
-def tune(
-    recipe: RecipeArg,
-    space: Annotated[
-        Path, typer.Option("--space", help="The search space YAML file (see recipes/quickstart.tune.yaml).")
-    ],
-    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to finish (a rerun resumes).")],
-    study_dir: Annotated[
-        Path | None,
-        typer.Option("--study-dir", help="Where the study lives (default: runs/<recipe name>-tune/)."),
-    ] = None,
-    set: Annotated[
-        list[str] | None,
-        typer.Option("--set", "-o", help="Override a recipe field in every trial (repeatable)."),
-    ] = None,
-):
-    """Search hyperparameters with Optuna (TPE, median pruning): each trial is a run of the recipe in
-    STUDY_DIR/trial-NNNN with the trial's overrides; results.md, study.json, study.png and the best
-    recipe (best.yaml) are written as it goes. Rerun the same command to resume a stopped study."""
-    from trulyopen.tune import tune as run_tune
-
-    run_tune(recipe, space, trials, study_dir, set or [])
-
-
 @app.command("eval")
 def eval_(
     target: Annotated[
@@ -619,12 +595,8 @@ def verify(
     directory: Annotated[Path, typer.Argument(help="A release directory (RUN_DIR/release).")],
     replay: Annotated[
         int | None,
-        typer.Option("--replay", help="Retrain to this step from the checkpoint before it."),
+        typer.Option("--replay", help="Retrain pretraining to this step from the checkpoint before it."),
     ] = None,
-    stage: Annotated[
-        str,
-        typer.Option("--stage", help="The stage --replay retrains: pretrain or finetune."),
-    ] = "pretrain",
 ):
     """Check every hash in SHA256SUMS and the ledger, and that each checkpoint's data fingerprint,
     recipe and code version agree; with --replay STEP, retrain to STEP and compare the weights."""
@@ -635,9 +607,7 @@ def verify(
     for problem in report.problems:
         typer.echo(f"problem: {problem}")
     typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
-    if stage not in ("pretrain", "finetune"):
-        raise errors.UserError(f"--stage {stage}: give pretrain or finetune")
-    result = run_replay(directory, replay, stage=stage) if replay is not None else None
+    result = run_replay(directory, replay) if replay is not None else None
     if result is not None:
         stretch = f"replay: steps {result['from_step']}..{result['step']}"
         if result["identical"]:
@@ -738,7 +708,7 @@ def _interrupted() -> int:
 
 
 # the verbs that run pipeline stages: interrupted, they resume where they stopped
-RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release", "tune"}
+RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release"}
 
 
 def _crash(e: BaseException) -> int:
