@@ -127,8 +127,8 @@ def test_sft_loss_falls_on_our_checkpoint(base_run, tmp_path):
 def test_only_assistant_tokens_get_a_gradient(base_run):
     from transformers import AutoTokenizer
 
-    from trulyopen.finetune.losses import token_logps
     from trulyopen.finetune.render import ChatRenderer, item_of
+    from trulyopen.train.losses import token_logps
     from trulyopen.train.packing import IGNORE, collate
 
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))
@@ -163,8 +163,8 @@ def test_only_assistant_tokens_get_a_gradient(base_run):
 def test_packing_gives_the_same_loss_as_unpacked_examples(base_run):
     from transformers import AutoTokenizer
 
-    from trulyopen.finetune.losses import token_logps
     from trulyopen.finetune.render import ChatRenderer, item_of
+    from trulyopen.train.losses import token_logps
     from trulyopen.train.packing import collate
 
     tok = AutoTokenizer.from_pretrained(str(base_run / "tokenizer"))
@@ -377,7 +377,7 @@ def test_dpo_loss_equals_trl(base_run, tmp_path, loss):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from trulyopen.finetune.losses import dpo_losses, per_item, token_logps
+    from trulyopen.train.losses import dpo_losses, per_item, token_logps
     from trulyopen.train.packing import IGNORE, Item, collate, pack_rows
 
     ckpt = checkpoint.newest(base_run / "checkpoints" / "pretrain")

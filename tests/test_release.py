@@ -250,7 +250,7 @@ def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
         "synth.max_per_kind=40",
         "finetune.adapter=lora", "finetune.max_steps=2", "finetune.batch_size=2",
         "finetune.micro_batch_size=2", "finetune.warmup_steps=1", "finetune.eval_every=2",
-        "finetune.checkpoint_every=2",
+        "finetune.checkpoint_every=1",
         "eval.builtin_items=8",
     ]  # fmt: skip
     args = ["run", str(quickstart), "--run-dir", str(tmp_path), "--workers", "1"]
@@ -267,8 +267,13 @@ def test_the_quickstart_at_toy_size_releases_verifies_and_replays(tmp_path):
     assert {(r["stage"], r["step"]) for r in rows} == {
         ("pretrain", "2"),
         ("pretrain", "4"),
+        ("finetune", "1"),
         ("finetune", "2"),
     }
     result = CliRunner().invoke(app, ["verify", str(out), "--replay", "4"])
     assert result.exit_code == 0, result.output
     assert "0 problems" in result.output and "reproduce the released weights bit for bit" in result.output
+    # post-training replays too: from the released base, data and adapter checkpoint 1 to step 2
+    result = CliRunner().invoke(app, ["verify", str(out), "--replay", "2", "--stage", "finetune"])
+    assert result.exit_code == 0, result.output
+    assert "replay: steps 1..2 reproduce the released weights bit for bit" in result.output

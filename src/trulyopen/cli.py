@@ -595,8 +595,12 @@ def verify(
     directory: Annotated[Path, typer.Argument(help="A release directory (RUN_DIR/release).")],
     replay: Annotated[
         int | None,
-        typer.Option("--replay", help="Retrain pretraining to this step from the checkpoint before it."),
+        typer.Option("--replay", help="Retrain to this step from the checkpoint before it."),
     ] = None,
+    stage: Annotated[
+        str,
+        typer.Option("--stage", help="The stage --replay retrains: pretrain or finetune."),
+    ] = "pretrain",
 ):
     """Check every hash in SHA256SUMS and the ledger, and that each checkpoint's data fingerprint,
     recipe and code version agree; with --replay STEP, retrain to STEP and compare the weights."""
@@ -607,7 +611,9 @@ def verify(
     for problem in report.problems:
         typer.echo(f"problem: {problem}")
     typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
-    result = run_replay(directory, replay) if replay is not None else None
+    if stage not in ("pretrain", "finetune"):
+        raise errors.UserError(f"--stage {stage}: give pretrain or finetune")
+    result = run_replay(directory, replay, stage=stage) if replay is not None else None
     if result is not None:
         stretch = f"replay: steps {result['from_step']}..{result['step']}"
         if result["identical"]:

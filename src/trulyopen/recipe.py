@@ -466,10 +466,11 @@ class FinetuneDataConfig(Section):
     )
     dataset: str | None = Field(default=None, description="Dataset name on the hub instead of a path.")
     split: str = Field(default="train", description="Split to read (datasets only).")
-    format: Literal["auto", "chat", "prompt_completion", "preference", "grpo"] = Field(
+    format: Literal["auto", "chat", "prompt_completion", "preference", "unpaired", "grpo"] = Field(
         default="auto",
         description="Record format: chat ({messages: [{role, content}]}), prompt_completion ({prompt, "
-        "completion}), preference ({prompt, chosen, rejected}), grpo ({prompt, verifier}); auto: by keys.",
+        "completion}), preference ({prompt, chosen, rejected}), unpaired ({prompt, completion, label}: "
+        "KTO), grpo ({prompt, verifier}); auto: by keys.",
     )
 
     @model_validator(mode="after")
@@ -510,12 +511,94 @@ class GRPOConfig(Section):
     updates_per_batch: int = Field(
         default=1, ge=1, description="Optimizer steps on each batch of completions (>1 makes clipping act)."
     )
+    epsilon_high: float | None = Field(
+        default=None,
+        gt=0,
+        description="Upper clip of the ratio: 1 + epsilon_high (DAPO clip-higher: 0.28); null: clip_eps.",
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        default="dapo",
+        description="How token losses make the step's loss: grpo (mean per completion, then over "
+        "completions), dr_grpo (sum / (completions x max_new_tokens): no length bias), dapo (mean over "
+        "every completion token of the step).",
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        default="group",
+        description="Advantages are divided by the group's reward std, the batch's, or nothing (Dr. GRPO).",
+    )
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="DAPO: drop groups whose completions all scored the same (they carry no gradient).",
+    )
+    reward_model: str | None = Field(
+        default=None,
+        description="A reward-model checkpoint (finetune method reward) whose score is added to the "
+        "verifiers' reward.",
+    )
+    reward_model_weight: float = Field(default=1.0, description="Weight of the reward model's score.")
+    tools: bool = Field(
+        default=False,
+        description="A tool environment: a completion may call python (a <tool_call> of the chat format); "
+        "the call runs in the sandbox, its output is appended (and masked out of the loss), and the "
+        "model goes on.",
+    )
+    max_tool_calls: int = Field(default=2, ge=1, description="Tool calls per completion at most.")
+
+
+class KTOConfig(Section):
+    beta: float = Field(default=0.1, gt=0, description="Strength of the pull towards the reference.")
+    desirable_weight: float = Field(default=1.0, gt=0, description="Weight of desirable replies' losses.")
+    undesirable_weight: float = Field(default=1.0, gt=0, description="Weight of undesirable replies' losses.")
+
+
+class ORPOConfig(Section):
+    lam: float = Field(
+        default=0.1, gt=0, description="Weight of the odds-ratio term beside the NLL (TRL's beta)."
+    )
+
+
+class SimPOConfig(Section):
+    beta: float = Field(default=2.0, gt=0, description="Scale of the length-normalised log-probabilities.")
+    gamma: float = Field(default=0.5, ge=0, description="Target reward margin.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Label smoothing of the sigmoid.")
+
+
+class RewardConfig(Section):
+    center_rewards_coefficient: float | None = Field(
+        default=None, ge=0, description="Weight of (r_chosen + r_rejected)^2, keeping rewards centred at 0."
+    )
+
+
+class DistillConfig(Section):
+    teacher: str | None = Field(
+        default=None,
+        description="The teacher: a trulyopen checkpoint, a Hugging Face directory or hub name; its "
+        "tokenizer must be the student's.",
+    )
+    beta: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Generalised JSD between student and teacher: 0 is forward KL(teacher || student), 1 "
+        "reverse KL.",
+    )
+    temperature: float = Field(default=1.0, gt=0, description="Softmax temperature of both models.")
+    lmbda: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of steps on the student's own samples (on-policy, GKD); 0: on the data's replies.",
+    )
+    max_new_tokens: int = Field(default=64, ge=1, description="Longest student sample (lmbda > 0).")
 
 
 class FinetuneConfig(LoopConfig):
     """Post-training: one loop, several objectives, on our checkpoints or any Hugging Face model."""
 
-    method: Literal["sft", "dpo", "grpo"] = Field(description="The objective.")
+    method: Literal["sft", "dpo", "kto", "orpo", "simpo", "reward", "distill", "grpo"] = Field(
+        description="The objective: sft; preferences with a reference (dpo, kto) or without (orpo, "
+        "simpo); a reward model (reward); distill from a teacher (GKD when distill.lmbda > 0); grpo."
+    )
     adapter: Literal["none", "lora", "qlora"] = Field(
         default="none",
         description="none trains every weight; lora trains a low-rank adapter (peft); qlora does so on a "
@@ -541,7 +624,8 @@ class FinetuneConfig(LoopConfig):
     batch_size: int = Field(
         default=16,
         ge=1,
-        description="Per optimizer step: packed sequences (sft), preference pairs (dpo) or prompts (grpo).",
+        description="Per optimizer step: packed sequences (sft, distill), pairs (dpo, orpo, simpo, reward), "
+        "replies (kto) or prompts (grpo).",
     )
     max_steps: int = Field(default=100, ge=1, description="Optimizer steps to train.")
     lr: float = Field(default=2e-5, gt=0, description="Peak learning rate (adapters usually want ~1e-4).")
@@ -553,9 +637,16 @@ class FinetuneConfig(LoopConfig):
     lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter settings (lora, qlora).")
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="DPO settings.")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="GRPO settings.")
+    kto: KTOConfig = Field(default_factory=KTOConfig, description="KTO settings.")
+    orpo: ORPOConfig = Field(default_factory=ORPOConfig, description="ORPO settings.")
+    simpo: SimPOConfig = Field(default_factory=SimPOConfig, description="SimPO settings.")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model settings.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation settings.")
 
     @model_validator(mode="after")
     def _whole_grpo_batches(self) -> FinetuneConfig:
+        if self.method == "distill" and not self.distill.teacher:
+            raise ValueError("distill.teacher: name the teacher model (finetune.method is distill)")
         # a resumed run samples a batch again from the checkpoint's model: checkpoints fall between batches
         u = self.grpo.updates_per_batch
         if self.method == "grpo" and (self.checkpoint_every % u or self.max_steps % u):

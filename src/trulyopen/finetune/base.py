@@ -84,12 +84,26 @@ def default_targets(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def load_model(
-    ref: BaseRef, cfg: FinetuneConfig, compute_dtype: torch.dtype, device: torch.device
-) -> torch.nn.Module:
-    """The base (fp32 master weights, or 4-bit NF4 for QLoRA), with an adapter when asked, on `device`."""
-    from transformers import AutoModelForCausalLM
+class _Auto:
+    """transformers' Auto class for the head: the causal LM, or a one-label sequence classifier."""
 
+    def __init__(self, head: str):
+        self.head = head
+
+    def from_pretrained(self, name: str, **kw) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        if self.head == "reward":
+            return AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kw)
+        return AutoModelForCausalLM.from_pretrained(name, **kw)
+
+
+def load_model(
+    ref: BaseRef, cfg: FinetuneConfig, compute_dtype: torch.dtype, device: torch.device, head: str = "lm"
+) -> torch.nn.Module:
+    """The base (fp32 master weights, or 4-bit NF4 for QLoRA), with an adapter when asked, on `device`.
+    head "reward": the same backbone with a new scalar head (a sequence classifier of one label)."""
+    auto = _Auto(head)
     kwargs: dict = {"dtype": torch.float32, "device_map": {"": device}}
     if cfg.adapter == "qlora":
         from transformers import BitsAndBytesConfig
@@ -102,14 +116,14 @@ def load_model(
         )
     if ref.adapter is not None:  # merge the earlier adapter in full precision, then quantise if asked
         with loading(ref.model, "model", "finetune.base"):
-            model = merged(ref.adapter, AutoModelForCausalLM.from_pretrained(ref.model, dtype=torch.float32))
+            model = merged(ref.adapter, auto.from_pretrained(ref.model, dtype=torch.float32))
         if cfg.adapter == "qlora":
             raise TrainingError(
                 "finetune.base: QLoRA on an adapter checkpoint: export it first, then use that"
             )
     else:
         with loading(ref.model, "model", "finetune.base"):
-            model = AutoModelForCausalLM.from_pretrained(ref.model, **kwargs)
+            model = auto.from_pretrained(ref.model, **kwargs)
     if cfg.adapter == "none":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -122,7 +136,7 @@ def load_model(
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules or default_targets(model),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",  # SEQ_CLS also trains the new head
     )
     return get_peft_model(model, config)
 
@@ -165,3 +179,27 @@ def lora_config_dict(model: torch.nn.Module) -> dict:
     out = {k: config[k] for k in keep if k in config}
     out["target_modules"] = sorted(out["target_modules"])
     return out
+
+
+def load_teacher(name: str, student_tok, device: torch.device) -> torch.nn.Module:
+    """A distillation teacher (a checkpoint, Hugging Face directory or hub name), frozen, refused
+    unless its tokenizer is the student's: the losses compare distributions token id by token id."""
+    from transformers import AutoModelForCausalLM
+
+    found = locate(name, "finetune.distill.teacher")
+    path = Path(found.path) if found.kind != "hub" else None
+    if path is not None and (path / "adapter.safetensors").exists():
+        raise TrainingError(f"finetune.distill.teacher: {path} is an adapter checkpoint; export it first")
+    tok_dir = (checkpoint.tokenizer_dir(path) if path and (path / "state.json").exists() else None) or name
+    teacher_tok = load_tokenizer(BaseRef(name, str(tok_dir)))
+    ours, theirs = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if ours != theirs:
+        diff = next((t for t in sorted(set(ours) | set(theirs)) if ours.get(t) != theirs.get(t)), None)
+        raise TrainingError(
+            f"finetune.distill.teacher: {name} has another tokenizer than the student "
+            f"({len(theirs):,} tokens against {len(ours):,}; {diff!r} is {theirs.get(diff)} against "
+            f"{ours.get(diff)}); distillation compares distributions token by token, so both must be one"
+        )
+    with loading(name, "teacher model", "finetune.distill.teacher"):
+        model = AutoModelForCausalLM.from_pretrained(str(path or name), dtype=torch.float32)
+    return model.to(device).eval().requires_grad_(False)

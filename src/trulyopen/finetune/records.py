@@ -4,6 +4,7 @@
                        with "tools" and assistant "tool_calls" and "tool" turns as OpenAI writes them
     prompt_completion  {"prompt": "...", "completion": "..."}        -> a user and an assistant turn
     preference         {"prompt": ..., "chosen": "...", "rejected": "..."}
+    unpaired           {"prompt": ..., "completion": "...", "label": true}   (KTO: desirable or not)
     grpo               {"prompt": ..., "verifier": {"type": "exact", "answer": "4"}}
 
 A prompt may be a string (one user turn) or a list of messages; chosen, rejected and completion may
@@ -24,7 +25,16 @@ from trulyopen.errors import UserError
 from trulyopen.recipe import FinetuneDataConfig
 
 ROLES = ("system", "user", "assistant", "tool")
-FORMATS_FOR = {"sft": ("chat", "prompt_completion"), "dpo": ("preference",), "grpo": ("grpo",)}
+FORMATS_FOR = {
+    "sft": ("chat", "prompt_completion"),
+    "distill": ("chat", "prompt_completion"),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "simpo": ("preference",),
+    "reward": ("preference",),
+    "kto": ("unpaired", "preference"),  # a pair is two replies: the chosen desirable, the rejected not
+    "grpo": ("grpo",),
+}
 
 
 class BadRecord(UserError, ValueError):
@@ -44,6 +54,7 @@ class Example:
     chosen: str = ""
     rejected: str = ""
     verifier: dict | None = None
+    label: bool | None = None  # unpaired: the completion (in `chosen`) is desirable
     tools: list[dict] | None = None  # the functions the conversation may call (chat records)
 
 
@@ -54,6 +65,8 @@ def _guess_format(record: dict) -> str:
         return "preference"
     if "verifier" in record:
         return "grpo"
+    if "label" in record:
+        return "unpaired"
     if "completion" in record:
         return "prompt_completion"
     raise BadRecord(
@@ -165,6 +178,12 @@ def parse(record: Any, fmt: str, where: str, index: int) -> Example:
             rid,
             where,
             [*prompt, {"role": "assistant", "content": _reply(record.get("completion"), "completion")}],
+        )
+    if fmt == "unpaired":
+        if not isinstance(record.get("label"), bool):
+            raise BadRecord("label must be true or false (is the completion desirable?)", "label")
+        return Example(
+            rid, where, prompt, chosen=_reply(record.get("completion"), "completion"), label=record["label"]
         )
     if fmt == "preference":
         chosen, rejected = _reply(record.get("chosen"), "chosen"), _reply(record.get("rejected"), "rejected")

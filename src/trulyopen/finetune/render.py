@@ -85,6 +85,19 @@ class ChatRenderer:
         text = self.text(prompt, generation_prompt=True, tools=tools)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])
 
+    def tool_turn(self, output: str) -> list[int]:
+        """The tokens that follow an assistant turn ending in a tool call when the tool answers
+        `output`: the end of that turn, the tool turn, and the next assistant turn's start (what a
+        tool environment appends to a rollout). Found by rendering with and without the tool turn."""
+        marker = "\u2063"  # an invisible separator: where the assistant's text ends
+        talk = [{"role": "user", "content": "a"}, {"role": "assistant", "content": marker}]
+        before = self.text(talk)
+        after = self.text([*talk, {"role": "tool", "content": output}], generation_prompt=True)
+        cut = before.rindex(marker) + len(marker)
+        if after[:cut] != before[:cut]:
+            raise RenderError("the chat template renders a conversation's prefix differently from itself")
+        return list(self.tok(after[cut:], add_special_tokens=False)["input_ids"])
+
     def stop_ids(self) -> tuple[int, ...]:
         """Tokens that end an assistant turn: the end-of-sequence token and the template's end-of-turn
         marker (the last token of a rendered one-turn reply, when it is a special token)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,19 +22,23 @@ from trulyopen.data.sources import DataError
 from trulyopen.errors import warn
 from trulyopen.files import sha256_file, write_json
 from trulyopen.finetune import base as bases
-from trulyopen.finetune.losses import reference_logps
 from trulyopen.finetune.records import Example, read_examples
 from trulyopen.finetune.render import ChatRenderer, item_of
 from trulyopen.ledger import config_hash
 from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig
 from trulyopen.train import distributed
 from trulyopen.train.loop import Job, train
+from trulyopen.train.losses import reference_logps
+from trulyopen.train.objectives.distill import Distill
 from trulyopen.train.objectives.grpo import GRPO, Prompt
-from trulyopen.train.objectives.preference import DPO
+from trulyopen.train.objectives.preference import DPO, KTO, ORPO, SimPO
+from trulyopen.train.objectives.reward import RewardModel, RewardScorer
 from trulyopen.train.objectives.sft import SFT
+from trulyopen.train.packing import IGNORE, Item
 from trulyopen.train.precision import choose_dtype, dtype_name
 
-SYNTH_FILE = {"sft": "sft.jsonl", "dpo": "preference.jsonl", "grpo": "grpo.jsonl"}
+PAIRS = "preference.jsonl"
+SYNTH_FILE = {"sft": "sft.jsonl", "distill": "sft.jsonl", "grpo": "grpo.jsonl"}  # the rest: PAIRS
 SYNTH_EXTRA = {"sft": ("tools.jsonl",)}  # also trained with the method when the synth stage made them
 
 
@@ -72,7 +76,9 @@ def data_sources(cfg: FinetuneConfig, paths: FinetunePaths) -> list[FinetuneData
     pairs, and its tool-use conversations when it made them)."""
     if cfg.data:
         return cfg.data
-    made = [paths.synth / name for name in (SYNTH_FILE[cfg.method], *SYNTH_EXTRA.get(cfg.method, ()))]
+    made = [
+        paths.synth / name for name in (SYNTH_FILE.get(cfg.method, PAIRS), *SYNTH_EXTRA.get(cfg.method, ()))
+    ]
     if not any(p.exists() for p in made):
         raise DataError(
             f"finetune.data is empty and the synth stage has not made {made[0]}: "
@@ -87,8 +93,11 @@ def in_val(example_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> Path:
-    """Post-train, checkpointing as it goes; return the final checkpoint's directory."""
+def finetune(
+    cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False, stop_at: int | None = None
+) -> Path:
+    """Post-train, checkpointing as it goes; return the final checkpoint's directory. `stop_at` ends
+    it early with a checkpoint at that step (`verify --replay`)."""
     world = distributed.init()
     torch.manual_seed(cfg.seed)
     device = world.device
@@ -112,6 +121,8 @@ def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> 
     # Records: read and checked, then tokenised; too long is a bad record like any other.
     sources = data_sources(cfg, paths)
     examples, bad = read_examples(sources, cfg.method, cfg.on_bad_record)
+    if cfg.method == "kto":
+        examples = unpair(examples)
     n_records = len(examples) + len(bad)
     items = build_items(renderer, examples, cfg.method, cfg.seq_len)
     for ex, it in zip(examples, items, strict=True):
@@ -140,7 +151,7 @@ def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> 
     fingerprint = hashlib.sha256("".join(sha256_file(p) for p in data_files).encode()).hexdigest()
 
     # The model: full weights, or a LoRA adapter on a frozen (QLoRA: 4-bit) base.
-    model = bases.load_model(ref, cfg, dtype, device)
+    model = bases.load_model(ref, cfg, dtype, device, head="reward" if cfg.method == "reward" else "lm")
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -150,18 +161,7 @@ def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> 
         f"training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters, {dtype_name(dtype)}"
         + (f", {world.size} processes ({cfg.distributed})" if world.size > 1 else "")
     )
-    pad_id = tok.pad_token_id
-    if cfg.method == "sft":
-        objective = SFT(cfg, train_items, val, pad_id)
-    elif cfg.method == "dpo":
-        objective = DPO(cfg, train_items, val, pad_id, paths.stage_dir / "reference_logps.safetensors")
-        for turn in (True, False):  # before any update; rank 0 writes the cache, the others read it
-            if world.main == turn:
-                objective.prepare(reference_logps(model, frozen_copy=False), device)
-            distributed.barrier(world)
-    else:
-        reference = reference_logps(model, frozen_copy=True) if cfg.grpo.kl_coef else None
-        objective = GRPO(cfg, train_items, val, tok.decode, renderer.stop_ids(), pad_id, reference)
+    objective = make_objective(cfg, model, tok, renderer, train_items, val, paths, world)
 
     def state(step: int) -> dict:
         extra = {
@@ -187,25 +187,92 @@ def finetune(cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False) -> 
         adapter=cfg.adapter != "none",
         label=f"finetune {cfg.method}",
     )
-    return train(job, world)
+    return train(job, world, stop_at)
+
+
+def make_objective(cfg: FinetuneConfig, model, tok, renderer: ChatRenderer, train_items, val, paths, world):
+    """The objective of `cfg.method`, with what it needs beside the records (a reference, a teacher,
+    a reward model, a tool environment)."""
+    pad_id, device = tok.pad_token_id, world.device
+    method = cfg.method
+    if method == "sft":
+        return SFT(cfg, train_items, val, pad_id)
+    if method == "dpo":
+        objective = DPO(cfg, train_items, val, pad_id, paths.stage_dir / "reference_logps.safetensors")
+        for turn in (True, False):  # before any update; rank 0 writes the cache, the others read it
+            if world.main == turn:
+                objective.prepare(reference_logps(model, frozen_copy=False), device)
+            distributed.barrier(world)
+        return objective
+    if method in ("orpo", "simpo", "reward"):
+        return {"orpo": ORPO, "simpo": SimPO, "reward": RewardModel}[method](cfg, train_items, val, pad_id)
+    if method == "kto":
+        return KTO(cfg, train_items, val, pad_id, reference_logps(model, frozen_copy=True))
+    if method == "distill":
+        teacher = bases.load_teacher(cfg.distill.teacher, tok, device)
+        return Distill(cfg, train_items, val, pad_id, teacher, renderer.stop_ids())
+    g = cfg.grpo
+    reference = reference_logps(model, frozen_copy=True) if g.kl_coef else None
+    scorer = RewardScorer(g.reward_model, device, pad_id) if g.reward_model else None
+    return GRPO(
+        cfg,
+        train_items,
+        val,
+        tok.decode,
+        renderer.stop_ids(),
+        pad_id,
+        reference,
+        tool_turn=renderer.tool_turn if g.tools else None,
+        reward_model=scorer,
+    )
 
 
 def build_items(renderer: ChatRenderer, examples: list[Example], method: str, seq_len: int) -> list:
-    """Tokenised items per example (None for one longer than seq_len) for the objective."""
+    """Tokenised items per example (None for one longer than seq_len) for the objective; KTO's
+    preference pairs become two examples each (see `unpair`)."""
     out = []
     for ex in examples:
         if method == "sft":
             it = item_of(renderer.conversation(ex.messages, ex.tools))
             out.append(it if len(it) <= seq_len else None)
-        elif method == "dpo":
-            pair = (
-                item_of(renderer.reply(ex.messages, ex.chosen)),
-                item_of(renderer.reply(ex.messages, ex.rejected)),
+        elif method == "distill":
+            it = item_of(renderer.conversation(ex.messages, ex.tools))
+            last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+            prompt = renderer.prompt(ex.messages[:last], ex.tools)
+            out.append((it, prompt) if len(it) <= seq_len else None)
+        elif method in ("dpo", "orpo", "simpo", "reward"):
+            chosen, rejected = (
+                renderer.reply(ex.messages, ex.chosen),
+                renderer.reply(ex.messages, ex.rejected),
             )
+            if method == "reward":  # the whole sequence: the score is read at its last token
+                pair = (whole(chosen.ids), whole(rejected.ids))
+            else:
+                pair = (item_of(chosen), item_of(rejected))
             out.append(pair if max(len(pair[0]), len(pair[1])) <= seq_len else None)
+        elif method == "kto":
+            it = item_of(renderer.reply(ex.messages, ex.chosen))
+            out.append((it, bool(ex.label)) if len(it) <= seq_len else None)
         else:
             from trulyopen.rewards.verifiers import parse_verifier
 
             ids = renderer.prompt(ex.messages)
             out.append(Prompt(ids, parse_verifier(ex.verifier)) if len(ids) < seq_len else None)
+    return out
+
+
+def whole(ids: list[int]) -> Item:
+    return Item(ids, [IGNORE] * len(ids))
+
+
+def unpair(examples: list[Example]) -> list[Example]:
+    """KTO reads preference pairs as two unpaired examples: the chosen reply desirable, the rejected
+    not (TRL's unpair_preference_dataset)."""
+    out = []
+    for ex in examples:
+        if ex.label is not None:
+            out.append(ex)
+            continue
+        out.append(replace(ex, id=f"{ex.id}/chosen", label=True))
+        out.append(replace(ex, id=f"{ex.id}/rejected", chosen=ex.rejected, rejected="", label=False))
     return out

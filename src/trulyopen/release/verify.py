@@ -146,45 +146,41 @@ def verify(directory: str | Path) -> Report:
     return report
 
 
-def replay(directory: str | Path, step: int, workdir: Path | None = None) -> dict:
-    """Retrain pretraining from the checkpoint before `step` to `step`; compare with the release."""
+def replay(directory: str | Path, step: int, workdir: Path | None = None, stage: str = "pretrain") -> dict:
+    """Retrain `stage` (pretrain or finetune) from its checkpoint before `step` to `step` in a scratch
+    run directory laid out as the release's run was; compare the weights with the release's."""
     import shutil
 
     import torch
     from safetensors.torch import load_file
 
     from trulyopen.recipe import Recipe
-    from trulyopen.train.pretrain import Paths, pretrain
 
     root = Path(directory)
-    rows = [r for r in csv.DictReader((root / "checkpoints.csv").open()) if r["stage"] == "pretrain"]
+    rows = [r for r in csv.DictReader((root / "checkpoints.csv").open()) if r["stage"] == stage]
     target = next((r for r in rows if int(r["step"]) == step), None)
     if target is None:
         steps = ", ".join(r["step"] for r in rows) or "none"
+        name = "pretraining" if stage == "pretrain" else "post-training"
         raise VerifyError(
-            f"--replay {step}: checkpoints.csv has no pretraining checkpoint at that step "
+            f"--replay {step}: checkpoints.csv has no {name} checkpoint at that step "
             f"(released steps: {steps}); give one of them"
-        )
-    if not (root / "data" / "shards" / "shards.json").is_file() or not any(
-        (root / "data" / "shards").glob("*.bin")
-    ):
-        raise VerifyError(
-            f"{root / 'data/shards'}: the token shards are not in this release, so it cannot replay"
         )
     before = [r for r in rows if int(r["step"]) < step]
     start = max(before, key=lambda r: int(r["step"])) if before else None
     recipe = Recipe.model_validate(yaml.safe_load((root / "recipes" / "recipe.yaml").read_text()))
-    cfg = recipe.pretrain.model_copy(update={"log_to": []})  # (not hashed: the recipe hash still matches)
-    if cfg.eval_suite is not None and not Path(cfg.eval_suite).exists():
-        raise VerifyError(f"pretrain.eval_suite: {cfg.eval_suite} is not on this machine; replay needs it")
     scratch = Path(tempfile.mkdtemp(prefix="replay-", dir=workdir))
     try:
-        paths = Paths(scratch, root / "data" / "shards", root / "tokenizer")
         if start is not None:
-            shutil.copytree(root / start["path"], paths.checkpoints / Path(start["path"]).name)
-        made = pretrain(cfg, recipe.model, paths, stop_at=step)
-        ours = load_file(str(made / "model.safetensors"))
-        theirs = load_file(str(root / target["path"] / "model.safetensors"))
+            shutil.copytree(root / start["path"], scratch / "checkpoints" / stage / Path(start["path"]).name)
+        made = (_replay_pretrain if stage == "pretrain" else _replay_finetune)(root, recipe, scratch, step)
+        weights = (
+            (made / "model.safetensors").name
+            if (made / "model.safetensors").exists()
+            else "adapter.safetensors"
+        )
+        ours = load_file(str(made / weights))
+        theirs = load_file(str(root / target["path"] / weights))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     worst, where = 0.0, None
@@ -201,8 +197,53 @@ def replay(directory: str | Path, step: int, workdir: Path | None = None) -> dic
         "max_abs_diff": worst,
         "where": where,
         "recorded": {
-            "machine": stages.get("pretrain", {}).get("machine"),
-            "code": stages.get("pretrain", {}).get("code_version"),
+            "machine": stages.get(stage, {}).get("machine"),
+            "code": stages.get(stage, {}).get("code_version"),
         },
         "replayed": {"machine": machine_summary(), "code": code_version()},
     }
+
+
+def _replay_pretrain(root: Path, recipe, scratch: Path, step: int) -> Path:
+    """Pretraining to `step` on the released shards and tokenizer."""
+    from trulyopen.train.pretrain import Paths, pretrain
+
+    if not (root / "data" / "shards" / "shards.json").is_file() or not any(
+        (root / "data" / "shards").glob("*.bin")
+    ):
+        raise VerifyError(
+            f"{root / 'data/shards'}: the token shards are not in this release, so it cannot replay"
+        )
+    cfg = recipe.pretrain.model_copy(update={"log_to": []})  # (not hashed: the recipe hash still matches)
+    if cfg.eval_suite is not None and not Path(cfg.eval_suite).exists():
+        raise VerifyError(f"pretrain.eval_suite: {cfg.eval_suite} is not on this machine; replay needs it")
+    return pretrain(
+        cfg, recipe.model, Paths(scratch, root / "data" / "shards", root / "tokenizer"), stop_at=step
+    )
+
+
+def _replay_finetune(root: Path, recipe, scratch: Path, step: int) -> Path:
+    """Post-training to `step` from the released base (the final pretraining checkpoint, or the model
+    finetune.base names) on the released post-training data (data/synth/, or finetune.data's files)."""
+    import shutil
+
+    from trulyopen.finetune.stage import FinetunePaths, finetune
+
+    if recipe.finetune is None:
+        raise VerifyError(f"{root / 'recipes/recipe.yaml'}: no finetune section, so nothing to replay")
+    cfg = recipe.finetune.model_copy(update={"log_to": []})
+    for source in cfg.data:
+        if source.path is not None and not source.path.exists():
+            raise VerifyError(f"finetune.data: {source.path} is not on this machine; replay needs it")
+    if cfg.base is None:  # this run's final pretraining checkpoint, as the release holds it
+        final = [r for r in csv.DictReader((root / "checkpoints.csv").open()) if r["stage"] == "pretrain"]
+        if not final:
+            raise VerifyError(f"{root}: no pretraining checkpoint released to post-train from")
+        last = max(final, key=lambda r: int(r["step"]))["path"]
+        shutil.copytree(root / last, scratch / "checkpoints" / "pretrain" / Path(last).name)
+    shutil.copytree(root / "tokenizer", scratch / "tokenizer")
+    if not cfg.data:
+        if not (root / "data" / "synth").is_dir():
+            raise VerifyError(f"{root / 'data/synth'}: the post-training data is not in this release")
+        shutil.copytree(root / "data" / "synth", scratch / "synth")
+    return finetune(cfg, FinetunePaths(scratch), stop_at=step)

@@ -1,12 +1,14 @@
-"""The losses of post-training beyond SFT and DPO, as pure functions of tensors: log-probabilities
-(summed per sequence, or per token) or logits in; losses per example or per token out, with the
-figures worth logging. Each matches TRL 1.16 to 1e-5 (tests/test_losses.py computes both).
+"""The losses of training, as pure functions of tensors: log-probabilities (summed per sequence, or
+per token) or logits in; losses per example or per token out, with the figures worth logging. Each
+post-training loss matches TRL 1.16 to 1e-5 (tests/test_losses.py and test_finetune.py compute both).
 
 No function here averages over its batch. The loop sums what a micro-batch returns, adds the
 micro-batches of a step, and divides once by the step's count, so the gradient does not depend on
 how a step is cut:
 
     loss                      per        the step's sum is divided by
+    token_logps (SFT: −Σ)     token      trained tokens
+    dpo_losses                pair       pairs
     kto_losses                example    examples (desirable and undesirable together)
     orpo_losses   nll         pair       chosen tokens
                   odds        pair       pairs
@@ -17,16 +19,86 @@ how a step is cut:
     policy_token_losses       token      `aggregate` says: it returns (total, count) per micro-batch,
                                          and the step's loss is Σ total / Σ count
 
-Sequence inputs follow finetune/losses.py: `logps` is Σ_t log π(y_t | x, y_<t) over a completion's
-tokens and `tokens` how many there were; the length-normalised losses (ORPO, SimPO) divide here.
+`logps` of a sequence is Σ_t log π(y_t | x, y_<t) over a completion's tokens (token_logps, then
+per_item) and `tokens` how many there were; the length-normalised losses (ORPO, SimPO) divide here.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from trulyopen.train.packing import IGNORE, Batch
+
+RefLogps = Callable[[Batch, torch.device], torch.Tensor]
+
+# ── Log-probabilities of packed batches, and the reference policy's ─────────────────────────────
+
+
+def token_logps(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """log p(target) at every position [B, T] in fp32; 0 where there is no target."""
+    logits = model(**batch.model_inputs(device)).logits.float()
+    targets = batch.targets.to(device)
+    logp = -F.cross_entropy(logits.flatten(0, 1), targets.clamp(min=0).flatten(), reduction="none")
+    return logp.view(targets.shape) * (targets != IGNORE)
+
+
+def per_item(values: torch.Tensor, batch: Batch, n_items: int) -> torch.Tensor:
+    """Sum of `values` [B, T] over each item's positions: a vector of n_items."""
+    owner = batch.owner.to(values.device).flatten()
+    keep = owner >= 0
+    return torch.zeros(n_items, device=values.device, dtype=values.dtype).index_add(
+        0, owner[keep], values.flatten()[keep]
+    )
+
+
+def reference_logps(model: torch.nn.Module, frozen_copy: bool) -> RefLogps:
+    """The reference policy's per-token log-probabilities: the base with the adapter switched off
+    (LoRA), a frozen copy of the starting model (`frozen_copy`), or the model itself (for DPO's
+    cache, computed before the first step, when the model still is the reference)."""
+    if hasattr(model, "disable_adapter"):
+
+        def off(b: Batch, device: torch.device) -> torch.Tensor:
+            with torch.no_grad(), model.disable_adapter():
+                return token_logps(model, b, device)
+
+        return off
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else model
+    return lambda b, device: token_logps(ref, b, device)
+
+
+# ── Paired preferences with a reference ────────────────────────────────────────────────────────
+
+
+def dpo_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    kind: str,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair, chosen reward, rejected reward) from summed sequence log-probabilities.
+
+    sigmoid: -log σ(β · [(log π_c − log π_ref,c) − (log π_r − log π_ref,r)])         (DPO)
+    ipo:     ((Δ_c / n_c − Δ_r / n_r) − 1 / 2β)²  on log-ratios averaged per token    (IPO, as TRL)
+    """
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif kind == "ipo":
+        delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
 
 # ── Unpaired preferences ────────────────────────────────────────────────────────────────────────
 

@@ -35,6 +35,10 @@ class Item:
     def __len__(self) -> int:
         return len(self.inputs)
 
+    @property
+    def trained_tokens(self) -> int:
+        return sum(t != IGNORE for t in self.targets)
+
 
 @dataclass
 class Batch:

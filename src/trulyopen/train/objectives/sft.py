@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from trulyopen.finetune.losses import token_logps
 from trulyopen.recipe import FinetuneConfig
+from trulyopen.train.losses import token_logps
 from trulyopen.train.objectives import Micro, StepBatch, chunks
 from trulyopen.train.packing import Item, RowPlan, collate, pack_rows
 
