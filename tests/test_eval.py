@@ -204,12 +204,12 @@ def test_code_tasks_kill_loops_and_memory_bombs_and_score_them_zero(tok, tmp_pat
         "    x = bytearray(10**11)\n",
         "    return a - b\n",
     ]
-    original = generation._complete
-    generation._complete = lambda model, tok, prompts, spec, stops, seed: answers
+    original = generation.complete
+    generation.complete = lambda model, tok, prompts, spec, stops, seed: answers
     try:
         metrics, records = generation.evaluate_code(None, tok, spec, load_instances(path, "code"))
     finally:
-        generation._complete = original
+        generation.complete = original
     assert records[0]["passed"] == [True, False, False, False]
     assert records[0]["status"][1] == "timeout" and records[0]["status"][2] == "memory"
     assert metrics["pass@1"]["value"] == pytest.approx(0.25)

@@ -8,11 +8,7 @@ import hashlib
 import json
 import random
 import textwrap
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,9 @@ from trulyopen.rewards.verifiers import parse_verifier
 from trulyopen.synth import synthesize
 from trulyopen.synth.corrupt import CORRUPTIONS, corrupt
 from trulyopen.synth.expressions import check_expression
-from trulyopen.synth.remote import RateLimiter, parse_rating, remote_step
+from trulyopen.synth.remote import remote_step
+
+from .fake_api import Reply, anthropic_reply, fake_api, openai_reply
 
 KEY_ENV = "TRULYOPEN_TEST_SYNTH_KEY"
 SECRET = "sk-test-very-secret-0123456789"
@@ -383,63 +381,6 @@ def test_malformed_corpus_line_is_named(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the remote model
 
 
-Reply = tuple[int, dict[str, str], object]  # status, headers, JSON body (or text)
-
-
-class FakeAPI:
-    """An HTTP server on 127.0.0.1 that records requests and answers with `respond`."""
-
-    def __init__(self, respond: Callable[[str, dict, dict, int], Reply]):
-        self.requests: list[tuple[str, dict[str, str], dict]] = []
-        lock = threading.Lock()
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with lock:
-                    api.requests.append((self.path, headers, body))
-                    n = len(api.requests)
-                status, extra, payload = respond(self.path, headers, body, n)
-                data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
-                self.send_response(status)
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@contextmanager
-def fake_api(respond: Callable[[str, dict, dict, int], Reply]) -> Iterator[FakeAPI]:
-    api = FakeAPI(respond)
-    try:
-        yield api
-    finally:
-        api.close()
-
-
-def openai_reply(text: str) -> Reply:
-    return 200, {}, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
-
-
-def anthropic_reply(text: str) -> Reply:
-    return 200, {}, {"content": [{"type": "text", "text": text}], "role": "assistant"}
-
-
 def remote(url: str, provider: str = "openai", **kw: object) -> RemoteModelConfig:
     base = url + "/v1" if provider == "openai" else url
     fields = {"requests_per_minute": 60_000, "max_retries": 2, "api_key_env": KEY_ENV, **kw}
@@ -571,28 +512,6 @@ def test_remote_skipped_without_key(corpus: Path, tmp_path: Path, monkeypatch: p
     assert m["remote"]["skipped"] == f"${KEY_ENV} is not set"
     synthesize(SynthConfig(kinds=["sft"], max_per_kind=100), corpus, tmp_path / "without", log=lines.append)
     assert (tmp_path / "with" / "sft.jsonl").read_bytes() == (tmp_path / "without" / "sft.jsonl").read_bytes()
-
-
-def test_rating_parser_and_rate_limiter() -> None:
-    assert [parse_rating(s) for s in ("7", " 10\n", "Rating: 8/10", "I'd give it 9 out of 10", "6.")] == [
-        7,
-        10,
-        8,
-        9,
-        6,
-    ]
-    assert parse_rating("great!") is None and parse_rating("0") is None and parse_rating("42") is None
-
-    now, slept = [0.0], []
-
-    def sleep(s: float) -> None:
-        slept.append(s)
-        now[0] += s
-
-    limiter = RateLimiter(30, clock=lambda: now[0], sleep=sleep)
-    for _ in range(3):
-        limiter.wait()
-    assert slept == [2.0, 2.0]
 
 
 # ----------------------------------------------------------------------------- tools

@@ -396,31 +396,83 @@ class PretrainConfig(LoopConfig):
 # ----------------------------------------------------------------------------- post-training data
 
 
-class RemoteModelConfig(Section):
-    """An outside model that `synth` may ask to write or judge examples (only when its key is set)."""
+HostedProvider = Literal["openai", "anthropic", "gemini", "vertex", "bedrock"]
 
-    # where and how fast to ask change nothing in what is asked: not hashed
-    not_hashed: ClassVar[frozenset[str]] = frozenset({"base_url", "requests_per_minute", "max_retries"})
-    provider: Literal["openai", "anthropic"] = Field(
-        description="API style: openai (any OpenAI-compatible chat completions endpoint) or anthropic."
+# the environment variable each provider's key (or token) is read from unless api_key_env names another
+DEFAULT_KEY_ENV: dict[str, str] = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+    "vertex": "GOOGLE_OAUTH_ACCESS_TOKEN",
+    "bedrock": "AWS_BEARER_TOKEN_BEDROCK",
+}
+_ONLY_FOR = {"project": "vertex", "location": "vertex", "region": "bedrock"}
+
+
+class HostedModelConfig(Section):
+    """A model behind a hosted API (trulyopen.hosted), asked only when its key is set."""
+
+    provider: HostedProvider = Field(
+        description="API style: openai (any OpenAI-compatible chat completions endpoint), anthropic "
+        "(messages), gemini (the Gemini API), vertex (Gemini on Vertex AI) or bedrock (AWS Bedrock "
+        "Converse)."
     )
-    model: str = Field(description="Model name sent with every request.")
+    model: str = Field(description="Model name sent with every request (bedrock: the model or profile id).")
     base_url: str | None = Field(
         default=None,
         description="Endpoint root, e.g. http://127.0.0.1:8000/v1; default: the provider's public API.",
     )
     api_key_env: str = Field(
         default="OPENAI_API_KEY",
-        description="Environment variable holding the key; when it is unset, the remote step is skipped.",
+        description="Environment variable holding the key; when it is unset, the model is not asked. "
+        "Default by provider: OPENAI_API_KEY, ANTHROPIC_API_KEY, GEMINI_API_KEY, "
+        "GOOGLE_OAUTH_ACCESS_TOKEN (vertex: an OAuth access token, e.g. from `gcloud auth "
+        "print-access-token`), AWS_BEARER_TOKEN_BEDROCK (bedrock: an API key; without it requests "
+        "are signed with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN).",
     )
+    project: str | None = Field(default=None, description="vertex: the Google Cloud project id (required).")
+    location: str | None = Field(
+        default=None,
+        description="vertex: the Google Cloud location, e.g. us-central1 (the default) or global.",
+    )
+    region: str | None = Field(
+        default=None, description="bedrock: the AWS region, e.g. us-east-1 (required)."
+    )
+    requests_per_minute: float = Field(default=60, gt=0, description="Rate limit.")
+    max_retries: int = Field(default=4, ge=0, description="Retries (with backoff) on 429, 5xx and timeouts.")
+    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature of the requests.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _provider_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("provider") in DEFAULT_KEY_ENV:
+            data = {"api_key_env": DEFAULT_KEY_ENV[data["provider"]], **data}
+            if data["provider"] == "vertex":
+                data.setdefault("location", "us-central1")
+        return data
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> HostedModelConfig:
+        for name, provider in _ONLY_FOR.items():
+            if getattr(self, name) is not None and self.provider != provider:
+                raise ValueError(f"'{name}' applies to provider {provider} only, not {self.provider}")
+        if self.provider == "vertex" and not self.project:
+            raise ValueError("provider vertex needs 'project' (the Google Cloud project id)")
+        if self.provider == "bedrock" and not self.region:
+            raise ValueError("provider bedrock needs 'region' (the AWS region, e.g. us-east-1)")
+        return self
+
+
+class RemoteModelConfig(HostedModelConfig):
+    """An outside model that `synth` may ask to write or judge examples (only when its key is set)."""
+
+    # where and how fast to ask change nothing in what is asked: not hashed
+    not_hashed: ClassVar[frozenset[str]] = frozenset({"base_url", "requests_per_minute", "max_retries"})
     task: Literal["write", "judge"] = Field(
         default="judge",
         description="write: it answers each instruction; judge: it rates each example, low ones dropped.",
     )
     max_examples: int = Field(default=200, ge=1, description="At most this many requests.")
-    requests_per_minute: float = Field(default=60, gt=0, description="Rate limit.")
-    max_retries: int = Field(default=4, ge=0, description="Retries (with backoff) on 429, 5xx and timeouts.")
-    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature of the requests.")
 
 
 class SynthConfig(Section):

@@ -25,7 +25,8 @@ def _cut(text: str, stops: tuple[str, ...]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def _complete(model, tok, prompts: list[str], spec, stops: tuple[str, ...], seed: int) -> list[str]:
+def complete(model, tok, prompts: list[str], spec, stops: tuple[str, ...], seed: int) -> list[str]:
+    """A completion of each prompt, with the task's max_new_tokens and temperature, cut at `stops`."""
     ids = [tok(p, add_special_tokens=False)["input_ids"] or [tok.eos_token_id] for p in prompts]
     params = SamplingParams(
         max_new_tokens=spec.max_new_tokens,
@@ -41,7 +42,7 @@ def _complete(model, tok, prompts: list[str], spec, stops: tuple[str, ...], seed
 def evaluate_generation(model, tok, spec, instances: list) -> tuple[dict, list[dict]]:
     from trulyopen.rewards.verifiers import parse_verifier, score_all
 
-    answers = _complete(model, tok, [i.prompt for i in instances], spec, ANSWER_STOPS, spec.seed)
+    answers = complete(model, tok, [i.prompt for i in instances], spec, ANSWER_STOPS, spec.seed)
     verifiers = [parse_verifier(i.verifier) for i in instances]
     scores = score_all(list(zip(verifiers, answers, strict=True)))
     records = [
@@ -58,7 +59,7 @@ def evaluate_code(model, tok, spec, instances: list) -> tuple[dict, list[dict]]:
     if spec.samples > 1 and spec.temperature == 0:
         raise ValueError(f"task {spec.name}: samples > 1 needs a temperature above 0 (greedy answers repeat)")
     prompts = [i.prompt for i in instances for _ in range(spec.samples)]
-    completions = _complete(model, tok, prompts, spec, CODE_STOPS, spec.seed)
+    completions = complete(model, tok, prompts, spec, CODE_STOPS, spec.seed)
     programs = [
         p + c + "\n\n" + inst.tests + "\n"
         for p, c, inst in zip(

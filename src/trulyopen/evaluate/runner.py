@@ -1,7 +1,8 @@
 """Run a task suite on one model: results with standard errors, per-item records, a table, a ledger line.
 
 out_dir/results.json                   every metric {value, stderr, n} per task, the task files'
-                                       sha256, the model evaluated, the machine and code version
+                                       sha256, the model evaluated, the machine and code version;
+                                       for a judge task, the judge (or why it was not asked)
 out_dir/<task>.instances.jsonl         per item: prompt, choices, scores, prediction, correct
 """
 
@@ -14,26 +15,34 @@ from pathlib import Path
 from trulyopen.evaluate.generation import evaluate_code, evaluate_generation
 from trulyopen.evaluate.models import EvalModel
 from trulyopen.evaluate.multiple_choice import evaluate as evaluate_mc
-from trulyopen.evaluate.taskfile import TaskSpec, load_instances
+from trulyopen.evaluate.taskfile import TaskSpec, check_judge_items, load_instances
 from trulyopen.evaluate.text import evaluate_text
 from trulyopen.evaluate.tool_calls import evaluate_tool_calls
 from trulyopen.files import atomic_open, sha256_file, write_json
 from trulyopen.ledger import Ledger, code_version, file_record, machine_summary
 
 
-def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict]]:
+def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict], dict]:
+    """The task's metrics, its per-item records, and what else its results entry says (a judge)."""
     instances = load_instances(spec.path, spec.type)
     if spec.limit is not None:
         instances = instances[: spec.limit]
+    if spec.type == "judge":
+        from trulyopen.evaluate.judging import evaluate_judge
+
+        check_judge_items(spec, instances)
+        return evaluate_judge(em.model, em.tokenizer, spec, instances)
     if spec.type == "multiple_choice":
-        return evaluate_mc(em.model, em.tokenizer, spec, instances, em.max_len)
-    if spec.type == "generation":
-        return evaluate_generation(em.model, em.tokenizer, spec, instances)
-    if spec.type == "code":
-        return evaluate_code(em.model, em.tokenizer, spec, instances)
-    if spec.type == "tool_call":
-        return evaluate_tool_calls(em.model, em.tokenizer, spec, instances, em.max_len)
-    return evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
+        result = evaluate_mc(em.model, em.tokenizer, spec, instances, em.max_len)
+    elif spec.type == "generation":
+        result = evaluate_generation(em.model, em.tokenizer, spec, instances)
+    elif spec.type == "code":
+        result = evaluate_code(em.model, em.tokenizer, spec, instances)
+    elif spec.type == "tool_call":
+        result = evaluate_tool_calls(em.model, em.tokenizer, spec, instances, em.max_len)
+    else:
+        result = evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
+    return (*result, {})
 
 
 def in_loop_metrics(model, tokenizer_dir: Path, tasks: list[TaskSpec], autocast) -> dict[str, float]:
@@ -47,7 +56,7 @@ def in_loop_metrics(model, tokenizer_dir: Path, tasks: list[TaskSpec], autocast)
     out = {}
     with autocast():
         for spec in tasks:
-            metrics, _ = run_task(em, spec)
+            metrics = run_task(em, spec)[0]
             out.update({f"eval/{spec.name}/{k}": round(m["value"], 6) for k, m in metrics.items()})
     model.train(was_training)
     return out
@@ -60,7 +69,7 @@ def evaluate_suite(
     results: dict = {"model": em.name, "loaded": em.source, "tasks": {}}
     for spec in tasks:
         t0 = time.perf_counter()
-        metrics, records = run_task(em, spec)
+        metrics, records, notes = run_task(em, spec)
         path = out_dir / f"{spec.name}.instances.jsonl"
         with atomic_open(path) as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
@@ -71,6 +80,7 @@ def evaluate_suite(
             "metrics": metrics,
             "seconds": round(time.perf_counter() - t0, 3),
             "settings": spec.model_dump(mode="json", exclude={"name", "path", "type"}),
+            **notes,
         }
     results["code_version"] = code_version()
     results["machine"] = machine_summary()
@@ -95,3 +105,9 @@ def print_table(results: dict) -> None:
         for metric, m in task["metrics"].items():
             extra = f"  ({m['form']})" if "form" in m else ""
             print(f"  {name:<28} {metric:<16} {m['value']:>8.4f} {m['stderr']:>9.4f} {m['n']:>6}{extra}")
+        judge = task.get("judge")
+        if judge is not None:
+            why = judge.get("skipped") or judge.get("stopped")
+            print(
+                f"  {name:<28} judged by {judge['model']} ({judge['provider']})" + (f": {why}" if why else "")
+            )

@@ -10,6 +10,9 @@ JSON object: provenance, a reference solution) is carried along but never scored
     tool_call        {"id", "messages", "tools", "answer": {"name", "arguments"}}   messages and tools
                                                   in OpenAI's format: is the right function called,
                                                   with arguments its schema accepts?
+    judge            {"id", "prompt", "reference"?, "baseline"?}   the model answers the prompt and
+                                                  a judge model scores the answer (the task's
+                                                  `judge` settings: rubric, reference or pairwise)
 
 Files are checked strictly, every line before any model runs: invalid JSON, a missing, mistyped or
 unknown field, empty choices, an answer out of range, a repeated id or a bad verifier spec is a
@@ -18,7 +21,8 @@ sha256 of a task file is `trulyopen.files.sha256_file`; results record it.
 
 A suite lists tasks with their settings; relative task paths are resolved against the suite file,
 and every task file is loaded once while the suite is read, so a broken file fails before a model
-is loaded.
+is loaded. That includes what a judge task's mode needs of its items: a reference for `reference`,
+a baseline answer for `pairwise` (unless a baseline model gives them).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trulyopen.errors import UserError
 from trulyopen.files import atomic_open
+from trulyopen.judge import DEFAULT_RUBRIC, JudgeError, check_template
+from trulyopen.recipe import HostedModelConfig
 from trulyopen.rewards.verifiers import VerifierError, parse_verifier
 
-KINDS = ("multiple_choice", "generation", "code", "text", "tool_call")
-TaskKind = Literal["multiple_choice", "generation", "code", "text", "tool_call"]
+KINDS = ("multiple_choice", "generation", "code", "text", "tool_call", "judge")
+TaskKind = Literal["multiple_choice", "generation", "code", "text", "tool_call", "judge"]
 
 # per kind: the required fields and the optional ones ("id" and "meta" are allowed everywhere)
 _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -47,6 +53,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "code": (("prompt", "tests"), ()),
     "text": (("text",), ()),
     "tool_call": (("messages", "tools", "answer"), ()),
+    "judge": (("prompt",), ("reference", "baseline")),
 }
 _COMMON = ("id", "meta")
 
@@ -73,6 +80,8 @@ class Instance:
     messages: list[dict] = field(default_factory=list)
     tools: list[dict] = field(default_factory=list)
     call: dict | None = None  # tool_call: the expected {"name", "arguments"}
+    reference: str | None = None  # judge: a reference answer
+    baseline: str | None = None  # judge: the answer a pairwise judge compares against
     meta: dict = field(default_factory=dict)
 
 
@@ -161,6 +170,11 @@ def _parse_record(record: object, kind: str, lineno: int, where: str) -> Instanc
         if answer["name"] not in [t["function"]["name"] for t in inst.tools]:
             raise ValueError(f"field 'answer.name': {answer['name']!r} is none of the tools")
         inst.call = {"name": answer["name"], "arguments": answer["arguments"]}
+    elif kind == "judge":
+        inst.prompt = _string(record, "prompt")
+        for name in ("reference", "baseline"):
+            if name in record:
+                setattr(inst, name, _string(record, name))
     else:
         inst.text = _string(record, "text")
     return inst
@@ -202,6 +216,7 @@ def load_instances(path: Path, kind: str) -> list[Instance]:
 def instance_text(inst: Instance) -> str:
     """All the text of an item a model could have seen in training: what contamination checks look at."""
     parts = [inst.context, inst.question or "", *inst.choices, inst.prompt, inst.tests, inst.text]
+    parts += [inst.reference or "", inst.baseline or ""]
     parts += [m["content"] for m in inst.messages]
     if inst.call is not None:  # the expected call: the answer a trained-on item would give away
         parts.append(json.dumps(inst.call, ensure_ascii=False))
@@ -223,6 +238,11 @@ def instance_record(inst: Instance) -> dict:
         record |= {"prompt": inst.prompt, "tests": inst.tests}
     elif inst.kind == "tool_call":
         record |= {"messages": inst.messages, "tools": inst.tools, "answer": inst.call}
+    elif inst.kind == "judge":
+        record["prompt"] = inst.prompt
+        record |= {
+            k: v for k, v in (("reference", inst.reference), ("baseline", inst.baseline)) if v is not None
+        }
     else:
         record["text"] = inst.text
     if inst.meta:
@@ -246,6 +266,52 @@ def write_instances(path: Path, records: Iterable[dict | Instance]) -> int:
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # task names become file names of the results
 
 
+class JudgeSpec(HostedModelConfig):
+    """How a judge task is judged: by which hosted model (trulyopen.hosted), and how."""
+
+    mode: Literal["rubric", "reference", "pairwise"] = Field(
+        description="rubric: score each answer 1..scale against the rubric; reference: is the answer "
+        "correct given the item's reference (yes/no, or 1..scale with a scale); pairwise: the answer "
+        "against a baseline answer, asked in both orders (a win only when both agree)."
+    )
+    rubric: str = Field(default=DEFAULT_RUBRIC, description="rubric: what a good answer is, in a phrase.")
+    scale: int | None = Field(
+        default=None,
+        ge=2,
+        le=100,
+        description="Scores run from 1 to scale: rubric (default 10), reference (default: a yes/no verdict).",
+    )
+    baseline_model: str | None = Field(
+        default=None,
+        description="pairwise: a second model (a run directory, checkpoint or Hugging Face model) whose "
+        "answers to the same prompts are the baselines, instead of the items' `baseline`.",
+    )
+    system: str | None = Field(default=None, description="The judge's system text instead of the default.")
+    prompt: str | None = Field(
+        default=None,
+        description="The judge's prompt template instead of the default (see trulyopen/judge/prompts.py "
+        "for its fields, e.g. {question} and {answer}; a literal brace written twice).",
+    )
+
+    @property
+    def prompt_kind(self) -> str:
+        """Which of the judge library's prompts this mode fills."""
+        return "reference_scored" if self.mode == "reference" and self.scale else self.mode
+
+    @model_validator(mode="after")
+    def _judge_settings(self) -> JudgeSpec:
+        if self.baseline_model is not None and self.mode != "pairwise":
+            raise ValueError("'baseline_model' applies to mode pairwise only")
+        if self.scale is not None and self.mode == "pairwise":
+            raise ValueError("'scale' applies to modes rubric and reference, not pairwise")
+        if self.prompt is not None:
+            try:
+                check_template(self.prompt, self.prompt_kind)
+            except JudgeError as e:
+                raise ValueError(f"'prompt': {e}") from None
+        return self
+
+
 class TaskSpec(BaseModel):
     """One task of a suite: which file, what kind, and how to run it."""
 
@@ -258,7 +324,9 @@ class TaskSpec(BaseModel):
     path: Path = Field(
         description="The task file (JSONL); relative paths are resolved against the suite file."
     )
-    type: TaskKind = Field(description="Kind of items: multiple_choice, generation, code, text or tool_call.")
+    type: TaskKind = Field(
+        description="Kind of items: multiple_choice, generation, code, text, tool_call or judge."
+    )
     few_shot: int = Field(default=0, ge=0, description="Examples from the same file put before each item.")
     seed: int = Field(default=1234, description="Seed of the few-shot choice and of sampling.")
     normalization: Literal["token", "char", "none"] = Field(
@@ -273,16 +341,19 @@ class TaskSpec(BaseModel):
         "lettered list (lettered), or both.",
     )
     max_new_tokens: int = Field(
-        default=128, ge=1, description="Generation, code and tool_call: most tokens generated."
+        default=128, ge=1, description="Generation, code, tool_call and judge: most tokens generated."
     )
     temperature: float = Field(
-        default=0.0, ge=0.0, description="Generation and code: sampling temperature (0: greedy)."
+        default=0.0, ge=0.0, description="Generation, code and judge: sampling temperature (0: greedy)."
     )
     samples: int = Field(default=1, ge=1, description="Code: completions per item, for pass@k.")
     k: list[int] = Field(
         default_factory=lambda: [1], min_length=1, description="Code: the k of each pass@k reported."
     )
     limit: int | None = Field(default=None, ge=1, description="Evaluate only the first this many items.")
+    judge: JudgeSpec | None = Field(
+        default=None, description="Judge tasks: the judge model (provider, model, key...) and its mode."
+    )
 
     @field_validator("name")
     @classmethod
@@ -308,14 +379,30 @@ class TaskSpec(BaseModel):
             )
         if self.samples > 1 and self.temperature == 0:
             raise ValueError("field 'temperature': samples > 1 needs a temperature above 0 (greedy repeats)")
+        if (self.type == "judge") != (self.judge is not None):
+            need = "required for type judge" if self.judge is None else "applies to type judge only"
+            raise ValueError(f"field 'judge': {need}")
         return self
+
+
+def check_judge_items(spec: TaskSpec, instances: list[Instance]) -> None:
+    """TaskError at the first item that lacks what the task's judge mode needs."""
+    j = spec.judge
+    if j is None or j.mode == "rubric" or (j.mode == "pairwise" and j.baseline_model):
+        return
+    need = "reference" if j.mode == "reference" else "baseline"
+    how = "" if need == "reference" else " (or set judge.baseline_model)"
+    for inst in instances:
+        if getattr(inst, need) is None:
+            raise TaskError(f"{inst.where}: missing field '{need}': judge mode {j.mode} needs it{how}")
 
 
 def _describe(error: dict) -> str:
     loc = ".".join(str(p) for p in error["loc"])
     where = f"field '{loc}': " if loc else ""
     if error["type"] == "extra_forbidden":
-        return f"{where}unknown key (allowed: {', '.join(TaskSpec.model_fields)})"
+        fields = JudgeSpec.model_fields if error["loc"][0] == "judge" else TaskSpec.model_fields
+        return f"{where}unknown key (allowed: {', '.join(fields)})"
     if error["type"] == "missing":
         return f"{where}required but missing"
     msg = error["msg"].removeprefix("Value error, ")
@@ -355,6 +442,6 @@ def load_suite(path: Path) -> list[TaskSpec]:
             spec.path = (path.resolve().parent / spec.path).resolve()
         if not spec.path.is_file():
             raise TaskError(f"{path}: {label}: field 'path': task file not found: {spec.path}")
-        load_instances(spec.path, spec.type)  # fail now, not after the model has loaded
+        check_judge_items(spec, load_instances(spec.path, spec.type))  # fail now, not after the model loads
         specs.append(spec)
     return specs
