@@ -161,6 +161,30 @@ def finetune(
     _run(recipe, set, run_dir, force, workers, until="finetune")
 
 
+@app.command()
+def tune(
+    recipe: RecipeArg,
+    space: Annotated[
+        Path, typer.Option("--space", help="The search space YAML file (see recipes/quickstart.tune.yaml).")
+    ],
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to finish (a rerun resumes).")],
+    study_dir: Annotated[
+        Path | None,
+        typer.Option("--study-dir", help="Where the study lives (default: runs/<recipe name>-tune/)."),
+    ] = None,
+    set: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-o", help="Override a recipe field in every trial (repeatable)."),
+    ] = None,
+):
+    """Search hyperparameters with Optuna (TPE, median pruning): each trial is a run of the recipe in
+    STUDY_DIR/trial-NNNN with the trial's overrides; results.md, study.json, study.png and the best
+    recipe (best.yaml) are written as it goes. Rerun the same command to resume a stopped study."""
+    from trulyopen.tune import tune as run_tune
+
+    run_tune(recipe, space, trials, study_dir, set or [])
+
+
 @app.command("eval")
 def eval_(
     target: Annotated[
@@ -714,7 +738,7 @@ def _interrupted() -> int:
 
 
 # the verbs that run pipeline stages: interrupted, they resume where they stopped
-RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release"}
+RESUMABLE = {"run", "data", "tokenizer", "pretrain", "synth", "finetune", "eval", "release", "tune"}
 
 
 def _crash(e: BaseException) -> int:

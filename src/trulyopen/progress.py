@@ -33,6 +33,7 @@ class Progress:
         self.docs = 0
         self.nbytes = 0
         self.peak_rss_mb = 0.0  # the largest worker's peak memory, where the items report it
+        self.note = ""  # anything else worth a glance (a study's best value so far)
         self.start = self.last = time.perf_counter()
 
     def update(self, n: int = 1, nbytes: int = 0, docs: int = 0) -> None:
@@ -63,6 +64,8 @@ class Progress:
             parts.append(f"({self.already:,} done before, resumed)")
         if self.peak_rss_mb:
             parts.append(f"peak {self.peak_rss_mb:,.0f} MB a worker")
+        if self.note:
+            parts.append(self.note)
         if final:
             parts.append(f"in {dt:.1f}s")
         elif self.total and rate > 0:
