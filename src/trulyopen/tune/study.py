@@ -167,7 +167,9 @@ def tune(
         study = open_study(study_dir, space, recipe, space_file)
         plan = _Plan(study, study_dir, space, space_file, recipe_file, overrides, shared, poll)
         for number in recover(study):
-            errors.warn(f"trial {number} was cut short by a killed tune: failed, and queued to run again")
+            errors.warn(
+                f"trial {number} was cut short (its tune process stopped): failed, queued to run again"
+            )
         done = finished(study)
         if done >= n_trials:
             print(f"tune: {done} trials have finished (--trials {n_trials}): nothing to run")
