@@ -128,8 +128,11 @@ class Wire:
     def read(self, data: Any) -> Reply:
         raise NotImplementedError
 
-    def _no_text(self, where: str, finish: object) -> RemoteError:
-        return RemoteError(f"{self.name}: the answer's {where} holds no text (stopped: {finish})")
+    def _reply(self, text: object, where: str, finish: Any, usage: dict[str, int]) -> Reply:
+        """The Reply; RemoteError when `text` (found at `where`) is no text or empty."""
+        if not isinstance(text, str) or not text:
+            raise RemoteError(f"{self.name}: the answer's {where} holds no text (stopped: {finish})")
+        return Reply(text, finish, usage)
 
 
 class OpenAIWire(Wire):
@@ -152,9 +155,8 @@ class OpenAIWire(Wire):
         message = _dig(self.name, data, "choices", 0, "message")
         text = message.get("content") if isinstance(message, dict) else None
         finish = data["choices"][0].get("finish_reason")  # (a mapping: it held "message")
-        if not isinstance(text, str) or not text:
-            raise self._no_text("choices[0].message.content", finish)
-        return Reply(text, finish, _usage(data.get("usage"), "prompt_tokens", "completion_tokens"))
+        usage = _usage(data.get("usage"), "prompt_tokens", "completion_tokens")
+        return self._reply(text, "choices[0].message.content", finish, usage)
 
 
 class AnthropicWire(Wire):
@@ -178,10 +180,8 @@ class AnthropicWire(Wire):
 
     def read(self, data: Any) -> Reply:
         text = _texts(self.name, _dig(self.name, data, "content"), "content", type="text")
-        if not text:
-            raise self._no_text("content", data.get("stop_reason"))
         usage = _usage(data.get("usage"), "input_tokens", "output_tokens")
-        return Reply(text, data.get("stop_reason"), usage)
+        return self._reply(text, "content", data.get("stop_reason"), usage)
 
 
 class GeminiWire(Wire):
@@ -223,10 +223,8 @@ class GeminiWire(Wire):
         content = candidate.get("content")
         parts = content.get("parts", []) if isinstance(content, dict) else []
         text = _texts(self.name, parts, "candidates[0].content.parts")
-        if not text:
-            raise self._no_text("candidates[0].content.parts", candidate.get("finishReason"))
         usage = _usage(data.get("usageMetadata"), "promptTokenCount", "candidatesTokenCount")
-        return Reply(text, candidate.get("finishReason"), usage)
+        return self._reply(text, "candidates[0].content.parts", candidate.get("finishReason"), usage)
 
 
 class VertexWire(GeminiWire):
@@ -287,11 +285,11 @@ class BedrockWire(Wire):
         return body
 
     def read(self, data: Any) -> Reply:
-        blocks = _dig(self.name, data, "output", "message", "content")
-        text = _texts(self.name, blocks, "output.message.content")
-        if not text:
-            raise self._no_text("output.message.content", data.get("stopReason"))
-        return Reply(text, data.get("stopReason"), _usage(data.get("usage"), "inputTokens", "outputTokens"))
+        text = _texts(
+            self.name, _dig(self.name, data, "output", "message", "content"), "output.message.content"
+        )
+        usage = _usage(data.get("usage"), "inputTokens", "outputTokens")
+        return self._reply(text, "output.message.content", data.get("stopReason"), usage)
 
 
 WIRES: dict[str, type[Wire]] = {
