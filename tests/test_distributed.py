@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from .conftest import build_corpus, write_recipe
 
@@ -71,4 +72,89 @@ def test_checkpoints_move_between_world_sizes(runs, written_by, resumed_by, npro
     )
     assert "resuming from step_000004" in out
     resumed, reference = _losses(run), _losses(tmp / "one")
+    assert max(abs(a - b) for a, b in zip(resumed, reference, strict=True)) < TOLERANCE
+
+
+# ----------------------------------------------------------------------------- post-training
+
+
+# no adapter dropout: one process draws the masks of micro-batches 0..3 from one stream, two from two
+LORA = ["--set", "finetune.adapter=lora", "--set", "finetune.lora.dropout=0"]
+
+
+def _finetune_losses(run_dir):
+    rows = (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in rows]
+
+
+@pytest.fixture(scope="module")
+def tuned(runs):
+    """SFT of the single-process run's model, by 1 process and by 2 (DDP, and FSDP2 with LoRA)."""
+    tmp = runs["tmp"]
+    chat = tmp / "chat.jsonl"
+    chat.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+            )
+            + "\n"
+            for w in ["alpha", "beta", "gamma", "delta", "omega", "sigma"] * 4
+        )
+    )
+    finetune = {
+        "method": "sft",
+        "data": [{"path": str(chat)}],
+        "seq_len": 64,
+        "batch_size": 4,
+        "micro_batch_size": 1,  # four micro-batches a step: two per process
+        "max_steps": 6,
+        "lr": 3e-3,
+        "warmup_steps": 1,
+        "eval_every": 3,
+        "checkpoint_every": 3,
+        "precision": "fp32",
+        "val_fraction": 0.0,
+    }
+    recipe = tmp / "finetune.yaml"
+    recipe.write_text(runs["recipe"].read_text() + yaml.safe_dump({"finetune": finetune}))
+    out = {"recipe": recipe}
+    for name, nproc, extra in [
+        ("ft-one", 1, []),
+        ("ft-ddp", 2, []),
+        ("ft-fsdp", 2, ["--set", "finetune.distributed=fsdp"]),
+        ("ft-lora-one", 1, LORA),
+        ("ft-lora-ddp", 2, LORA),
+    ]:
+        shutil.copytree(tmp / "one", tmp / name)
+        _trulyopen(["finetune", str(recipe), "--workers", "1", "--run-dir", str(tmp / name), *extra], nproc)
+    out["tmp"] = tmp
+    return out
+
+
+@pytest.mark.parametrize(
+    ("reference", "run"), [("ft-one", "ft-ddp"), ("ft-one", "ft-fsdp"), ("ft-lora-one", "ft-lora-ddp")]
+)
+def test_post_training_under_torchrun_follows_one_process(tuned, reference, run):
+    one, two = _finetune_losses(tuned["tmp"] / reference), _finetune_losses(tuned["tmp"] / run)
+    assert len(one) == len(two) == 6 and one[-1] < one[0]
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < TOLERANCE
+
+
+def test_post_training_checkpoints_move_between_world_sizes(tuned):
+    """Written by FSDP2 over two processes, resumed by one: the single-process trajectory."""
+    tmp = tuned["tmp"]
+    run = tmp / "ft-fsdp-then-one"
+    shutil.copytree(tmp / "ft-fsdp", run)
+    shutil.rmtree(run / "checkpoints" / "finetune" / "step_000006")
+    ledger = run / "ledger.jsonl"
+    kept = [json.loads(ln) for ln in ledger.read_text().splitlines()]
+    kept = [
+        e
+        for e in kept
+        if e["stage"] != "finetune" and not (e["stage"] == "finetune/checkpoint" and e["step"] == 6)
+    ]
+    ledger.write_text("".join(json.dumps(e) + "\n" for e in kept))
+    out = _trulyopen(["finetune", str(tuned["recipe"]), "--workers", "1", "--run-dir", str(run)])
+    assert "resuming from step_000003" in out
+    resumed, reference = _finetune_losses(run), _finetune_losses(tmp / "ft-one")
     assert max(abs(a - b) for a, b in zip(resumed, reference, strict=True)) < TOLERANCE

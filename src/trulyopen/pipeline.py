@@ -231,7 +231,8 @@ def _finetune_run(ctx: Context, records: list[dict]) -> list[Path]:
 
     paths = _finetune_paths(ctx)
     final = finetune(ctx.recipe.finetune, paths, fresh=ctx.fresh)
-    print(f"finetune: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"finetune: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
     return [*sorted(final.iterdir()), paths.metrics, paths.records]
 
 
@@ -287,6 +288,7 @@ STAGES = [
         _finetune_inputs,
         _finetune_run,
         enabled=lambda r: r.finetune is not None,
+        distributed=True,
     ),
     Stage("eval", lambda r: (r.eval,), _eval_inputs, _eval_run, enabled=lambda r: r.eval is not None),
     Stage(
