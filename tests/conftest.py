@@ -169,10 +169,12 @@ ORDER = [
     "test_finetune.py",  # 77 s
     "test_faults.py",  # 71 s
     "test_tool_use.py",  # 48 s (one thread)
+    "test_objectives.py",  # 45 s (every new objective on a tiny model)
     "test_errors.py",  # 70 s
     "test_release.py",  # 55 s
     "test_eval.py",  # 47 s
     "test_serve_hardening.py",  # 45 s
+    "test_tune.py",  # 40 s (a study of toy runs, each a child process)
     "test_pipeline.py",  # 30 s
     "test_release_requirements.py",  # 30 s
     "test_serve.py",  # 20 s
@@ -181,6 +183,8 @@ ORDER = [
     "test_losses.py",  # 11 s, most of it importing TRL's trainers
     "test_infer.py",  # 10 s
     "test_eval_tasks.py",  # 8 s
+    "test_hosted.py",  # 9 s (fake servers on loopback)
+    "test_judge.py",  # 7 s
 ]
 
 

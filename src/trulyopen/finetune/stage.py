@@ -15,6 +15,7 @@ import hashlib
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,7 @@ from trulyopen.finetune.render import ChatRenderer, item_of
 from trulyopen.ledger import config_hash
 from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig
 from trulyopen.train import distributed
+from trulyopen.train.layout import StagePaths
 from trulyopen.train.loop import Job, train
 from trulyopen.train.losses import reference_logps
 from trulyopen.train.objectives.distill import Distill
@@ -43,20 +45,8 @@ SYNTH_EXTRA = {"sft": ("tools.jsonl",)}  # also trained with the method when the
 
 
 @dataclass
-class FinetunePaths:
-    run_dir: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints" / "finetune"
-
-    @property
-    def stage_dir(self) -> Path:
-        return self.run_dir / "finetune"
-
-    @property
-    def metrics(self) -> Path:
-        return self.stage_dir / "metrics.jsonl"
+class FinetunePaths(StagePaths):
+    stage: ClassVar[str] = "finetune"
 
     @property
     def records(self) -> Path:
@@ -175,9 +165,8 @@ def finetune(
         return extra
 
     job = Job(
-        stage="finetune",
+        paths=paths,
         cfg=cfg,
-        run_dir=paths.run_dir,
         model=model,
         objective=objective,
         dtype=dtype,

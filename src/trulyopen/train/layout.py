@@ -3,9 +3,31 @@ it. `train.checkpoint` reads and writes them; `trulyopen.locate` finds them befo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 PREFIX = "step_"
+
+
+@dataclass
+class StagePaths:
+    """Where a training stage of a run writes: checkpoints/<stage>/ and <stage>/ (metrics, its files)."""
+
+    run_dir: Path
+    stage: ClassVar[str] = ""
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints" / self.stage
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.stage
+
+    @property
+    def metrics(self) -> Path:
+        return self.stage_dir / "metrics.jsonl"
 
 
 def path_for(root: Path, step: int) -> Path:

@@ -33,6 +33,7 @@ from trulyopen.recipe import LoopConfig
 from trulyopen.train import TrainingError, checkpoint, distributed
 from trulyopen.train import metrics as metrics_log
 from trulyopen.train.distributed import World
+from trulyopen.train.layout import StagePaths
 from trulyopen.train.loader import DataMismatchError
 from trulyopen.train.metrics import MetricsLog
 from trulyopen.train.objectives import Micro, Objective
@@ -45,9 +46,8 @@ from trulyopen.train.schedule import learning_rate
 class Job:
     """What a stage hands the loop."""
 
-    stage: str  # "pretrain", "finetune": checkpoints/<stage>/, <stage>/metrics.jsonl, ledger entries
+    paths: StagePaths  # the run and the stage: checkpoints/<stage>/, <stage>/metrics.jsonl, ledger entries
     cfg: LoopConfig
-    run_dir: Path
     model: torch.nn.Module  # built, on the world's device; its trainable parameters require grad
     objective: Objective
     dtype: torch.dtype
@@ -59,20 +59,13 @@ class Job:
     label: str = ""  # the progress bar's name (default: the stage)
     extra: dict = field(default_factory=dict)  # not used by the loop; for the stage's own bookkeeping
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints" / self.stage
-
-    @property
-    def metrics(self) -> Path:
-        return self.run_dir / self.stage / "metrics.jsonl"
-
 
 def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     """Train, checkpointing as it goes; return the final checkpoint's directory. `stop_at` ends the
     run early, with a checkpoint, at that step (the schedule still spans max_steps): `verify
     --replay` retrains one stretch this way."""
-    cfg, model, objective, stage = job.cfg, job.model, job.objective, job.stage
+    cfg, model, objective, paths = job.cfg, job.model, job.objective, job.paths
+    stage, run_dir = paths.stage, paths.run_dir
     device = world.device
     say = print if world.main else (lambda *a, **k: None)
     # wrap before making the optimizer: FSDP2 shards the parameters in place
@@ -82,12 +75,12 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     trainable = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_for(device, job.dtype)
     peak, _ = peak_flops(device, job.dtype)
-    ledger = Ledger(job.run_dir)
+    ledger = Ledger(run_dir)
     end = stop_at or cfg.max_steps
 
     # Resume from the newest complete checkpoint, if this run has one.
     start = 0
-    last_ckpt = checkpoint.newest(job.checkpoints)
+    last_ckpt = checkpoint.newest(paths.checkpoints)
     if last_ckpt is not None:
         # the config first: weights of another model shape would fail to load with a worse message
         if checkpoint.read_state(last_ckpt)["config_hash"] != job.config_hash:
@@ -104,7 +97,7 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
         start = state["step"]
         say(f"{stage}: resuming from {last_ckpt.name} (step {start})")
     if world.main:
-        metrics_log.keep_until(job.metrics, start)
+        metrics_log.keep_until(paths.metrics, start)
 
     def save(step: int) -> Path:
         state = {
@@ -115,26 +108,26 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
             "code_version": code_version(),
             "seed": cfg.seed,
         }
-        path = checkpoint.save(job.checkpoints, step, model, optimizer, state, world, adapter=job.adapter)
+        path = checkpoint.save(paths.checkpoints, step, model, optimizer, state, world, adapter=job.adapter)
         if world.main:
             ledger.append(
                 {
                     "stage": f"{stage}/checkpoint",
                     "step": step,
                     "config_hash": job.config_hash,
-                    "outputs": [file_record(f, job.run_dir) for f in sorted(path.iterdir())],
+                    "outputs": [file_record(f, run_dir) for f in sorted(path.iterdir())],
                 }
             )
-            checkpoint.thin(job.checkpoints, cfg.checkpoint_every * cfg.keep_every)
+            checkpoint.thin(paths.checkpoints, cfg.checkpoint_every * cfg.keep_every)
         distributed.barrier(world)
         return path
 
     model.train()
     last_good = last_ckpt
-    log_path = job.metrics if world.main else Path(os.devnull)
+    log_path = paths.metrics if world.main else Path(os.devnull)
     sinks = cfg.log_to if world.main else []
     with (
-        MetricsLog(log_path, sinks, job.run_dir.name, cfg.model_dump(mode="json")) as metrics,
+        MetricsLog(log_path, sinks, run_dir.name, cfg.model_dump(mode="json")) as metrics,
         Progress(job.label or stage, end - start, "steps", quiet=not world.main) as bar,
     ):
         for step in range(start, end):
@@ -204,7 +197,7 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
             bar.update(1)
             if done % cfg.checkpoint_every == 0 or done in (cfg.max_steps, stop_at):
                 last_good = save(done)
-    return checkpoint.path_for(job.checkpoints, end)
+    return checkpoint.path_for(paths.checkpoints, end)
 
 
 def mine(micros: list[Micro], world: World) -> list[Micro]:

@@ -14,8 +14,7 @@ how a step is cut:
                   odds        pair       pairs
     simpo_losses              pair       pairs
     bradley_terry_losses      pair       pairs
-    forward_kl / generalized_jsd
-                              token      trained tokens (mask.sum())
+    generalized_jsd           token      trained tokens (mask.sum())
     policy_token_losses       token      `aggregate` says: it returns (total, count) per micro-batch,
                                          and the step's loss is Σ total / Σ count
 
@@ -226,23 +225,6 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
 
 
-def forward_kl(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """KL(teacher ‖ student) per token [B, T] (0 where `mask` is False), both softmaxes at temperature τ:
-
-        Σ_v p_t(v) · (log p_t(v) − log p_s(v)),   p = softmax(logits / τ)
-
-    Mass-covering: the student is pushed to put mass wherever the teacher does. Not scaled by τ²
-    (Hinton et al. scale it; TRL's GKD and distillation trainers do not)."""
-    s = F.log_softmax(student_logits / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return torch.where(mask.bool(), _kl(t, s), 0.0)
-
-
 def generalized_jsd(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -251,7 +233,9 @@ def generalized_jsd(
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """The generalised Jensen–Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) per token [B, T],
-    0 where `mask` is False; divide the step's sum by its trained tokens (TRL's "batchmean" with labels):
+    0 where `mask` is False; divide the step's sum by its trained tokens (TRL's "batchmean" with labels).
+    β = 0 is forward KL(teacher ‖ student): mass-covering, the student is pushed to put mass wherever
+    the teacher does. Not scaled by τ² (Hinton et al. scale it; TRL's GKD trainer does not):
 
         m   = β · p_t + (1 − β) · p_s
         JSD = β · KL(p_t ‖ m) + (1 − β) · KL(p_s ‖ m)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from trulyopen.model.build import count_params, flops_per_token, from_preset, fr
 from trulyopen.model.presets import ModelSpecError, resolve_dims
 from trulyopen.recipe import ModelConfig, PretrainConfig
 from trulyopen.train import distributed
+from trulyopen.train.layout import StagePaths
 from trulyopen.train.loader import BatchPlan, TokenStream
 from trulyopen.train.loop import Job, train
 from trulyopen.train.objectives.causal_lm import CausalLM
@@ -47,18 +49,10 @@ def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> 
 
 
 @dataclass
-class Paths:
-    run_dir: Path
+class Paths(StagePaths):
     shards: Path
     tokenizer: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.run_dir / "checkpoints" / "pretrain"
-
-    @property
-    def metrics(self) -> Path:
-        return self.run_dir / "pretrain" / "metrics.jsonl"
+    stage: ClassVar[str] = "pretrain"
 
 
 def pretrain(
@@ -136,9 +130,8 @@ def pretrain(
         plan, cfg.micro_batch_size, cfg.z_loss, stream.eot_id if cfg.document_masking else None, validate
     )
     job = Job(
-        stage="pretrain",
+        paths=paths,
         cfg=cfg,
-        run_dir=paths.run_dir,
         model=model,
         objective=objective,
         dtype=dtype,

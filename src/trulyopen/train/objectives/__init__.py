@@ -63,9 +63,12 @@ class Objective(Protocol):
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict: ...
 
 
-def per_unit(sums: dict[str, float], sb: StepBatch) -> dict:
-    """The usual summary: every summed stat divided by the step's denominator, then the batch's stats."""
-    return {**{k: v / sb.denominator for k, v in sums.items()}, **sb.stats}
+class Summed:
+    """The usual summary, for an objective to inherit: every stat its micro-batches summed, divided
+    by the step's denominator, then the figures its batch knew beforehand."""
+
+    def summary(self, sums: dict[str, float], sb: StepBatch) -> dict:
+        return {**{k: v / sb.denominator for k, v in sums.items()}, **sb.stats}
 
 
 def chunks(xs: list, n: int) -> list[list]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from trulyopen.train.attention import document_attention
 from trulyopen.train.loader import BatchPlan
-from trulyopen.train.objectives import Micro, StepBatch, per_unit
+from trulyopen.train.objectives import Micro, StepBatch, Summed
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,7 +26,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple
     return ce, ce
 
 
-class CausalLM:
+class CausalLM(Summed):
     name = "causal_lm"
 
     def __init__(
@@ -59,9 +59,6 @@ class CausalLM:
             logits = model(input_ids=x).logits
         loss, ce = lm_loss(logits, y, self.z_loss)
         return loss * len(rows), {"loss": ce.item() * len(rows)}  # sums over rows: the loop divides
-
-    def summary(self, sums: dict, sb: StepBatch) -> dict:
-        return per_unit(sums, sb)
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict:

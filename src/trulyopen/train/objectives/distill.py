@@ -18,11 +18,11 @@ import torch
 
 from trulyopen.recipe import FinetuneConfig
 from trulyopen.train.losses import generalized_jsd
-from trulyopen.train.objectives import Micro, StepBatch, chunks, cycle, seed_of
+from trulyopen.train.objectives import Micro, StepBatch, Summed, chunks, cycle, seed_of
 from trulyopen.train.packing import IGNORE, Batch, Item, collate, pack_rows
 
 
-class Distill:
+class Distill(Summed):
     name = "distill"
 
     def __init__(
@@ -83,9 +83,6 @@ class Distill:
     def loss(self, model, micro: Micro, device) -> tuple[torch.Tensor, dict]:
         loss = self._divergence(model, micro.batch, device)
         return loss, {"loss": loss.item()}
-
-    def summary(self, sums: dict, sb: StepBatch) -> dict:
-        return {"loss": sums["loss"] / sb.denominator, **sb.stats}
 
     @torch.no_grad()
     def validate(self, model, device) -> dict:

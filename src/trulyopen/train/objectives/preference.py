@@ -26,7 +26,7 @@ from trulyopen.train.losses import (
     simpo_losses,
     token_logps,
 )
-from trulyopen.train.objectives import Micro, StepBatch, chunks, cycle, per_unit
+from trulyopen.train.objectives import Micro, StepBatch, Summed, chunks, cycle
 from trulyopen.train.packing import IGNORE, Batch, Item, collate, pack_rows
 
 Pair = tuple[Item, Item]
@@ -45,7 +45,7 @@ def sequence_logps(model: torch.nn.Module, b: Batch, n: int, device: torch.devic
     return logps, counts
 
 
-class Pairs:
+class Pairs(Summed):
     """What every pair objective shares: the step's pairs, packing, and validation; a subclass says
     what the losses of a micro-batch's pairs are (`pair_losses`)."""
 
@@ -82,9 +82,6 @@ class Pairs:
     def loss(self, model, micro: Micro, device) -> tuple[torch.Tensor, dict]:
         losses, stats = self.pair_losses(model, micro.batch, micro.extra, device)
         return losses.sum(), {"loss": losses.sum().item(), **{k: v.sum().item() for k, v in stats.items()}}
-
-    def summary(self, sums: dict, sb: StepBatch) -> dict:
-        return per_unit(sums, sb)
 
     @torch.no_grad()
     def validate(self, model, device) -> dict:
@@ -195,7 +192,7 @@ def with_completion_of(prompt_of: Item, reply_of: Item, seq_len: int) -> Item:
     return Item(inputs[:seq_len], targets[:seq_len])
 
 
-class KTO:
+class KTO(Summed):
     """Kahneman-Tversky optimisation on single replies marked desirable or undesirable. The
     reference point z0 is the policy's KL from the reference, estimated on mismatched pairs (each
     prompt with the reply before it in the micro-batch, as TRL)."""
@@ -260,9 +257,6 @@ class KTO:
             "reward_desirable": float((rewards * good).sum()),
             "reward_undesirable": float((rewards * ~good).sum()),
         }
-
-    def summary(self, sums: dict, sb: StepBatch) -> dict:
-        return per_unit(sums, sb)
 
     @torch.no_grad()
     def validate(self, model, device) -> dict:

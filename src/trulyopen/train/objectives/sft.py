@@ -10,11 +10,11 @@ import torch
 
 from trulyopen.recipe import FinetuneConfig
 from trulyopen.train.losses import token_logps
-from trulyopen.train.objectives import Micro, StepBatch, chunks
+from trulyopen.train.objectives import Micro, StepBatch, Summed, chunks
 from trulyopen.train.packing import Item, RowPlan, collate, pack_rows
 
 
-class SFT:
+class SFT(Summed):
     name = "sft"
 
     def __init__(self, cfg: FinetuneConfig, items: list[Item], val: list[Item], pad_id: int):
@@ -36,9 +36,6 @@ class SFT:
     def loss(self, model: torch.nn.Module, micro: Micro, device: torch.device) -> tuple[torch.Tensor, dict]:
         nll = -token_logps(model, micro.batch, device).sum()
         return nll, {"loss": nll.item()}
-
-    def summary(self, sums: dict, sb: StepBatch) -> dict:
-        return {"loss": sums["loss"] / sb.denominator, **sb.stats}
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict:
