@@ -17,6 +17,7 @@ from trulyopen.train import TrainingError
 from .conftest import tiny_llama_config
 
 COLORS = {"alpha": "red", "beta": "green", "gamma": "blue", "delta": "white", "omega": "black"}
+CALL = '<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>'
 
 
 def write_jsonl(path, records):
@@ -31,7 +32,7 @@ def make_base(out, vocab: int, seed: int):
     from trulyopen.data.tokenizer import save_hf, train_tokenizer
     from trulyopen.model.export import export_hf
 
-    texts = [f"colour of {w}? {c} no idea I do not know print(6*7) 42 python code" for w, c in COLORS.items()]
+    texts = [f"colour of {w}? {c} no idea I do not know {CALL} 42" for w, c in COLORS.items()]
     tok = train_tokenizer(iter(texts * 20), TokenizerConfig(vocab_size=vocab))
     save_hf(tok, out / "tok")
     torch.manual_seed(seed)
@@ -154,7 +155,13 @@ def test_distillation_pulls_the_student_towards_the_teacher(base, tmp_path):
     first, last = early_late(metrics(tmp_path / "kd"), "loss")
     assert last < 0.5 * first
     # on-policy (GKD): every step on the student's own samples, JSD halfway
-    on = cfg(base, data, "distill", max_steps=3, distill={"teacher": str(teacher), "lmbda": 1.0, "beta": 0.5})
+    on = cfg(
+        base,
+        data,
+        "distill",
+        max_steps=3,
+        distill={"teacher": str(teacher), "lmbda": 1.0, "beta": 0.5, "max_new_tokens": 8},
+    )
     finetune(on, FinetunePaths(tmp_path / "gkd"))
     assert [r["on_policy"] for r in metrics(tmp_path / "gkd")] == [1.0, 1.0, 1.0]
 
@@ -197,7 +204,7 @@ def test_tool_environment_runs_python_and_masks_its_output(base, tmp_path):
     from trulyopen.train.objectives.grpo import GRPO, Prompt
     from trulyopen.train.packing import IGNORE
 
-    call = '<tool_call>{"name": "python", "arguments": {"code": "print(6*7)"}}</tool_call>'
+    call = CALL
     rows = [
         {"messages": [{"role": "user", "content": "compute"}, {"role": "assistant", "content": call}]}
     ] * 8
@@ -206,10 +213,10 @@ def test_tool_environment_runs_python_and_masks_its_output(base, tmp_path):
         write_jsonl(tmp_path / "sft.jsonl", rows),
         "sft",
         seq_len=200,
-        max_steps=100,
+        max_steps=50,
         lr=1e-2,
         schedule="constant",
-        checkpoint_every=100,
+        checkpoint_every=50,
     )
     taught = finetune(sft, FinetunePaths(tmp_path / "sft"))
     from trulyopen.train.checkpoint import load_for_inference
@@ -222,7 +229,7 @@ def test_tool_environment_runs_python_and_masks_its_output(base, tmp_path):
         tmp_path / "unused.jsonl",
         "grpo",
         seq_len=250,
-        grpo={"tools": True, "max_new_tokens": 120, "max_tool_calls": 1, "group_size": 2},
+        grpo={"tools": True, "max_new_tokens": 40, "max_tool_calls": 1, "group_size": 2},
     )
     prompt = Prompt(
         renderer.prompt([{"role": "user", "content": "compute"}]),
@@ -239,7 +246,7 @@ def test_tool_environment_runs_python_and_masks_its_output(base, tmp_path):
         tool_turn=renderer.tool_turn,
     )
     greedy = SamplingParams(
-        max_new_tokens=120, temperature=0.0, stop_ids=renderer.stop_ids(), stop_strings=("</tool_call>",)
+        max_new_tokens=40, temperature=0.0, stop_ids=renderer.stop_ids(), stop_strings=("</tool_call>",)
     )
     [r] = grpo.rollout(model, [prompt], greedy, seed=0)
     assert r.tool_calls == 1, tok.decode(r.tokens)
