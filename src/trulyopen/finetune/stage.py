@@ -164,18 +164,8 @@ def finetune(
             extra["lora_config"] = bases.lora_config_dict(model)
         return extra
 
-    job = Job(
-        paths=paths,
-        cfg=cfg,
-        model=model,
-        objective=objective,
-        dtype=dtype,
-        config_hash=config_hash(cfg),
-        data_fingerprint=fingerprint,
-        state=state,
-        adapter=cfg.adapter != "none",
-        label=f"finetune {cfg.method}",
-    )
+    job = Job(paths, cfg, model, objective, dtype, config_hash(cfg), fingerprint, state)
+    job.adapter, job.label = cfg.adapter != "none", f"finetune {cfg.method}"
     return train(job, world, stop_at)
 
 

@@ -129,15 +129,7 @@ def pretrain(
     objective = CausalLM(
         plan, cfg.micro_batch_size, cfg.z_loss, stream.eot_id if cfg.document_masking else None, validate
     )
-    job = Job(
-        paths=paths,
-        cfg=cfg,
-        model=model,
-        objective=objective,
-        dtype=dtype,
-        config_hash=config_hash(model_cfg, cfg),
-        data_fingerprint=stream.fingerprint,
-        state=lambda step: {"tokens_seen": step * cfg.global_batch_tokens},
-        flops_per_token=fpt,
-    )
+    job = Job(paths, cfg, model, objective, dtype, config_hash(model_cfg, cfg), stream.fingerprint)
+    job.state = lambda step: {"tokens_seen": step * cfg.global_batch_tokens}
+    job.flops_per_token = fpt
     return train(job, world, stop_at)
