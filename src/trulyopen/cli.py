@@ -157,7 +157,8 @@ def finetune(
     force: ForceOpt = None,
     workers: WorkersOpt = None,
 ):
-    """Post-train (SFT, DPO or GRPO; full, LoRA or QLoRA) a trulyopen checkpoint or a Hugging Face model."""
+    """Post-train (SFT, DPO, KTO, ORPO, SimPO, reward model, distillation, GRPO; full, LoRA or QLoRA) a
+    trulyopen checkpoint or a Hugging Face model."""
     _run(recipe, set, run_dir, force, workers, until="finetune")
 
 

@@ -1,1 +1,2 @@
-"""Post-training: SFT, DPO and GRPO, on full weights or with LoRA / QLoRA adapters (see loop.py)."""
+"""Post-training data and models: records, chat rendering, the base (adapters, teachers), and the stage
+(stage.py) that hands them to the one training loop (train/loop.py) with an objective."""

@@ -2,7 +2,8 @@
 
     resolve the base model and its tokenizer ─► read, check and tokenise the records
     build the model (full weights, or an adapter on a frozen or 4-bit base)
-    the objective (sft, dpo, grpo); DPO: the reference's log-probabilities, once, into a cache file
+    the objective (train/objectives/): sft, dpo, kto, orpo, simpo, reward, distill or grpo, with what it
+                   needs beside the records (a reference, a teacher, a reward model, a tool environment)
     train/loop.py: resume, steps, metrics, checkpoints (DDP or FSDP2 under torchrun, as pretraining)
 
 Checkpoints, metrics and ledger entries are written as in pretraining; an adapter run's
