@@ -136,6 +136,10 @@ def test_a_trained_reward_model_scores_grpo_completions(base, tmp_path):
     bad = good.replace("red", "no idea")
     scores = scorer([tok(t, add_special_tokens=False)["input_ids"] for t in (good, bad)])
     assert scores[0] > scores[1]
+    from trulyopen.train.checkpoint import load_for_inference
+
+    with pytest.raises(TrainingError, match="a reward model .* use it as finetune.grpo.reward_model"):
+        load_for_inference(rm)  # what generate, serve and export load: not a writer of text
 
     prompts = [{"prompt": f"colour of {w}?", "verifier": {"type": "regex", "pattern": "^$"}} for w in COLORS]
     data = write_jsonl(tmp_path / "grpo.jsonl", prompts)

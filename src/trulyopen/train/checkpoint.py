@@ -144,7 +144,14 @@ def load_for_inference(path: Path) -> torch.nn.Module:
                 path / name, "file", "not a whole trulyopen checkpoint: restore it, or make it again"
             )
     with reading(path / "config.json", "model config"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+        config = AutoConfig.from_pretrained(str(path))
+    if any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        raise TrainingError(
+            f"{path}: a reward model (finetune method reward): it scores sequences rather than writing "
+            "them; use it as finetune.grpo.reward_model"
+        )
+    with reading(path / "config.json", "model config"):
+        model = AutoModelForCausalLM.from_config(config)
     with reading(path / "model.safetensors", "weights file"):
         load_model(model, str(path / "model.safetensors"))
     return model.eval()
