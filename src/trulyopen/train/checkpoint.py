@@ -78,6 +78,9 @@ def _write(
 ) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under an adapter
+    cls = next(c for c in type(inner).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 subclasses
+    model.config.architectures = [cls.__name__]  # as save_pretrained does: which head this is
     model.config.to_json_file(str(tmp / "config.json"))
     tied = _tied_names(model)
     weights = {k: v.contiguous() for k, v in model_sd.items() if k not in tied}
