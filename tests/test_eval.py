@@ -336,6 +336,7 @@ def test_eval_command_on_a_model_with_a_suite(run_dir, tmp_path):
 
 
 def test_pretraining_runs_a_task_suite_in_the_loop(run_dir, tmp_path):
+    from trulyopen.pipeline import suite_in_loop
     from trulyopen.recipe import ModelConfig, PretrainConfig
     from trulyopen.train.pretrain import Paths, pretrain
 
@@ -353,7 +354,7 @@ def test_pretraining_runs_a_task_suite_in_the_loop(run_dir, tmp_path):
         eval_suite=tmp_path / "suite.yaml",
     )
     paths = Paths(tmp_path / "run", run_dir / "data" / "shards", run_dir / "tokenizer")
-    pretrain(cfg, ModelConfig(arch="llama", size="tiny"), paths)
+    pretrain(cfg, ModelConfig(arch="llama", size="tiny"), paths, in_loop=suite_in_loop(cfg, paths))
     lines = [json.loads(x) for x in paths.metrics.read_text().splitlines()]
     assert [("eval/mc/acc" in r) for r in lines] == [False, True, False, True]
     assert 0 <= lines[1]["eval/mc/acc_cloze"] <= 1 and "eval/mc/acc_lettered" in lines[3]

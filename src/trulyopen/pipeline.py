@@ -182,11 +182,26 @@ def _pretrain_inputs(ctx: Context) -> list[Path]:
     ]
 
 
+def suite_in_loop(cfg, paths):
+    """pretrain.eval_suite as the loop runs it at each validation (None without one)."""
+    if cfg.eval_suite is None:
+        return None
+    from trulyopen.evaluate.runner import in_loop
+
+    return in_loop(cfg.eval_suite, paths.tokenizer)
+
+
 def _pretrain_run(ctx: Context, records: list[dict]) -> list[Path]:
     from trulyopen.train.pretrain import Paths, pretrain
 
     paths = Paths(ctx.run_dir, ctx.data / "shards", ctx.run_dir / "tokenizer")
-    final = pretrain(ctx.recipe.pretrain, ctx.recipe.model, paths, fresh=ctx.fresh)
+    final = pretrain(
+        ctx.recipe.pretrain,
+        ctx.recipe.model,
+        paths,
+        ctx.fresh,
+        in_loop=suite_in_loop(ctx.recipe.pretrain, paths),
+    )
     if os.environ.get("RANK", "0") == "0":
         print(f"pretrain: final checkpoint {final} (export it with `trulyopen export {final} --out DIR`)")
     return [*sorted(final.iterdir()), paths.metrics]

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from trulyopen.evaluate.generation import evaluate_code, evaluate_generation
 from trulyopen.evaluate.models import EvalModel
 from trulyopen.evaluate.multiple_choice import evaluate as evaluate_mc
-from trulyopen.evaluate.taskfile import TaskSpec, check_judge_items, load_instances
+from trulyopen.evaluate.taskfile import TaskSpec, check_judge_items, load_instances, load_suite
 from trulyopen.evaluate.text import evaluate_text
 from trulyopen.evaluate.tool_calls import evaluate_tool_calls
 from trulyopen.files import atomic_open, sha256_file, write_json
@@ -43,6 +46,13 @@ def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict], dict]:
     else:
         result = evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
     return (*result, {})
+
+
+def in_loop(suite: Path, tokenizer_dir: Path) -> Callable[[torch.nn.Module, Callable], dict[str, float]]:
+    """The task suite as a training loop calls it at each validation: (model, autocast) -> metrics.
+    The suite is read now, so a bad one stops the run before it trains."""
+    tasks = load_suite(suite)
+    return lambda model, autocast: in_loop_metrics(model, tokenizer_dir, tasks, autocast)
 
 
 def in_loop_metrics(model, tokenizer_dir: Path, tasks: list[TaskSpec], autocast) -> dict[str, float]:

@@ -217,9 +217,10 @@ def _replay_pretrain(root: Path, recipe, scratch: Path, step: int) -> Path:
     cfg = recipe.pretrain.model_copy(update={"log_to": []})  # (not hashed: the recipe hash still matches)
     if cfg.eval_suite is not None and not Path(cfg.eval_suite).exists():
         raise VerifyError(f"pretrain.eval_suite: {cfg.eval_suite} is not on this machine; replay needs it")
-    return pretrain(
-        cfg, recipe.model, Paths(scratch, root / "data" / "shards", root / "tokenizer"), stop_at=step
-    )
+    from trulyopen.pipeline import suite_in_loop
+
+    paths = Paths(scratch, root / "data" / "shards", root / "tokenizer")
+    return pretrain(cfg, recipe.model, paths, stop_at=step, in_loop=suite_in_loop(cfg, paths))
 
 
 def _replay_finetune(root: Path, recipe, scratch: Path, step: int) -> Path:

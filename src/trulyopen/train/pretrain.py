@@ -2,7 +2,7 @@
 
     build the model (preset or Hugging Face checkpoint) on this process's device
     the objective: rows of the shards in the order of `BatchPlan`, cross-entropy (+ z-loss);
-                   validation bits per byte, and the task suite's metrics if the recipe names one
+                   validation bits per byte, and the task suite's metrics if the caller passes them
     train/loop.py: resume, steps, metrics, checkpoints
 
 The batch of a step comes from `BatchPlan`, the schedule from the step, the state from the
@@ -12,6 +12,7 @@ checkpoint: so a run killed at any point and resumed ends with the same bits as 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -20,14 +21,12 @@ import numpy as np
 import torch
 
 from trulyopen.errors import warn
-from trulyopen.evaluate.bpb import bits_per_byte, token_bytes
-from trulyopen.evaluate.runner import in_loop_metrics
-from trulyopen.evaluate.taskfile import load_suite
 from trulyopen.ledger import config_hash
 from trulyopen.model.build import count_params, flops_per_token, from_preset, from_pretrained
 from trulyopen.model.presets import ModelSpecError, resolve_dims
 from trulyopen.recipe import ModelConfig, PretrainConfig
 from trulyopen.train import distributed
+from trulyopen.train.bpb import bits_per_byte, token_bytes
 from trulyopen.train.layout import StagePaths
 from trulyopen.train.loader import BatchPlan, TokenStream
 from trulyopen.train.loop import Job, train
@@ -55,14 +54,23 @@ class Paths(StagePaths):
     stage: ClassVar[str] = "pretrain"
 
 
+InLoop = Callable[[torch.nn.Module, Callable], dict]  # (model, autocast) -> metrics, at each validation
+
+
 def pretrain(
-    cfg: PretrainConfig, model_cfg: ModelConfig, paths: Paths, fresh: bool = False, stop_at: int | None = None
+    cfg: PretrainConfig,
+    model_cfg: ModelConfig,
+    paths: Paths,
+    fresh: bool = False,
+    stop_at: int | None = None,
+    in_loop: InLoop | None = None,
 ) -> Path:
     """Train, checkpointing as it goes; return the final checkpoint's directory.
 
     The run resumes from its newest checkpoint unless `fresh`, which deletes its checkpoints first.
     `stop_at` ends it early, with a checkpoint, at that step (the schedule still spans max_steps):
-    `verify --replay` retrains one stretch this way.
+    `verify --replay` retrains one stretch this way. `in_loop` runs at each validation beside bits
+    per byte (the caller makes it from pretrain.eval_suite: evaluation is a layer above training).
     """
     world = distributed.init()
     torch.manual_seed(cfg.seed)  # the RNG state (dropout, checkpoints) must not depend on what ran before
@@ -96,7 +104,6 @@ def pretrain(
             f"{cfg.seq_len + 1}: no val_bpb is measured; raise data.split.val_fraction to get one"
         )
     nbytes = token_bytes(paths.tokenizer / "tokenizer.json")
-    eval_tasks = load_suite(cfg.eval_suite) if cfg.eval_suite else []
 
     model = build_model(model_cfg, stream.vocab_size, cfg.seq_len, cfg.seed).to(device)
     params = count_params(model)
@@ -122,8 +129,8 @@ def pretrain(
             rows = np.stack([val.read(k * L, (k + 1) * L) for k in range(n)])
             batches = [rows[i : i + cfg.micro_batch_size] for i in range(0, n, cfg.micro_batch_size)]
             out["val_bpb"] = bits_per_byte(model, batches, nbytes, autocast)
-        if eval_tasks:
-            out.update(in_loop_metrics(model, paths.tokenizer, eval_tasks, autocast))
+        if in_loop is not None:
+            out.update(in_loop(model, autocast))
         return out
 
     objective = CausalLM(
