@@ -92,9 +92,9 @@ def _poison_step(monkeypatch, bad_step: int):
     real, calls = loop.lm_loss, {"n": 0}
     micro_per_step = 2  # 512 tokens / 64 per sequence / 4 sequences per micro-batch
 
-    def poisoned(logits, targets, z):
+    def poisoned(logits, targets, z, *rest):
         calls["n"] += 1
-        loss, ce = real(logits, targets, z)
+        loss, ce = real(logits, targets, z, *rest)
         if (calls["n"] - 1) // micro_per_step == bad_step - 1:
             return loss * float("nan"), ce * float("nan")
         return loss, ce

@@ -5,7 +5,8 @@
         learning rate from the schedule (a function of the step)
         the objective's batch for the step; this rank takes micro-batches rank::world
         for each micro-batch:   (gradient accumulation)
-            forward under autocast, the objective's loss, backward
+            forward in the step's precision, the objective's loss, backward
+            (bf16: bf16 weights, fp32 master weights and gradient sums; see train/precision.py)
         clip the gradient norm; skip or stop on a NaN loss; optimizer step
         metrics line; validation every eval_every; checkpoint every checkpoint_every
 
@@ -18,6 +19,7 @@ same trajectory (to rounding).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -30,7 +32,7 @@ import torch
 from trulyopen.ledger import Ledger, code_version, file_record
 from trulyopen.progress import Progress
 from trulyopen.recipe import LoopConfig
-from trulyopen.train import TrainingError, checkpoint, distributed
+from trulyopen.train import TrainingError, checkpoint, cpu_attention, distributed
 from trulyopen.train import metrics as metrics_log
 from trulyopen.train.distributed import World
 from trulyopen.train.layout import StagePaths
@@ -38,7 +40,7 @@ from trulyopen.train.loader import DataMismatchError
 from trulyopen.train.metrics import MetricsLog
 from trulyopen.train.objectives import Micro, Objective
 from trulyopen.train.optim import make_optimizer
-from trulyopen.train.precision import autocast_for, peak_flops, peak_memory_mb
+from trulyopen.train.precision import MasterWeights, autocast_for, peak_flops, peak_memory_mb
 from trulyopen.train.schedule import learning_rate
 
 
@@ -74,6 +76,11 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     train_model = torch.compile(train_model) if cfg.compile else train_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_for(device, job.dtype)
+    # bf16 in one process: bf16 weights for the passes, fp32 masters otherwise; under torchrun DDP and
+    # FSDP own the parameters, so autocast does the casting there. Autocast stays on in both cases,
+    # for what an objective runs beside the model (a reference, a teacher), which keeps fp32 weights.
+    low = job.dtype != torch.float32 and world.size == 1
+    weights = MasterWeights(model, job.dtype).computing if low else contextlib.nullcontext
     peak, _ = peak_flops(device, job.dtype)
     ledger = Ledger(run_dir)
     end = stop_at or cfg.max_steps
@@ -148,12 +155,13 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
             # every rank's gradient is its share of the step's sum / denominator; DDP and FSDP average
             # over ranks, so scale by the world size to get the sum over all of them
             scale = world.size / sb.denominator
-            for micro in mine(sb.micros, world):
-                with autocast():
-                    loss, stats = objective.loss(train_model, micro, device)
-                (loss * (scale * micro.weight)).backward()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v * micro.weight
+            with weights(), cpu_attention.for_training(model, device, job.dtype):
+                for micro in mine(sb.micros, world):
+                    with autocast():
+                        loss, stats = objective.loss(train_model, micro, device)
+                    (loss * (scale * micro.weight)).backward()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v * micro.weight
             sums = distributed.sum_stats(sums, world)
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)

@@ -2,13 +2,26 @@
 
 bf16 is the default wherever the hardware multiplies in bf16 (GPUs, CPUs with AMX or AVX-512 BF16);
 elsewhere a bf16 matmul is emulated and far slower than fp32, so `auto` picks fp32 there.
+
+Training in bf16 keeps fp32 master weights. The optimizer, clipping, checkpoints and validation see
+the fp32 parameters; only a step's forward and backward passes compute with bf16 copies:
+
+    step begins      bf16 copy <- fp32 master      (once per step, not once per layer call)
+    micro-batches    forward and backward in bf16; each gradient, as it lands, is added to an fp32 sum
+    step ends        parameters are the fp32 masters again, their .grad the fp32 sums
+                     -> clipping, optimizer, checkpoint: all in fp32, so resuming stays bit-exact
+
+Against autocast (fp32 weights, each matmul casting its weight and its input on every call) this
+casts each weight once a step and keeps activations in bf16 between layers, which halves the memory
+traffic of the elementwise work around the matmuls. `MasterWeights` does it for one process;
+under torchrun the loop keeps autocast (the wrappers own the parameters and their gradients).
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -65,7 +78,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16 autocast", torch.float32: "fp32"}[dtype]
+    return {torch.bfloat16: "bf16 (fp32 master weights)", torch.float32: "fp32"}[dtype]
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -81,3 +94,55 @@ def autocast_for(device: torch.device, dtype: torch.dtype) -> Callable[[], Abstr
     if dtype == torch.bfloat16:
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+class MasterWeights:
+    """bf16 weights for a step's forward and backward passes, fp32 masters at all other times.
+
+    The parameters' own tensors stay the fp32 masters (what the optimizer, checkpoints and FSDP's
+    or DDP's bookkeeping know); `computing()` swaps bf16 copies into them for the duration of the
+    passes. Frozen parameters (a LoRA base) are cast once, trained ones at every step. Gradients
+    arrive in bf16 and are summed in fp32 as they land, so accumulating many micro-batches loses
+    nothing to bf16 rounding."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+        self.params = [p for p in model.parameters() if p.dtype == torch.float32]
+        self.copies: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.sums: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.active = False
+        for p in self.params:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._collect)
+
+    def _collect(self, p: torch.nn.Parameter) -> None:
+        if not self.active or p.grad is None:
+            return
+        total = self.sums.get(p)
+        if total is None:
+            self.sums[p] = p.grad.to(torch.float32)
+        else:
+            total.add_(p.grad)
+        p.grad = None
+
+    @contextlib.contextmanager
+    def computing(self) -> Iterator[None]:
+        masters = [p.data for p in self.params]
+        with torch.no_grad():
+            for p, master in zip(self.params, masters, strict=True):
+                copy = self.copies.get(p)
+                if copy is None:
+                    copy = self.copies[p] = master.to(self.dtype)
+                elif p.requires_grad:
+                    copy.copy_(master)
+                p.data = copy
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+            for p, master in zip(self.params, masters, strict=True):
+                p.data = master
+                total = self.sums.pop(p, None)
+                if total is not None:
+                    p.grad = total if p.grad is None else p.grad + total

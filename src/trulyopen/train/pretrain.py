@@ -133,9 +133,8 @@ def pretrain(
             out.update(in_loop(model, autocast))
         return out
 
-    objective = CausalLM(
-        plan, cfg.micro_batch_size, cfg.z_loss, stream.eot_id if cfg.document_masking else None, validate
-    )
+    eot = stream.eot_id if cfg.document_masking else None
+    objective = CausalLM(plan, cfg.micro_batch_size, cfg.z_loss, eot, validate, compile=cfg.compile)
     job = Job(paths, cfg, model, objective, dtype, config_hash(model_cfg, cfg), stream.fingerprint)
     job.state = lambda step: {"tokens_seen": step * cfg.global_batch_tokens}
     job.flops_per_token = fpt

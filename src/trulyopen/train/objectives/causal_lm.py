@@ -3,6 +3,15 @@
 A step is `batch_seqs` rows of seq_len + 1 tokens chosen by the BatchPlan (a pure function of seed,
 data fingerprint and step); micro-batches are consecutive rows, read from the memory-mapped shards
 only by the rank that runs them. The loss is the mean cross-entropy over tokens (+ z-loss).
+
+The cross-entropy is computed in fp32 a block of rows at a time, from logits in the model's dtype:
+no fp32 copy of all the logits (B x T x vocabulary) is made, nor its log-softmax, nor their
+gradients; the backward pass writes the logits' gradient directly (softmax - one-hot), once.
+
+    logits [N, V] bf16 ──► per block of 32 rows: fp32 ─► log-sum-exp ─► loss_i = lse_i - logit_i[target_i]
+    backward:              per block: exp(logits - lse) · g_i, minus g_i at the target ─► grad [N, V] bf16
+
+With `pretrain.compile` the same sums are written plainly and torch.compile fuses them instead.
 """
 
 from __future__ import annotations
@@ -10,19 +19,72 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from trulyopen.train.attention import document_attention
 from trulyopen.train.loader import BatchPlan
 from trulyopen.train.objectives import Micro, StepBatch, Summed
 
+ROWS = 32  # rows of logits per fp32 block: 32 x a 32k vocabulary is 4 MB, about what a core's L2 holds
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to optimise, cross-entropy alone), both means over tokens; logits in fp32 for stability."""
-    logits = logits.float().flatten(0, 1)
-    ce = F.cross_entropy(logits, targets.flatten())
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Per token: (cross-entropy, log-sum-exp), fp32, from logits [N, V] of any dtype, a block at a time."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for i in range(0, logits.shape[0], ROWS):
+            lse[i : i + ROWS] = torch.logsumexp(logits[i : i + ROWS].float(), dim=-1)
+        picked = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        return lse - picked, lse
+
+    @staticmethod
+    def backward(ctx, g_ce: torch.Tensor, g_lse: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, lse = ctx.saved_tensors
+        g = g_ce if g_lse is None else g_ce + g_lse  # d(lse)/d(logits) = softmax, for both outputs
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], ROWS):
+            # out of place: in fp32, .float() is the saved logits themselves
+            block = (logits[i : i + ROWS].float() - lse[i : i + ROWS, None]).exp_()
+            grad[i : i + ROWS] = block.mul_(g[i : i + ROWS, None])
+        grad.scatter_add_(1, targets[:, None], -g_ce.to(grad.dtype)[:, None])  # the one-hot: cross-entropy's
+        return grad, None
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, log-sum-exp) of each token [N], fp32, from logits [N, V] and targets [N]."""
+    return _TokenCrossEntropy.apply(logits, targets)
+
+
+def _plain_token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same sums as plain operations: what torch.compile fuses into one pass forward, one backward."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse - logits.gather(1, targets[:, None]).squeeze(1), lse
+
+
+PerToken = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def compiled_cross_entropy() -> PerToken:
+    """token_cross_entropy's sums compiled by torch.compile (once per process)."""
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_plain_token_cross_entropy))
+    return _COMPILED[0]
+
+
+_COMPILED: list[PerToken] = []
+
+
+def lm_loss(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float, per_token: PerToken = token_cross_entropy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to optimise, cross-entropy alone), both means over tokens, in fp32 for stability."""
+    ce_tokens, lse = per_token(logits.flatten(0, 1), targets.flatten())
+    ce = ce_tokens.mean()
     if z_loss:
-        return ce + z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean(), ce
+        return ce + z_loss * lse.pow(2).mean(), ce
     return ce, ce
 
 
@@ -36,9 +98,11 @@ class CausalLM(Summed):
         z_loss: float = 0.0,
         eot_id: int | None = None,  # with it, attention stays inside each packed document
         validate: Callable[[torch.nn.Module], dict] | None = None,  # held-out metrics (bits per byte...)
+        compile: bool = False,  # the loss too, beside the model (pretrain.compile)
     ):
         self.plan, self.micro, self.z_loss, self.eot_id = plan, micro_batch_size, z_loss, eot_id
         self._validate = validate
+        self.per_token = compiled_cross_entropy() if compile else token_cross_entropy
 
     def batch(self, step: int, model: torch.nn.Module) -> StepBatch:
         n, per_row = self.plan.batch, self.plan.seq_len
@@ -57,7 +121,7 @@ class CausalLM(Summed):
             logits = model(input_ids=x, attention_mask=mask, position_ids=positions).logits
         else:
             logits = model(input_ids=x).logits
-        loss, ce = lm_loss(logits, y, self.z_loss)
+        loss, ce = lm_loss(logits, y, self.z_loss, self.per_token)
         return loss * len(rows), {"loss": ce.item() * len(rows)}  # sums over rows: the loop divides
 
     @torch.no_grad()
