@@ -253,9 +253,7 @@ def test_resuming_on_other_data_is_refused(data_run, tmp_path, monkeypatch):
     meta = json.loads((other / "shards.json").read_text())
     meta["fingerprint"] = "0" * 64
     (other / "shards.json").write_text(json.dumps(meta))
-    with pytest.raises(
-        DataMismatchError, match=r"trained on data [0-9a-f]{16}, but the run.s data is 0{16}"
-    ):
+    with pytest.raises(DataMismatchError, match=r"trained on data [0-9a-f]{16}, but the run.s data is 0{16}"):
         pretrain(_cfg(), TINY, Paths(tmp_path, other, data_run / "tokenizer"))
 
 
