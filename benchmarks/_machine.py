@@ -53,3 +53,53 @@ def run_row(script: str, name: str, params: dict, env: dict, capture: bool = Fal
         return {**json.loads(out.read_text()), "_run": {"wall_s": wall, "cpu_s": own, "others_share": share}}
     finally:
         out.unlink(missing_ok=True)
+
+
+def time_op(fn, repeat: int) -> float:
+    """The median wall time of `repeat` calls of fn, after one warm-up call."""
+    import statistics
+    import time
+
+    fn()  # warm-up (allocations, oneDNN/MKL setup)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def time_matmuls(shapes: list[dict], dtype, repeat: int) -> tuple[list[dict], float, float]:
+    """Each matmul of a training step alone, at its shape, on operands laid out as autograd has them:
+
+        xWt   x[M, in] @ W[out, in]^T      (a Linear's forward: m=M, k=in, n=out)
+        gW    g[M, out] @ W[out, in]       (its input's gradient)
+        gtx   g[M, out]^T @ x[M, in]       (its weight's gradient: m=out, k=M, n=in)
+        bmm   a[batch, m, k] @ b[batch, k, n]
+
+    Returns (the shapes with their seconds and GFLOP/s, the FLOPs of all of them, their seconds),
+    each shape counted `count` times. The caller calls reuse_freed_memory() first, as its loop does."""
+    import torch
+
+    torch.manual_seed(0)
+    out, total_flops, total_s = [], 0.0, 0.0
+    for s in shapes:
+        m, k, n = s["m"], s["k"], s["n"]
+        if s["kind"] == "bmm":
+            a, b = torch.randn(s["batch"], m, k, dtype=dtype), torch.randn(s["batch"], k, n, dtype=dtype)
+            flops, op = 2 * s["batch"] * m * k * n, torch.bmm
+        else:
+            if s["kind"] == "xWt":
+                a, b = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype).t()
+            elif s["kind"] == "gW":
+                a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            else:
+                a, b = torch.randn(k, m, dtype=dtype).t(), torch.randn(k, n, dtype=dtype)
+            flops, op = 2 * m * k * n, torch.mm
+        sec = time_op(lambda op=op, a=a, b=b: op(a, b), repeat)
+        out.append({**s, "seconds": sec, "gflop_per_s": flops / sec / 1e9})
+        total_flops += flops * s["count"]
+        total_s += sec * s["count"]
+        batch = f" x{s['batch']}" if s["kind"] == "bmm" else ""
+        print(f"  {s['name']:<24} {m}x{k}x{n}{batch}  {flops / sec / 1e9:7.1f} GFLOP/s", flush=True)
+    return out, total_flops, total_s

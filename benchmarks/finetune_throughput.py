@@ -1,8 +1,8 @@
 """LoRA SFT throughput: trulyopen's finetune() against TRL's SFTTrainer + peft, same model, same data.
 
-    .venv/bin/python benchmarks/finetune_throughput.py                            # recorded run (~11 min)
+    .venv/bin/python benchmarks/finetune_throughput.py                            # recorded run (~12 min)
     .venv/bin/python benchmarks/finetune_throughput.py --data-run runs/quickstart # reuse a run's records
-    .venv/bin/python benchmarks/finetune_throughput.py --quick                    # smoke run (< 3 min)
+    .venv/bin/python benchmarks/finetune_throughput.py --quick                    # smoke run (< 4 min)
 
 Data: the quickstart's SFT chat records (synth/sft.jsonl: docstring -> function, one user and one
 assistant turn). Without --data-run they are made in a temporary run directory by the data and tokenizer
@@ -15,18 +15,22 @@ assistant_only_loss cannot be used; completion_only_loss trains the same assista
 EOS to each completion, so its examples are 2 positions longer than ours (EOS and the last input).
 
 Model: a fresh Llama (the tokenizer's vocabulary, hidden 512, 8 layers, 8 heads, MLP 1,536, seed 0),
-written once as a Hugging Face directory that every row loads with from_pretrained, in fp32: this CPU has
-no bf16 hardware, our `precision: auto` gives fp32, and TRL gets bf16=False (SFTConfig defaults to
-True). LoRA on both sides: r 16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down_proj; AdamW (fused,
-betas 0.9/0.95, no weight decay), constant lr 2e-4, gradient clipping 1.0. TRL's gradient
-checkpointing (on by default in SFTConfig) is turned off: ours has none, so both do the same FLOPs.
+written once as a Hugging Face directory (fp32) that every row loads with from_pretrained. Precision
+follows the machine: where our `precision: auto` gives bf16 (a CPU with AMX or AVX-512 BF16), ours
+trains in bf16 (bf16 weights, fp32 master copies of the adapter) and TRL gets bf16=True (its default:
+CPU autocast); elsewhere both run in fp32 (bf16 would be emulated, about 100x slower). LoRA on both
+sides: r 16, alpha 32, dropout 0.05 on q/k/v/o/gate/up/down_proj; AdamW (fused, betas 0.9/0.95, no
+weight decay), constant lr 2e-4, gradient clipping 1.0. TRL's gradient checkpointing (on by default
+in SFTConfig) is turned off: ours has none, so both do the same FLOPs per position.
 
 Rows, each in its own interpreter (so peak RSS is its own):
   ours        finetune() (sft, lora): --batch-size packed rows of --seq-len positions per optimizer
               step, in micro-batches of --micro-batch rows; its packing never splits an example.
   trl         SFTTrainer with its default batching: 8 examples per micro-batch (the Trainer's default),
               padded to the longest, no packing; gradient accumulation chosen so that a step sees
-              about as many real tokens as ours.
+              about as many real tokens as ours. The base loaded as the directory holds it (fp32).
+  trl-bf16w   (bf16 machines) the same with the base loaded in bf16 (dtype=bfloat16), as LoRA recipes
+              on GPUs do: no weight casts under autocast.
   trl-packed  SFTTrainer with packing=True (BFD, which turns on padding-free: each micro-batch of rows
               is flattened into one sequence, kept apart by position_ids; on a CPU transformers builds
               the block-diagonal mask for sdpa). As many rows per step and micro-batch as ours.
@@ -40,7 +44,19 @@ training_step override counts the attention mask (padding-free: position_ids) of
 Padding: padding positions / all positions. Others: the share of the machine's CPU time that other
 processes took during the row (/proc/stat); above 5% the row is flagged as disturbed.
 
-Target: ours at least 1.5x TRL's default row in real tokens/s. The last line is a JSON object of all figures.
+The LoRA limit: the matmuls a LoRA step of ours really does, each timed alone at its shape (as
+train_throughput.py times pretraining's), per micro-batch of --micro-batch rows x --seq-len positions:
+  each adapted Linear (in -> out): the frozen base's forward x @ W^T and its input gradient g @ W
+      (no weight gradient: W is frozen), and the adapter's six products: x @ A^T, (x A^T) @ B^T,
+      g @ B, g^T @ (x A^T) (B's gradient), h^T @ x (A's gradient), h @ A (the input's gradient);
+      in the first layer q/k/v get no input gradient (their input, the embedding, does not train);
+  the output layer: forward and input gradient; attention: Q K^T, A V and their four backward products.
+Their FLOPs over their summed time is the limit. Our FLOP/s counts the same FLOPs per position times
+the positions our steps process (padding included: those products are computed), so it measures how
+close the step runs to its own matmuls; tokens/s (real tokens) is what the TRL comparison uses.
+
+Targets (issue 17): ours at least 2x TRL's default row in real tokens/s, in the machine's precision,
+and our FLOP/s at least 80% of the LoRA limit. The last line is a JSON object of all figures.
 """
 
 from __future__ import annotations
@@ -60,7 +76,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from _machine import run_row  # (benchmarks/_machine.py, beside this script)
+from _machine import run_row, time_matmuls  # (benchmarks/_machine.py, beside this script)
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, LAYERS, HEADS, MLP, MAX_POS, SEED = 512, 8, 8, 1536, 1024, 0
@@ -68,7 +84,7 @@ LORA_R, LORA_ALPHA, LORA_DROPOUT = 16, 32, 0.05
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LR, BETAS, GRAD_CLIP = 2e-4, (0.9, 0.95), 1.0
 TRL_MICRO = 8  # per_device_train_batch_size: the Trainer's default
-TARGET, DISTURBED = 1.5, 0.05
+TARGET, LIMIT_TARGET, DISTURBED = 2.0, 0.80, 0.05
 QUIET = {
     "TRULYOPEN_QUIET": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -134,6 +150,7 @@ def row_ours(p: dict) -> dict:
         beta2=BETAS[1],
         grad_clip=GRAD_CLIP,
         precision="auto",
+        compile=p.get("compile", False),
         val_fraction=0.0,  # every record trains, as in TRL's rows
         eval_every=steps,
         checkpoint_every=steps,  # once, after the last step's end
@@ -195,7 +212,7 @@ def row_trl(p: dict) -> dict:
             weight_decay=0.0,
             max_grad_norm=GRAD_CLIP,
             optim="adamw_torch_fused",
-            bf16=False,  # SFTConfig's default is True: emulated, about 100x slower, on this CPU
+            bf16=p["bf16"],  # SFTConfig's default (True) where the CPU has bf16 hardware; else emulated
             use_cpu=True,
             gradient_checkpointing=False,  # SFTConfig's default is True; ours does not recompute
             save_strategy="no",
@@ -210,7 +227,7 @@ def row_trl(p: dict) -> dict:
             "target_modules": TARGETS,
         }
         peft = LoraConfig(**lora, task_type="CAUSAL_LM")
-        model = AutoModelForCausalLM.from_pretrained(p["base"], dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(p["base"], dtype=getattr(torch, p["weights"]))
         tok = AutoTokenizer.from_pretrained(p["base"])
         t = time.perf_counter()
         trainer = Counting(
@@ -233,7 +250,63 @@ def row_trl(p: dict) -> dict:
     }
 
 
-ROWS = {"ours": row_ours, "trl": row_trl}
+def lora_shapes(micro: int, seq_len: int, vocab: int) -> list[dict]:
+    """Every matmul of one micro-batch of our LoRA step (see the module's docstring), as
+    _machine.time_matmuls takes them: m x k x n, kind, how many in the step."""
+    M, d, r = micro * seq_len, HIDDEN // HEADS, LORA_R
+    linears = [("q/k/v", HIDDEN, HIDDEN, 3), ("o", HIDDEN, HIDDEN, 1)]
+    linears += [("gate/up", HIDDEN, MLP, 2), ("down", MLP, HIDDEN, 1)]
+    out = []
+    for name, i, o, per_layer in linears:
+        n, grads = per_layer * LAYERS, per_layer * (LAYERS - 1 if name == "q/k/v" else LAYERS)
+        out += [
+            {"name": f"{name} base x@W^T", "m": M, "k": i, "n": o, "count": n, "kind": "xWt"},
+            {"name": f"{name} base g@W", "m": M, "k": o, "n": i, "count": grads, "kind": "gW"},
+            {"name": f"{name} lora x@A^T", "m": M, "k": i, "n": r, "count": n, "kind": "xWt"},
+            {"name": f"{name} lora xA@B^T", "m": M, "k": r, "n": o, "count": n, "kind": "xWt"},
+            {"name": f"{name} lora g@B", "m": M, "k": o, "n": r, "count": n, "kind": "gW"},
+            {"name": f"{name} lora dB g^T@xA", "m": o, "k": M, "n": r, "count": n, "kind": "gtx"},
+            {"name": f"{name} lora dA h^T@x", "m": r, "k": M, "n": i, "count": n, "kind": "gtx"},
+            {"name": f"{name} lora h@A", "m": M, "k": r, "n": i, "count": grads, "kind": "gW"},
+        ]
+    out += [
+        {"name": "lm_head x@W^T", "m": M, "k": HIDDEN, "n": vocab, "count": 1, "kind": "xWt"},
+        {"name": "lm_head g@W", "m": M, "k": vocab, "n": HIDDEN, "count": 1, "kind": "gW"},
+    ]
+    for name, m, k, n in [
+        ("attn QK^T", seq_len, d, seq_len),
+        ("attn AV", seq_len, seq_len, d),
+        ("attn dS@K", seq_len, seq_len, d),
+        ("attn dS^T@Q", seq_len, seq_len, d),
+        ("attn dO@V^T", seq_len, d, seq_len),
+        ("attn A^T@dO", seq_len, seq_len, d),
+    ]:
+        out.append(
+            {"name": name, "m": m, "k": k, "n": n, "count": LAYERS, "kind": "bmm", "batch": micro * HEADS}
+        )
+    return out
+
+
+def row_limit(p: dict) -> dict:
+    """The LoRA step's matmuls alone, at their shapes, in our precision."""
+    import torch
+
+    from trulyopen.train.precision import choose_dtype, reuse_freed_memory
+
+    reuse_freed_memory()  # as our loop does
+    dtype = choose_dtype("auto", torch.device("cpu"))
+    shapes = lora_shapes(p["micro_batch"], p["seq_len"], p["vocab"])
+    timed, flops, seconds = time_matmuls(shapes, dtype, p["repeat"])
+    positions = p["micro_batch"] * p["seq_len"]
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "shapes": timed,
+        "flops_per_position": flops / positions,
+        "limit_flops_per_s": flops / seconds,
+    }
+
+
+ROWS = {"ours": row_ours, "trl": row_trl, "limit": row_limit}
 
 
 def child(name: str, params: dict) -> dict:
@@ -296,6 +369,7 @@ def prepare(data_run: Path, tmp: Path, seq_len: int) -> dict:
         "chat": str(tmp / "chat.jsonl"),
         "prompt_completion": str(tmp / "prompt_completion.jsonl"),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab": len(tok),
         "records": len(records),
         "kept": len(chat),
         "lengths": {
@@ -315,6 +389,8 @@ def machine() -> dict:
     import transformers
     import trl
 
+    from trulyopen.train.precision import choose_dtype
+
     cpu, flags = "unknown", ""
     with contextlib.suppress(OSError):
         info = Path("/proc/cpuinfo").read_text().splitlines()
@@ -326,6 +402,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "bf16_hardware": "amx_bf16" in flags or "avx512_bf16" in flags,
+        "our_precision": str(choose_dtype("auto", torch.device("cpu"))).replace("torch.", ""),
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         **{m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
@@ -342,7 +419,7 @@ def report(r: dict) -> None:
     print(
         f"data: {d['kept']:,} of {d['records']:,} records kept (<= {r['seq_len']} positions); positions "
         f"p10/p50/p90/max {ln['p10']:.0f}/{ln['p50']:.0f}/{ln['p90']:.0f}/{ln['max']}; "
-        f"model {d['parameters'] / 1e6:.1f} M parameters, fp32"
+        f"model {d['parameters'] / 1e6:.1f} M parameters; our precision {m['our_precision']}"
     )
     head = ("row", "tokens/s", "ours ÷", "padding", "tokens/step", "peak RSS MB", "steps", "others")
     line = "{:<40} {:>8} {:>6} {:>7} {:>11} {:>11} {:>5} {:>6}"
@@ -361,15 +438,38 @@ def report(r: dict) -> None:
         "(tokens/s: real, non-padding positions per second over the measured steps; the loop's own median "
         f"tokens_per_s: {rows['ours']['loop_tokens_per_s_median']:.1f}; trained share of tokens: {trained})"
     )
-    ratio = rows["ours"]["tokens_per_s"] / rows["trl"]["tokens_per_s"]
+    ours, limit = rows["ours"], r["limit"]
+    ratio = ours["tokens_per_s"] / rows["trl"]["tokens_per_s"]
+    positions_per_s = ours["tokens_per_s"] / (1 - ours["padding_share"])  # padding is computed too
+    flops = positions_per_s * limit["flops_per_position"]
+    fraction = flops / limit["limit_flops_per_s"]
+    runs = ", ".join(f"{x / 1e9:.1f}" for x in limit["runs_limit_flops_per_s"])
+    print(
+        f"\nLoRA limit ({limit['dtype']}): {limit['limit_flops_per_s'] / 1e9:.1f} GFLOP/s (before and after: "
+        f"{runs}; the higher counts), {limit['flops_per_position'] / 1e6:.1f} MFLOP per position"
+    )
+    print(
+        f"ours: {positions_per_s:,.0f} positions/s (padding included) = {flops / 1e9:.1f} GFLOP/s "
+        f"= {fraction:.1%} of the LoRA limit"
+    )
     disturbed = [n for n, row in rows.items() if row["_run"]["others_share"] > DISTURBED]
+    others = {n: ours["tokens_per_s"] / row["tokens_per_s"] for n, row in rows.items() if n != "ours"}
     r["figures"] = {
         "ratio_vs_trl": ratio,
+        "ratios": others,
         "target": TARGET,
         "met": ratio >= TARGET,
+        "flops_per_s": flops,
+        "fraction_of_limit": fraction,
+        "limit_target": LIMIT_TARGET,
+        "limit_met": fraction >= LIMIT_TARGET,
         "disturbed_rows": disturbed,
     }
     print(f"\nours ÷ TRL default: {ratio:.2f}x; target {TARGET}x: {'MET' if ratio >= TARGET else 'MISSED'}")
+    print(
+        f"ours at {fraction:.1%} of the LoRA limit; target {LIMIT_TARGET:.0%}: "
+        f"{'MET' if fraction >= LIMIT_TARGET else 'MISSED'}"
+    )
     if disturbed:
         print(
             f"WARNING: other processes took over {DISTURBED:.0%} of the CPUs during: {', '.join(disturbed)}"
@@ -386,6 +486,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="measured optimizer steps per row")
     ap.add_argument("--warmup", type=int, default=1, help="optimizer steps before the measured ones")
     ap.add_argument("--skip-packed", action="store_true", help="leave out TRL with packing=True")
+    ap.add_argument("--matmul-repeat", type=int, default=5, help="runs of each matmul for the LoRA limit")
     for hidden in ("--row", "--row-params", "--row-out"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -407,20 +508,40 @@ def main() -> None:
         # TRL's default row: about as many real tokens per step as ours (its examples are 2 positions longer)
         examples = a.batch_size * d["our_real_tokens_per_row"] / (d["lengths"]["mean"] + 2)
         accumulation, per_step = max(1, round(examples / TRL_MICRO)), a.batch_size // a.micro_batch
+        bf16 = r["machine"]["our_precision"] == "bfloat16"
         r["labels"] = {
             "ours": f"trulyopen finetune(), {a.batch_size} packed rows",
             "trl": f"TRL SFTTrainer, {TRL_MICRO} x {accumulation} examples padded",
+            "trl_bf16w": f"TRL, base in bf16, {TRL_MICRO} x {accumulation} padded",
             "trl_packed": f"TRL SFTTrainer packing, {a.micro_batch} x {per_step} rows",
         }
         rows = r["rows"] = {}
-        print(f"\n[1/3] {r['labels']['ours']}: {a.warmup} warm-up + {a.steps} measured steps")
+        limit = {
+            "micro_batch": a.micro_batch,
+            "seq_len": a.seq_len,
+            "vocab": d["vocab"],
+            "repeat": a.matmul_repeat,
+        }
+        print(
+            f"\n[1/5] the LoRA limit: our LoRA step's matmuls at their shapes ({a.micro_batch} x {a.seq_len})"
+        )
+        limits = [child("limit", limit)]
+        print(f"\n[2/5] {r['labels']['ours']}: {a.warmup} warm-up + {a.steps} measured steps")
         ours = {"seq_len": a.seq_len, "batch_size": a.batch_size, "micro_batch": a.micro_batch}
         rows["ours"] = child("ours", common | ours)
-        print(f"\n[2/3] {r['labels']['trl']} to the longest, per step")
+        print(f"\n[3/5] {r['labels']['trl']} to the longest, per step ({'bf16' if bf16 else 'fp32'})")
         trl = common | {"micro_batch": TRL_MICRO, "accumulation": accumulation, "packing": False}
+        trl |= {"bf16": bf16, "weights": "float32"}
         rows["trl"] = child("trl", trl | {"max_length": a.seq_len + 2})
+        if bf16:
+            print(f"\n[4/5] {r['labels']['trl_bf16w']} to the longest, per step")
+            rows["trl_bf16w"] = child("trl", trl | {"max_length": a.seq_len + 2, "weights": "bfloat16"})
+        print("\n[1/5 again] the LoRA limit, right after")
+        limits.append(child("limit", limit))
+        r["limit"] = max(limits, key=lambda lm: lm["limit_flops_per_s"])
+        r["limit"]["runs_limit_flops_per_s"] = [lm["limit_flops_per_s"] for lm in limits]
         if not a.skip_packed:
-            print(f"\n[3/3] {r['labels']['trl_packed']} per step")
+            print(f"\n[5/5] {r['labels']['trl_packed']} per step")
             packed = {"micro_batch": a.micro_batch, "accumulation": per_step, "packing": True}
             rows["trl_packed"] = child("trl", trl | packed | {"max_length": a.seq_len})
     report(r)

@@ -215,3 +215,27 @@ def test_blockwise_cross_entropy_equals_torch(dtype):
         assert torch.allclose(
             ours.float(), torch.autograd.grad(ref, x)[0], atol=1e-6 if dtype == torch.float32 else 1e-4
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_drops_at_rate_p_keeps_the_mean_and_follows_torch_seed(dtype):
+    from trulyopen.train.cpu_dropout import FastDropout, install
+
+    drop = FastDropout(0.1).train()
+    x = torch.randn(400, 500, dtype=dtype, requires_grad=True)
+    torch.manual_seed(5)
+    y = drop(x)
+    kept = y != 0
+    assert abs(1 - kept.float().mean().item() - 0.1) < 0.005  # 200,000 draws: 4 standard deviations
+    assert torch.allclose(y[kept].float(), x[kept].float() / 0.9, rtol=1e-2)  # bf16 rounds the scaled value
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g != 0, kept)  # the gradient flows where the unit was kept, scaled alike
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), y)  # the mask is a function of torch's RNG state (which checkpoints hold)
+    assert torch.equal(drop.eval()(x), x)
+
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM(tiny_llama_config(50, attention_dropout=0.0))
+    model.model.extra = torch.nn.ModuleDict({"default": torch.nn.Dropout(0.05)})
+    assert install(model) == 1 and type(model.model.extra["default"]) is FastDropout

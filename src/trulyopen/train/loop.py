@@ -32,7 +32,7 @@ import torch
 from trulyopen.ledger import Ledger, code_version, file_record
 from trulyopen.progress import Progress
 from trulyopen.recipe import LoopConfig
-from trulyopen.train import TrainingError, checkpoint, cpu_attention, distributed
+from trulyopen.train import TrainingError, checkpoint, cpu_attention, cpu_dropout, distributed
 from trulyopen.train import metrics as metrics_log
 from trulyopen.train.distributed import World
 from trulyopen.train.layout import StagePaths
@@ -40,7 +40,13 @@ from trulyopen.train.loader import DataMismatchError
 from trulyopen.train.metrics import MetricsLog
 from trulyopen.train.objectives import Micro, Objective
 from trulyopen.train.optim import make_optimizer
-from trulyopen.train.precision import MasterWeights, autocast_for, peak_flops, peak_memory_mb
+from trulyopen.train.precision import (
+    MasterWeights,
+    autocast_for,
+    peak_flops,
+    peak_memory_mb,
+    reuse_freed_memory,
+)
 from trulyopen.train.schedule import learning_rate
 
 
@@ -81,6 +87,10 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     # for what an objective runs beside the model (a reference, a teacher), which keeps fp32 weights.
     low = job.dtype != torch.float32 and world.size == 1
     weights = MasterWeights(model, job.dtype).computing if low else contextlib.nullcontext
+    if device.type == "cpu":
+        reuse_freed_memory()  # each step's activations in pages the last one faulted in, not fresh ones
+        if not cfg.compile:  # (compiled, dropout is inductor's, whose generator is fast already)
+            cpu_dropout.install(model)  # LoRA's dropout masks drawn in bulk, not one element at a time
     peak, _ = peak_flops(device, job.dtype)
     ledger = Ledger(run_dir)
     end = stop_at or cfg.max_steps
