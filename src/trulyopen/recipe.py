@@ -543,6 +543,29 @@ class LoraConfig(Section):
     )
 
 
+class FinetuneVisionConfig(Section):
+    """A vision-language model's parts in post-training (records with images; ignored for text models)."""
+
+    train: list[Literal["language", "projector", "vision"]] = Field(
+        default_factory=lambda: ["language", "projector"],
+        min_length=1,
+        description="What full fine-tuning (adapter none) updates: the language model, the projector "
+        "between the vision tower and it, the vision tower; the rest stays frozen.",
+    )
+    lora_targets: list[Literal["language", "projector", "vision"]] = Field(
+        default_factory=lambda: ["language"],
+        min_length=1,
+        description="Where LoRA and QLoRA put adapters (lora.target_modules, when set, wins); QLoRA "
+        "keeps the vision tower and projector out of 4-bit in any case.",
+    )
+    max_image_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1, description="An image file larger than this is a bad record."
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, description="A decoded image with more pixels is a bad record."
+    )
+
+
 class DPOConfig(Section):
     beta: float = Field(default=0.1, gt=0, description="Strength of the pull towards the reference.")
     loss: Literal["sigmoid", "ipo"] = Field(
@@ -694,6 +717,9 @@ class FinetuneConfig(LoopConfig):
     simpo: SimPOConfig = Field(default_factory=SimPOConfig, description="SimPO settings.")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Reward-model settings.")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation settings.")
+    vision: FinetuneVisionConfig = Field(
+        default_factory=FinetuneVisionConfig, description="Vision-language models: what trains, LoRA targets."
+    )
 
     @model_validator(mode="after")
     def _whole_grpo_batches(self) -> FinetuneConfig:
@@ -704,6 +730,130 @@ class FinetuneConfig(LoopConfig):
         if self.method == "grpo" and (self.checkpoint_every % u or self.max_steps % u):
             raise ValueError(
                 f"checkpoint_every and max_steps must be multiples of grpo.updates_per_batch ({u})"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- a small VLM of our own
+
+
+VLM_FONTS = ["DejaVuSansMono.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf", "STIXGeneral.ttf"]
+
+
+class VlmImagesConfig(Section):
+    """The rendered code lines (vlm/codelines.py): lines of the curated corpus drawn as pictures."""
+
+    train_lines: int = Field(
+        default=2000,
+        ge=1,
+        description="Lines of the training split to draw (a caption and an instruction each).",
+    )
+    eval_lines: int = Field(
+        default=100, ge=1, description="Lines of the validation split drawn for the held-out evaluation."
+    )
+    min_chars: int = Field(default=8, ge=1, description="Shortest line drawn (characters, stripped).")
+    max_chars: int = Field(default=48, ge=1, description="Longest line drawn (characters, stripped).")
+    fonts: list[str] = Field(
+        default_factory=lambda: list(VLM_FONTS),
+        min_length=1,
+        description="TrueType files from matplotlib's mpl-data/fonts/ttf (the same on every machine): "
+        "DejaVu Sans, Sans Mono, Serif (Bitstream Vera licence) and STIX General (OFL-1.1).",
+    )
+    font_sizes: list[int] = Field(
+        default_factory=lambda: [11, 13, 15],
+        min_length=1,
+        description="Font sizes in pixels; each picture takes one at random (a smaller one if the line "
+        "is too wide).",
+    )
+    width: int = Field(
+        default=512, ge=16, description="Picture width in pixels (a multiple of the patch size)."
+    )
+    height: int = Field(
+        default=32, ge=16, description="Picture height in pixels (a multiple of the patch size)."
+    )
+    seed: int = Field(
+        default=0, description="Seed of the choice of lines, fonts, sizes, shades and questions."
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> VlmImagesConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is larger than max_chars ({self.max_chars})")
+        return self
+
+
+class VlmVisionConfig(Section):
+    """The vision encoder: a transformers config (SigLIP or CLIP vision), random or from a checkpoint."""
+
+    arch: Literal["siglip", "clip"] = Field(
+        default="siglip",
+        description="siglip (no class token; takes wide pictures with as many patches as its square "
+        "grid) or clip (a class token; square pictures only).",
+    )
+    init_from: Path | None = Field(
+        default=None,
+        description="A local SigLIP or CLIP (vision) checkpoint directory to start from; null: random "
+        "weights of the size below.",
+    )
+    hidden_size: int = Field(default=128, ge=8, description="Width of the encoder.")
+    num_layers: int = Field(default=2, ge=1, description="Encoder layers.")
+    num_heads: int = Field(default=4, ge=1, description="Attention heads.")
+    intermediate_size: int = Field(default=256, ge=8, description="MLP width.")
+    patch_size: int = Field(default=16, ge=2, description="Pixels a side of a patch (one image token each).")
+
+
+class VlmAlignConfig(LoopConfig):
+    """LLaVA's first stage: the projector (and a random vision tower) learns to caption pictures,
+    the language model frozen; the same finetune() as post-training, method sft, stage vlm."""
+
+    seq_len: int = Field(
+        default=256, ge=8, description="Longest caption record in tokens, image tokens included."
+    )
+    batch_size: int = Field(default=16, ge=1, description="Caption records per optimizer step.")
+    train: list[Literal["projector", "vision"]] = Field(
+        default_factory=lambda: ["projector", "vision"],
+        min_length=1,
+        description="What learns: the projector, and the vision tower too (needed when it starts random).",
+    )
+    val_fraction: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of captions held out (by id hash)."
+    )
+
+
+class VlmConfig(Section):
+    """The vlm stage: a small vision-language model built from this run's pretrained language model
+    (LLaVA: vision encoder -> projector -> our Llama), aligned on captions of rendered code lines;
+    the finetune section then tunes it on the instructions."""
+
+    images: VlmImagesConfig = Field(default_factory=VlmImagesConfig, description="The rendered code lines.")
+    vision: VlmVisionConfig = Field(default_factory=VlmVisionConfig, description="The vision encoder.")
+    projector_act: str = Field(
+        default="gelu", description="Activation between the projector's two linear layers (LLaVA's MLP)."
+    )
+    align: VlmAlignConfig = Field(
+        default_factory=lambda: VlmAlignConfig(
+            max_steps=100, lr=1e-3, warmup_steps=5, weight_decay=0.0, eval_every=50, checkpoint_every=50
+        ),
+        description="Training of the projector on the captions (LLaVA stage 1).",
+    )
+
+    @model_validator(mode="after")
+    def _patches(self) -> VlmConfig:
+        im, p = self.images, self.vision.patch_size
+        if im.width % p or im.height % p:
+            raise ValueError(
+                f"images.width and images.height ({im.width}x{im.height}) must be multiples of "
+                f"vision.patch_size ({p})"
+            )
+        n = (im.width // p) * (im.height // p)
+        if self.vision.init_from is None and round(n**0.5) ** 2 != n:
+            raise ValueError(
+                f"a {im.width}x{im.height} picture makes {n} patches of {p}: the encoder's position grid "
+                "is square, so the number of patches must be a square (e.g. 512x32 with patch 16: 64)"
+            )
+        if self.vision.arch == "clip" and im.width != im.height:
+            raise ValueError(
+                f"vision.arch clip takes square pictures only (images are {im.width}x{im.height})"
             )
         return self
 
@@ -793,6 +943,11 @@ class Recipe(Section):
     synth: SynthConfig | None = Field(
         default=None, description="Derive post-training data from the curated corpus (the synth stage)."
     )
+    vlm: VlmConfig | None = Field(
+        default=None,
+        description="Build a vision-language model from the pretrained one and align it on rendered "
+        "code lines (the vlm stage); finetune then tunes it on the line instructions.",
+    )
     finetune: FinetuneConfig | None = Field(default=None, description="The post-training stage.")
     eval: EvalConfig | None = Field(default=None, description="The evaluation stage.")
     release: ReleaseConfig | None = Field(
@@ -806,7 +961,9 @@ class Recipe(Section):
         ft = self.finetune
         if ft is not None and ft.base is None and self.data is None:
             raise ValueError("finetune.base must name a model when there is no data section to pretrain on")
-        if ft is not None and not ft.data and self.synth is None:
+        if self.vlm is not None and self.data is None:
+            raise ValueError("vlm needs a data section: its pictures are lines of the curated corpus")
+        if ft is not None and not ft.data and self.synth is None and self.vlm is None:
             raise ValueError("finetune.data is empty and there is no synth section to make data")
         if self.eval is not None and self.eval.builtin and self.data is None:
             raise ValueError("eval.builtin needs a data section: its tasks come from the held-out split")
@@ -828,6 +985,8 @@ class Recipe(Section):
             fields += [(f"data.decontamination.eval_files.{i}", files, i) for i in range(len(files))]
         fields.append(("tokenizer.path", self.tokenizer, "path"))
         fields.append(("pretrain.eval_suite", self.pretrain, "eval_suite"))
+        if self.vlm is not None:
+            fields.append(("vlm.vision.init_from", self.vlm.vision, "init_from"))
         if self.finetune is not None:
             fields += [(f"finetune.data.{i}.path", d, "path") for i, d in enumerate(self.finetune.data)]
         if self.eval is not None:

@@ -1,0 +1,143 @@
+"""The VLM quickstart: rendered code lines (deterministic, held-out lines kept out of training), a
+LLaVA model built from our own language model that transformers loads, and the recipe at toy size
+through every stage to a release."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from trulyopen.recipe import VlmConfig, VlmImagesConfig
+from trulyopen.vlm.codelines import DEFINE, TRANSCRIBE, defines, make_dataset
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def _corpus(root: Path, train: list[str], val: list[str]) -> Path:
+    """A curated corpus as the data stage writes it: corpus/{train,val}.jsonl of standard-library files."""
+    out = root / "corpus"
+    out.mkdir(parents=True)
+    for split, names in (("train", train), ("val", val)):
+        with open(out / f"{split}.jsonl", "w") as f:
+            for name in names:
+                f.write(json.dumps({"id": f"stdlib/{name}", "text": (STDLIB / name).read_text()}) + "\n")
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _corpus(
+        tmp_path_factory.mktemp("codelines"),
+        ["json/decoder.py", "json/encoder.py", "textwrap.py", "shlex.py"],
+        ["json/scanner.py", "json/__init__.py", "fnmatch.py"],
+    )
+
+
+def _lines(path: Path) -> set[str]:
+    return {x.strip() for r in map(json.loads, path.open()) for x in r["text"].split("\n")}
+
+
+def test_code_lines_are_deterministic_and_keep_held_out_lines_out_of_training(corpus, tmp_path):
+    cfg = VlmImagesConfig(train_lines=40, eval_lines=12, font_sizes=[11, 15])
+    files = make_dataset(corpus, tmp_path / "a", cfg)
+    again = make_dataset(corpus, tmp_path / "b", cfg)
+    rel = [p.relative_to(tmp_path / "a") for p in files]
+    assert rel == [p.relative_to(tmp_path / "b") for p in again]
+    assert all((tmp_path / "a" / r).read_bytes() == (tmp_path / "b" / r).read_bytes() for r in rel)
+    other = make_dataset(corpus, tmp_path / "c", cfg.model_copy(update={"seed": 1}))
+    assert {p.name for p in other if p.suffix == ".png"} != {p.name for p in files if p.suffix == ".png"}
+
+    out = tmp_path / "a"
+    read = lambda name: [json.loads(x) for x in (out / name).read_text().splitlines()]  # noqa: E731
+    captions, instructions = read("captions.jsonl"), read("instructions.jsonl")
+    transcribe, define = read("eval/transcribe.jsonl"), read("eval/define.jsonl")
+    assert len(captions) == len(instructions) == 40 and len(transcribe) == 12 and define
+    trained = {r["messages"][1]["content"] for r in captions}
+    trained |= {
+        r["messages"][1]["content"]
+        for r in instructions
+        if r["messages"][0]["content"][1]["text"] == TRANSCRIBE
+    }
+    held = {r["verifier"]["answer"] for r in transcribe}
+    train_corpus, val_corpus = _lines(corpus / "train.jsonl"), _lines(corpus / "val.jsonl")
+    assert trained <= train_corpus and not trained & val_corpus  # no held-out line in any training picture
+    assert held <= val_corpus and not held & train_corpus  # nor any held-out picture's line in training
+    # every record points at its own picture, of the configured size, in a font the manifest lists
+    from PIL import Image
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    fonts = {f["file"]: f for f in manifest["fonts"]}
+    assert {f["license"] for f in fonts.values()} == {"Bitstream-Vera", "OFL-1.1"}
+    pictures = [r["messages"][0]["content"][0]["image"] for r in captions + instructions]
+    pictures += [str(Path("eval") / r["images"][0]) for r in transcribe]
+    assert len(set(pictures)) == len(pictures) == 92
+    for r in captions[:5] + transcribe[:5]:
+        path = out / (
+            r["messages"][0]["content"][0]["image"] if "messages" in r else Path("eval") / r["images"][0]
+        )
+        assert Image.open(path).size == (512, 32) and r["meta"]["font"] in fonts
+    # the define questions: def/class lines, the right kind and name among the choices
+    line_of = {r["id"].split("/")[1]: r["messages"][1]["content"] for r in captions}  # same line, same id
+    asked = [r for r in instructions if r["messages"][0]["content"][1]["text"] == DEFINE]
+    assert asked
+    for r in asked:
+        kind, name = defines(line_of[r["id"].split("/")[1]])
+        assert r["messages"][1]["content"] == f"a {kind} named {name}"
+    for item in define:
+        line = next(t["verifier"]["answer"] for t in transcribe if t["images"] == item["images"])
+        kind, name = defines(line)
+        assert item["choices"][item["answer"]] == f"a {kind} named {name}" and len(set(item["choices"])) == 4
+
+
+@pytest.fixture(scope="module")
+def language_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint directory, tokenizer directory): a tiny Llama over a tokenizer of the quickstart's
+    recipe (our special tokens and chat turns), saved as the pretraining stage saves checkpoints."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import tiny_llama_config
+    from trulyopen.data.tokenizer import save_hf, train_tokenizer
+    from trulyopen.recipe import TokenizerConfig
+
+    root = tmp_path_factory.mktemp("lm")
+    texts = [(STDLIB / n).read_text() for n in ("textwrap.py", "shlex.py", "fnmatch.py")]
+    save_hf(train_tokenizer(iter(texts), TokenizerConfig(vocab_size=400)), root / "tokenizer")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(400)).save_pretrained(root / "step_000004")
+    return root / "step_000004", root / "tokenizer"
+
+
+def test_built_model_loads_in_transformers_with_the_language_models_logits(language_model, tmp_path):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaForCausalLM
+
+    from trulyopen.vlm.build import build_vlm, image_tokens
+
+    lm_dir, tok_dir = language_model
+    cfg = VlmConfig.model_validate(
+        {"vision": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}}
+    )
+    out = build_vlm(lm_dir, tok_dir, cfg, tmp_path / "vlm")
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    # a 512x32 picture in patches of 16: 32 x 2 = 64 image tokens, as the processor expands <image>
+    assert image_tokens(cfg) == 64 == model.config.image_seq_length
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TRANSCRIBE}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == f"<|user|>\n<image>\n{TRANSCRIBE}<|end|>\n<|assistant|>\n"
+    batch = processor(text=text, images=Image.new("RGB", (512, 32), "white"), return_tensors="pt")
+    assert batch["pixel_values"].shape == (1, 3, 32, 512)
+    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == 64
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+    # the language model inside is ours, unchanged: same logits on text (the new <image> column aside)
+    lm = LlamaForCausalLM.from_pretrained(lm_dir).eval()
+    ids = processor.tokenizer("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits[..., :400], lm(ids).logits)
