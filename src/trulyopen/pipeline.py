@@ -207,6 +207,21 @@ def _pretrain_run(ctx: Context, records: list[dict]) -> list[Path]:
     return [*sorted(final.iterdir()), paths.metrics]
 
 
+def _vlm_inputs(ctx: Context) -> list[Path]:
+    from trulyopen.train.checkpoint import newest
+
+    lm = newest(ctx.run_dir / "checkpoints" / "pretrain")
+    weights = sorted(lm.glob("*.safetensors")) if lm else []
+    tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
+    return [ctx.data / "corpus/train.jsonl", ctx.data / "corpus/val.jsonl", tok, *weights]
+
+
+def _vlm_run(ctx: Context, records: list[dict]) -> list[Path]:
+    from trulyopen.vlm.stage import run_vlm_stage
+
+    return run_vlm_stage(ctx.recipe.vlm, ctx.run_dir, fresh=ctx.fresh)
+
+
 def _synth_inputs(ctx: Context) -> list[Path]:
     return [ctx.data / "corpus/train.jsonl", *eval_set_files(ctx.recipe.data.decontamination.eval_files)]
 
@@ -296,6 +311,7 @@ STAGES = [
     Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
     Stage("shards", lambda r: (r.shards,), _shards_inputs, _shards_run),
     Stage("pretrain", lambda r: (r.model, r.pretrain), _pretrain_inputs, _pretrain_run, distributed=True),
+    Stage("vlm", lambda r: (r.vlm,), _vlm_inputs, _vlm_run, enabled=lambda r: r.vlm is not None),
     Stage("synth", lambda r: (r.synth,), _synth_inputs, _synth_run, enabled=lambda r: r.synth is not None),
     Stage(
         "finetune",

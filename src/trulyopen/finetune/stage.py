@@ -64,12 +64,15 @@ class FinetunePaths(StagePaths):
 
 def data_sources(cfg: FinetuneConfig, paths: FinetunePaths) -> list[FinetuneDataConfig]:
     """The recipe's data, or what the synth stage made for this method (for sft: its instruction
-    pairs, and its tool-use conversations when it made them)."""
+    pairs, and its tool-use conversations when it made them), and for sft the vlm stage's
+    instructions about pictures of code lines when it made them."""
     if cfg.data:
         return cfg.data
     made = [
         paths.synth / name for name in (SYNTH_FILE.get(cfg.method, PAIRS), *SYNTH_EXTRA.get(cfg.method, ()))
     ]
+    if cfg.method == "sft":
+        made.append(paths.run_dir / "vlm" / "data" / "instructions.jsonl")
     if not any(p.exists() for p in made):
         raise DataError(
             f"finetune.data is empty and the synth stage has not made {made[0]}: "
