@@ -3,6 +3,9 @@
 a run directory           its newest post-training checkpoint, else its newest pretraining one
 a trulyopen checkpoint    full weights, or an adapter merged into its base
 a Hugging Face model      a local directory or a hub name (the same from_pretrained call)
+
+A vision-language model (its config has a vision tower) comes with its processor, which evaluation
+uses to show it the images of multiple-choice and generation items (evaluate/vision.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class EvalModel:
     tokenizer: object
     name: str  # what was asked for, as given
     source: str  # the checkpoint or model directory actually loaded
+    processor: object | None = None  # a vision-language model's processor (images and text)
 
     @property
     def max_len(self) -> int:
@@ -36,6 +40,7 @@ def load(target: str | Path) -> EvalModel:
 
     found = locate(target)
     path = Path(found.path)
+    processor = None
     if found.kind == "checkpoint":
         with reading(path, "checkpoint"):
             if (path / "adapter.safetensors").exists():
@@ -49,6 +54,14 @@ def load(target: str | Path) -> EvalModel:
             raise missing(f"{path}: tokenizer", "tokenizer", "the run's tokenizer/ folder is gone")
         with reading(tok_dir, "tokenizer"):
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
+            processor = _processor(tok_dir) if checkpoint.is_vlm(model.config) else None
+    elif _hf_vlm(found.path):
+        from trulyopen.vlm.model import load_model
+
+        with loading(found.path, "Hugging Face model"):
+            model = load_model(found.path).eval()
+            processor = _processor(found.path)
+            tok = processor.tokenizer
     else:
         with loading(found.path, "Hugging Face model"):
             model = AutoModelForCausalLM.from_pretrained(found.path, dtype=torch.float32).eval()
@@ -61,4 +74,17 @@ def load(target: str | Path) -> EvalModel:
             f"{target}: the tokenizer has {len(tok):,} tokens but the model's embeddings only {vocab:,}; "
             "use the tokenizer the model was trained with"
         )
-    return EvalModel(model, tok, str(target), str(path))
+    return EvalModel(model, tok, str(target), str(path), processor)
+
+
+def _hf_vlm(where: str) -> bool:
+    from transformers import AutoConfig
+
+    with loading(where, "model config"):
+        return checkpoint.is_vlm(AutoConfig.from_pretrained(where))
+
+
+def _processor(where):
+    from trulyopen.vlm.model import load_processor
+
+    return load_processor(where)

@@ -18,7 +18,13 @@ import torch
 from trulyopen.evaluate.generation import evaluate_code, evaluate_generation
 from trulyopen.evaluate.models import EvalModel
 from trulyopen.evaluate.multiple_choice import evaluate as evaluate_mc
-from trulyopen.evaluate.taskfile import TaskSpec, check_judge_items, load_instances, load_suite
+from trulyopen.evaluate.taskfile import (
+    TaskError,
+    TaskSpec,
+    check_judge_items,
+    load_instances,
+    load_suite,
+)
 from trulyopen.evaluate.text import evaluate_text
 from trulyopen.evaluate.tool_calls import evaluate_tool_calls
 from trulyopen.files import atomic_open, sha256_file, write_json
@@ -30,6 +36,8 @@ def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict], dict]:
     instances = load_instances(spec.path, spec.type)
     if spec.limit is not None:
         instances = instances[: spec.limit]
+    if em.processor is not None or any(i.images for i in instances):
+        return (*_run_vision_task(em, spec, instances), {})
     if spec.type == "judge":
         from trulyopen.evaluate.judging import evaluate_judge
 
@@ -46,6 +54,28 @@ def run_task(em: EvalModel, spec: TaskSpec) -> tuple[dict, list[dict], dict]:
     else:
         result = evaluate_text(em.model, em.tokenizer, spec, instances, em.max_len)
     return (*result, {})
+
+
+def _run_vision_task(em: EvalModel, spec: TaskSpec, instances: list) -> tuple[dict, list[dict]]:
+    """A task with images, or any task of a vision-language model: multiple choice and generation."""
+    from trulyopen.evaluate import vision
+
+    if em.processor is None:
+        first = next(i for i in instances if i.images)
+        raise TaskError(
+            f"{first.where}: task {spec.name} has images, but {em.name} is a text-only model; "
+            "evaluate a vision-language model on it"
+        )
+    if spec.type not in ("multiple_choice", "generation"):
+        raise TaskError(
+            f"task {spec.name}: {em.name} is a vision-language model; its tasks are multiple_choice "
+            f"and generation, not {spec.type}"
+        )
+    if spec.few_shot:
+        raise TaskError(f"task {spec.name}: few_shot is not supported for a vision-language model")
+    if spec.type == "multiple_choice":
+        return vision.evaluate_mc(em.model, em.processor, spec, instances)
+    return vision.evaluate_generation(em.model, em.processor, spec, instances)
 
 
 def in_loop(suite: Path, tokenizer_dir: Path) -> Callable[[torch.nn.Module, Callable], dict[str, float]]:

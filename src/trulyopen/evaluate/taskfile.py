@@ -3,8 +3,8 @@
 A task file holds items of one kind; `id` is optional (default: the line number) and `meta` (any
 JSON object: provenance, a reference solution) is carried along but never scored:
 
-    multiple_choice  {"id", "context", "choices": [...], "answer": <index>, "question"?}
-    generation       {"id", "prompt", "verifier": {<a spec of trulyopen.rewards.verifiers>}}
+    multiple_choice  {"id", "context", "choices": [...], "answer": <index>, "question"?, "images"?}
+    generation       {"id", "prompt", "verifier": {<a spec of trulyopen.rewards.verifiers>}, "images"?}
     code             {"id", "prompt", "tests"}    prompt + completion + tests run in the sandbox
     text             {"id", "text"}               scored in bits per byte
     tool_call        {"id", "messages", "tools", "answer": {"name", "arguments"}}   messages and tools
@@ -23,6 +23,10 @@ A suite lists tasks with their settings; relative task paths are resolved agains
 and every task file is loaded once while the suite is read, so a broken file fails before a model
 is loaded. That includes what a judge task's mode needs of its items: a reference for `reference`,
 a baseline answer for `pairwise` (unless a baseline model gives them).
+
+Multiple-choice and generation items may carry `images`: a list of image files (relative to the task
+file) or data URLs, shown to a vision-language model before the item's text. Each is loaded and
+checked (trulyopen.vlm.images) when the file is read, so a missing or broken image is named by line.
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ TaskKind = Literal["multiple_choice", "generation", "code", "text", "tool_call",
 
 # per kind: the required fields and the optional ones ("id" and "meta" are allowed everywhere)
 _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "multiple_choice": (("context", "choices", "answer"), ("question",)),
-    "generation": (("prompt", "verifier"), ()),
+    "multiple_choice": (("context", "choices", "answer"), ("question", "images")),
+    "generation": (("prompt", "verifier"), ("images",)),
     "code": (("prompt", "tests"), ()),
     "text": (("text",), ()),
     "tool_call": (("messages", "tools", "answer"), ()),
@@ -82,6 +86,7 @@ class Instance:
     call: dict | None = None  # tool_call: the expected {"name", "arguments"}
     reference: str | None = None  # judge: a reference answer
     baseline: str | None = None  # judge: the answer a pairwise judge compares against
+    images: list[str] = field(default_factory=list)  # multiple_choice, generation: paths or data URLs
     meta: dict = field(default_factory=dict)
 
 
@@ -97,6 +102,23 @@ def _string(record: dict, name: str, *, empty_ok: bool = False) -> str:
     if not empty_ok and not value.strip():
         raise ValueError(f"field {name!r} must not be empty")
     return value
+
+
+def _images(value: object, base_dir: Path) -> list[str]:
+    """An item's images as absolute paths or data URLs, each loaded once to check it is an image."""
+    from trulyopen.vlm.images import BadImage, load_image
+
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("field 'images' must be a non-empty list of image paths or data URLs")
+    out = []
+    for i, ref in enumerate(value):
+        ref = ref if ref.startswith("data:") or Path(ref).is_absolute() else str(base_dir / ref)
+        try:
+            load_image(ref)
+        except BadImage as e:
+            raise ValueError(f"field 'images'[{i}]: {e}") from None
+        out.append(ref)
+    return out
 
 
 def _parse_record(record: object, kind: str, lineno: int, where: str) -> Instance:
@@ -121,6 +143,8 @@ def _parse_record(record: object, kind: str, lineno: int, where: str) -> Instanc
     if not isinstance(meta, dict):
         raise ValueError(f"field 'meta' must be a JSON object, got {type(meta).__name__}")
     inst = Instance(id=str(raw_id), where=where, kind=kind, meta=meta)
+    if "images" in record:
+        inst.images = _images(record["images"], Path(where.rsplit(":", 1)[0]).parent)
 
     if kind == "multiple_choice":
         inst.context = _string(record, "context", empty_ok=True)
@@ -245,6 +269,8 @@ def instance_record(inst: Instance) -> dict:
         }
     else:
         record["text"] = inst.text
+    if inst.images:
+        record["images"] = inst.images
     if inst.meta:
         record["meta"] = inst.meta
     return record

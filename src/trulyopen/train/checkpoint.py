@@ -137,6 +137,11 @@ def tokenizer_dir(ckpt: Path) -> Path | None:
     return None
 
 
+def is_vlm(config) -> bool:
+    """A vision-language model's config: it has a vision tower (LLaVA, Qwen2-VL, Idefics3, Gemma 3...)."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def load_for_inference(path: Path) -> torch.nn.Module:
     """The model of checkpoint `path`, rebuilt from its own config.json, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -154,7 +159,12 @@ def load_for_inference(path: Path) -> torch.nn.Module:
             "them; use it as finetune.grpo.reward_model"
         )
     with reading(path / "config.json", "model config"):
-        model = AutoModelForCausalLM.from_config(config)
+        if is_vlm(config):  # a vision-language model: its vision tower and projector too
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     with reading(path / "model.safetensors", "weights file"):
         load_model(model, str(path / "model.safetensors"))
     return model.eval()
