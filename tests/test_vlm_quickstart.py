@@ -141,3 +141,66 @@ def test_built_model_loads_in_transformers_with_the_language_models_logits(langu
     ids = processor.tokenizer("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits[..., :400], lm(ids).logits)
+
+
+TOY = [
+    'data.sources.0.include=["json/*.py", "email/*.py", "textwrap.py"]',
+    "data.split.val_fraction=0.2",
+    "tokenizer.vocab_size=600",
+    "pretrain.max_steps=2", "pretrain.global_batch_tokens=1024", "pretrain.micro_batch_size=4",
+    "pretrain.warmup_steps=1", "pretrain.eval_every=2", "pretrain.checkpoint_every=2",
+    "vlm.images.train_lines=24", "vlm.images.eval_lines=6",
+    "vlm.vision.hidden_size=32", "vlm.vision.num_layers=1", "vlm.vision.num_heads=2",
+    "vlm.vision.intermediate_size=64",
+    "vlm.align.max_steps=2", "vlm.align.batch_size=4", "vlm.align.micro_batch_size=4",
+    "vlm.align.warmup_steps=1", "vlm.align.eval_every=2", "vlm.align.checkpoint_every=2",
+    "finetune.max_steps=2", "finetune.batch_size=4", "finetune.micro_batch_size=4",
+    "finetune.warmup_steps=1", "finetune.eval_every=2", "finetune.checkpoint_every=2",
+]  # fmt: skip
+
+
+def test_the_vlm_quickstart_at_toy_size_runs_every_stage_and_releases(tmp_path):
+    """The VLM quickstart's own recipe, on a few standard-library packages and a few steps of each
+    stage: pictures, the built and aligned VLM, instruction tuning from it, evaluation, release."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from typer.testing import CliRunner
+
+    from trulyopen.cli import app
+    from trulyopen.files import sha256_file
+    from trulyopen.ledger import Ledger
+    from trulyopen.release.audit import audit
+
+    recipe = Path(__file__).parent.parent / "recipes" / "vlm-quickstart.yaml"
+    args = ["run", str(recipe), "--run-dir", str(tmp_path), "--workers", "1"]
+    result = CliRunner().invoke(app, args + [x for o in TOY for x in ("--set", o)])
+    assert result.exit_code == 0, result.output
+    stages = [e["stage"] for e in Ledger(tmp_path).entries() if "seconds" in e]
+    assert stages == ["data", "tokenizer", "shards", "pretrain", "vlm", "finetune", "eval", "release"]
+    # the vlm stage's ledger entry hashes every picture it drew
+    entry = Ledger(tmp_path).last("vlm")
+    pictures = {o["path"]: o["sha256"] for o in entry["outputs"] if o["path"].endswith(".png")}
+    assert len(pictures) == 24 * 2 + 6
+    assert all(sha256_file(tmp_path / p) == h for p, h in pictures.items())
+    # instruction tuning started from the aligned model, whose base is the built one
+    state = json.loads(next((tmp_path / "checkpoints" / "finetune").glob("step_*/state.json")).read_text())
+    assert "checkpoints/vlm/step_000002" in state["base"]
+    # evaluated on the held-out pictures: transcription (generation) and what a line defines (choice)
+    tasks = json.loads((tmp_path / "eval" / "finetune" / "results.json").read_text())["tasks"]
+    assert (
+        tasks["transcribe_line"]["metrics"]["score"]["n"] == 6 and tasks["define_line"]["metrics"]["acc"]["n"]
+    )
+    # the release: audited, its model a VLM that transformers loads, the pictures' sources and licences
+    out = tmp_path / "release"
+    assert audit(out).cls == 1
+    model = AutoModelForImageTextToText.from_pretrained(out / "model")
+    processor = AutoProcessor.from_pretrained(out / "model")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.image_token == "<image>"
+    card = (out / "data" / "vlm" / "DATACARD.md").read_text()
+    assert "DejaVuSansMono.ttf" in card and "OFL-1.1" in card and "Python-2.0" in card
+    assert "SIL OPEN FONT LICENSE" in (out / "LICENSES" / "fonts" / "OFL-1.1.txt").read_text().upper()
+    assert (out / "data" / "vlm" / "captions.jsonl").exists() and (
+        out / "logs" / "vlm" / "metrics.jsonl"
+    ).exists()
+    assert "pipeline_tag: image-text-to-text" in (out / "README.md").read_text()
+    result = CliRunner().invoke(app, ["verify", str(out)])
+    assert result.exit_code == 0, result.output

@@ -219,7 +219,8 @@ def _vlm_inputs(ctx: Context) -> list[Path]:
 def _vlm_run(ctx: Context, records: list[dict]) -> list[Path]:
     from trulyopen.vlm.stage import run_vlm_stage
 
-    return run_vlm_stage(ctx.recipe.vlm, ctx.run_dir, fresh=ctx.fresh)
+    sources = [s.model_dump(include={"name", "type", "license"}) for s in ctx.recipe.data.sources]
+    return run_vlm_stage(ctx.recipe.vlm, ctx.run_dir, sources, fresh=ctx.fresh)
 
 
 def _synth_inputs(ctx: Context) -> list[Path]:
@@ -272,6 +273,9 @@ def _eval_inputs(ctx: Context) -> list[Path]:
     cfg = ctx.recipe.eval
     files = [ctx.data / "corpus/val.jsonl", ctx.data / "corpus/train.jsonl"] if ctx.recipe.data else []
     files.append(ctx.run_dir / "synth" / "tools_heldout.jsonl")  # the built-in tool_call task's
+    for held in ("eval", "images/eval"):  # the vlm stage's held-out tasks and pictures
+        folder = ctx.run_dir / "vlm" / "data" / held
+        files += sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     if cfg.suite is not None:
         from trulyopen.evaluate.taskfile import load_suite
 

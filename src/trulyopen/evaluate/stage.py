@@ -3,6 +3,7 @@ run's models, and how much of each task the training corpus already contained.
 
     <run>/eval/tasks/           the built-in task files (made from data/corpus/val.jsonl, and the
                                 tool calls from synth/tools_heldout.jsonl: never trained on)
+    <run>/vlm/data/eval/        the vlm stage's held-out pictures of code lines, when it ran
     <run>/eval/<stage>/         results.json and per-item records for that stage's newest checkpoint
     <run>/eval/contamination.json
 """
@@ -27,6 +28,9 @@ BUILTIN = [
 ]
 
 
+VLM_SUITE = Path("vlm") / "data" / "eval" / "suite.yaml"
+
+
 def builtin_specs(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
     from trulyopen.evaluate.builtin import build_builtin_tasks
 
@@ -48,6 +52,8 @@ def builtin_specs(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
 
 def suite(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
     specs = builtin_specs(run_dir, cfg) if cfg.builtin else []
+    if (run_dir / VLM_SUITE).exists():  # the vlm stage's held-out pictures of code lines
+        specs += load_suite(run_dir / VLM_SUITE)
     return specs + (load_suite(cfg.suite) if cfg.suite else [])
 
 

@@ -51,7 +51,7 @@ FINDERS: dict[str, list[str]] = {
     ],
     "Model parameters (Intermediate)": ["checkpoints/*/step_*", "checkpoints/**/*.safetensors"],
     "Datasets": ["data/corpus", "data/train*", "dataset/*"],
-    "Evaluation data": ["eval/tasks/*", "eval_data/*"],
+    "Evaluation data": ["eval/tasks/*", "eval_data/*", "data/vlm/eval/*"],
     "Model metadata": ["recipes/*.yaml", "training_args*", "config.json", "model/config.json"],
     "Sample model outputs": ["eval/*/*.instances.jsonl", "eval/samples*", "samples*"],
     "Model card": ["README.md", "MODEL_CARD.md"],

@@ -4,7 +4,8 @@
       README.md            model card (Hugging Face metadata header)
       paper.md             how the model was made and what it can do (the MOF's research paper)
       mof.yml              Model Openness Framework file: every component, its path and licence
-      LICENSES/            one licence file per kind: code, data, documents, weights
+      LICENSES/            one licence file per kind: code, data, documents, weights (fonts/:
+                           the licences of the fonts a vlm stage drew its pictures in)
       model/               the final model in the Hugging Face format (+ adapter/ for LoRA runs);
                            gguf/: the same in GGUF for llama.cpp (f16, q8_0) and an Ollama Modelfile
       checkpoints/         every kept intermediate checkpoint, with its training state
@@ -14,7 +15,9 @@
                            of each source whose licence allows it (and shards/ when all do);
                            REBUILD.md: per source, whether it is here and how to make it again;
                            synth/: the post-training data made from the corpus (its manifest and
-                           card, and its records when every source's licence allows them)
+                           card, and its records when every source's licence allows them);
+                           vlm/: the vlm stage's pictures of code lines, records, held-out tasks
+                           and their data card (the pictures on the corpus's terms, like synth/)
       recipes/recipe.yaml  the resolved recipe every stage ran with
       code/                the package source that ran, version.json (version, git commit, source
                            hash), changes.patch (uncommitted changes), requirements.txt (the
@@ -160,11 +163,33 @@ def _data(run_dir: Path, out: Path, recipe: Recipe, allowed: dict[str, bool]) ->
         if (data / "shards" / "shards.json").exists():  # the fingerprint checkpoints are checked against
             _copy(data / "shards" / "shards.json", out / "data" / "shards" / "shards.json")
     write_text(out / "data" / "REBUILD.md", cards.rebuild_notes(recipe, allowed))
+    _vlm_data(run_dir / "vlm" / "data", out, allowed)
     synth = run_dir / "synth"
     for f in sorted(synth.glob("*")) if synth.is_dir() else []:
         # the records quote corpus text: shipped on the corpus's terms, the account of them always
         if f.is_file() and (f.suffix != ".jsonl" or (allowed and all(allowed.values()))):
             _copy(f, out / "data" / "synth" / f.name)
+
+
+def _vlm_data(made: Path, out: Path, allowed: dict[str, bool]) -> None:
+    """data/vlm/: the vlm stage's pictures of code lines, records and held-out tasks (they quote the
+    corpus: shipped on its terms, the card and manifest always), and LICENSES/fonts/: the licence
+    of each font they were drawn in."""
+    if not made.is_dir():
+        return
+    from trulyopen.vlm.codelines import licence_text
+
+    if allowed and all(allowed.values()):
+        _copy(made, out / "data" / "vlm")
+    else:
+        for name in ("manifest.json", "DATACARD.md"):
+            _copy(made / name, out / "data" / "vlm" / name)
+    fonts = json.loads((made / "manifest.json").read_text())["fonts"]
+    for spdx in sorted({f["license"] for f in fonts}):
+        files = ", ".join(f["file"] for f in fonts if f["license"] == spdx)
+        head = f"SPDX-License-Identifier: {spdx}\n\nThe pictures in data/vlm/ were drawn with {files}.\n"
+        text = licence_text(spdx)
+        write_text(out / "LICENSES" / "fonts" / f"{spdx}.txt", head + (f"\n{text}" if text else ""))
 
 
 def _gguf(model_dir: Path, name: str) -> None:
@@ -219,7 +244,7 @@ def release(run_dir: Path, recipe: Recipe) -> Path:
     _copy(run_dir / "recipe.yaml", tmp / "recipes" / "recipe.yaml")
     version = _code(tmp)
     _copy(run_dir / "ledger.jsonl", tmp / "logs" / "ledger.jsonl")
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "vlm", "finetune"):
         if (run_dir / stage / "metrics.jsonl").exists():
             _copy(run_dir / stage / "metrics.jsonl", tmp / "logs" / stage / "metrics.jsonl")
     if (run_dir / "eval").is_dir():
@@ -265,8 +290,9 @@ def mof_file(root: Path, recipe: Recipe, cfg: ReleaseConfig, licences: dict[str,
         "release": {
             "name": recipe.name,
             "version": "1.0",
-            "type": "language",
-            "architecture": "transformer decoder",
+            "type": "multimodal" if recipe.vlm is not None else "language",
+            "architecture": "transformer decoder"
+            + (" with a vision encoder" if recipe.vlm is not None else ""),
             "treatment": "instruct fine-tuned" if finetuned else "pre-trained",
             "origin": recipe.name,
             "producer": cfg.producer,

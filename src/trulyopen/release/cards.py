@@ -92,6 +92,9 @@ def gather(
             "val_bpb": _last(run_dir / "pretrain" / "metrics.jsonl", "val_bpb"),
         },
         "finetune_loss": _last(run_dir / "finetune" / "metrics.jsonl", "loss"),
+        "vision": "vision_config" in config,
+        "pictures": _json(run_dir / "vlm" / "data" / "manifest.json"),  # the vlm stage's, or {}
+        "align_loss": _last(run_dir / "vlm" / "metrics.jsonl", "loss"),
         "seconds": {stage: round(e["seconds"], 1) for stage, e in stages.items()},
         "machine": (stages.get("pretrain") or stages.get("finetune") or {}).get("machine", {}),
         "checkpoints": checkpoints,
@@ -150,6 +153,10 @@ def _training(facts: dict) -> str:
             f"- Pretraining: {p['steps']} steps, {p['tokens']:,} tokens; final training loss {p['loss']:.3f}"
             + (f", validation bits per byte {p['val_bpb']:.3f}." if p["val_bpb"] is not None else ".")
         )
+    if facts.get("align_loss") is not None:
+        lines.append(
+            f"- Vision alignment (LLaVA stage 1, on captions): final loss {facts['align_loss']:.3f}."
+        )
     if facts["finetuned"]:
         loss = facts["finetune_loss"]
         lines.append(
@@ -184,6 +191,15 @@ def _data(facts: dict) -> str:
             f"- Curation kept {last['docs_out']:,} of {first['docs_in']:,} documents "
             f"({last['bytes_out']:,} of {first['bytes_in']:,} bytes); see `data/DATACARD.md`."
         )
+    pictures = facts.get("pictures")
+    if pictures:
+        r = pictures["records"]
+        fonts = ", ".join(f"{f['file']} ({f['license']})" for f in pictures["fonts"])
+        lines.append(
+            f"- Pictures: lines of the corpus drawn in {fonts}: {r['captions']:,} captions, "
+            f"{r['instructions']:,} instructions, {r['transcribe']:,} held-out lines; "
+            "see `data/vlm/DATACARD.md`."
+        )
     here = [name for name, ok in facts["redistributed"].items() if ok]
     away = [name for name, ok in facts["redistributed"].items() if not ok]
     if here:
@@ -211,12 +227,34 @@ ollama create {facts["name"]} -f model/gguf/Modelfile && ollama run {facts["name
 ```"""
 
 
+def _kind(facts: dict) -> str:
+    return "vision-language" if facts.get("vision") else "language"
+
+
+def _usage(facts: dict) -> str:
+    if facts.get("vision"):
+        return """```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained("model")
+processor = AutoProcessor.from_pretrained("model")
+question = {"type": "text", "text": "Transcribe the line."}
+messages = [{"role": "user", "content": [{"type": "image"}, question]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=prompt, images=picture, return_tensors="pt")  # picture: a PIL image
+```"""
+    return """```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("model")
+tokenizer = AutoTokenizer.from_pretrained("model")
+```"""
+
+
 def model_card(facts: dict, cfg: ReleaseConfig) -> str:
     metrics = sorted({name for tasks in facts["evals"].values() for m in tasks.values() for name in m})
     meta = {
         **_hf_licence(facts["licences"]["weights"]),
         "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if facts.get("vision") else "text-generation",
         "tags": ["trulyopen", "open-science"],
         "datasets": [s["name"] for s in facts["sources"]],
         "metrics": metrics,
@@ -236,8 +274,8 @@ def model_card(facts: dict, cfg: ReleaseConfig) -> str:
 
 # {facts["name"]}
 
-A {facts["parameters"] / 1e6:.1f} M-parameter {facts["architecture"]} language model made end to end with
-trulyopen: data curation, tokenizer, pretraining{", post-training" if facts["finetuned"] else ""} and
+A {facts["parameters"] / 1e6:.1f} M-parameter {facts["architecture"]} {_kind(facts)} model made end to end
+with trulyopen: data curation, tokenizer, pretraining{", post-training" if facts["finetuned"] else ""} and
 evaluation, with every artifact in this directory. `mof.yml` scores it against the Model Openness
 Framework; `SHA256SUMS` covers every file (`trulyopen verify .`).
 
@@ -266,11 +304,7 @@ does on unseen text.
 
 ## How to use
 
-```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("model")
-tokenizer = AutoTokenizer.from_pretrained("model")
-```
+{_usage(facts)}
 
 or `trulyopen serve model` for an OpenAI-compatible server.{_gguf_usage(facts)}
 

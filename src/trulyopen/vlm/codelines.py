@@ -238,8 +238,9 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig) -> list[Path]:
-    """Write the data set under `out` (see the module's docstring); return every file written."""
+def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig, sources: list[dict] = ()) -> list[Path]:
+    """Write the data set under `out` (see the module's docstring) with its data card, naming the
+    corpus `sources` ({name, type, license}); return every file written."""
     fonts = fonts_used(cfg.fonts)
     train, held = split_lines(corpus, cfg)
     writer = _Writer(out, Painter(cfg), cfg.seed)
@@ -282,7 +283,9 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig) -> list[Path]:
         _jsonl(out / "instructions.jsonl", instructions),
         _jsonl(out / "eval" / "transcribe.jsonl", transcribe),
     ]
-    suite = [{"name": "transcribe_line", "path": "transcribe.jsonl", "type": "generation"}]
+    suite = [
+        {"name": "transcribe_line", "path": "transcribe.jsonl", "type": "generation", "max_new_tokens": 32}
+    ]
     if define:
         files.append(_jsonl(out / "eval" / "define.jsonl", define))
         suite.append({"name": "define_line", "path": "define.jsonl", "type": "multiple_choice"})
@@ -304,7 +307,10 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig) -> list[Path]:
         "corpus": {name: sha256_file(corpus / name) for name in ("train.jsonl", "val.jsonl")},
     }
     write_json(out / "manifest.json", manifest)
-    return sorted([*files, out / "eval" / "suite.yaml", out / "manifest.json", *writer.images])
+    write_text(out / "DATACARD.md", data_card(manifest, list(sources)))
+    return sorted(
+        [*files, out / "eval" / "suite.yaml", out / "manifest.json", out / "DATACARD.md", *writer.images]
+    )
 
 
 def _define_item(line: Line, what: tuple[str, str], names: list[str], image: str, meta: dict, seed: int):
@@ -324,3 +330,52 @@ def _define_item(line: Line, what: tuple[str, str], names: list[str], image: str
         "images": [image],
         "meta": meta,
     }
+
+
+def data_card(manifest: dict, sources: list[dict]) -> str:
+    """DATACARD.md of the pictures: where their text and their fonts come from, under which licences,
+    what was made of them and what was held out."""
+    text_rows = "\n".join(f"| `{s['name']}` ({s['type']}) | {s['license']} |" for s in sources)
+    font_rows = "\n".join(
+        f"| `{f['file']}` | matplotlib's `mpl-data/fonts/ttf` | {f['license']} | `{f['sha256']}` |"
+        for f in manifest["fonts"]
+    )
+    r, n = manifest["records"], manifest["lines"]
+    w, h = manifest["size"]
+    return f"""# Data card: rendered code lines
+
+Pictures of single lines of this run's curated corpus, drawn offline with PIL: {w}x{h} pixels,
+grey text on a grey background, in the fonts below at sizes {", ".join(map(str, manifest["font_sizes"]))}
+pixels (seed {manifest["seed"]}; the same corpus and seed give the same PNG files, byte for byte).
+
+## Sources and licences
+
+The text of every picture is a line of the curated corpus (`corpus/train.jsonl` for training,
+`corpus/val.jsonl` for evaluation), each record's `meta.line` naming the document and line:
+
+| corpus source | licence |
+|---|---|
+{text_rows}
+
+The glyphs come from these font files (the licence texts are in `LICENSES/fonts/`):
+
+| font file | from | licence | sha256 |
+|---|---|---|---|
+{font_rows}
+
+DejaVu fonts are Bitstream Vera's glyphs, with DejaVu's changes in the public domain; STIX fonts are
+under the SIL Open Font Licence 1.1. Neither licence restricts pictures drawn with the fonts.
+
+## What was made
+
+- `captions.jsonl`: {r["captions"]:,} records, a picture and the line it shows (alignment, LLaVA stage 1).
+- `instructions.jsonl`: {r["instructions"]:,} records on other pictures of the same lines: "{TRANSCRIBE}"
+  or, for a def or class line, "{DEFINE}" (instruction tuning, LLaVA stage 2).
+- `eval/transcribe.jsonl`: {r["transcribe"]:,} held-out pictures to transcribe (exact match);
+  `eval/define.jsonl`: {r["define"]:,} multiple-choice questions on what a held-out line defines.
+
+Lines are {n["train"]:,} of the training split and {n["heldout"]:,} of the validation split
+({n["skipped_too_wide"]:,} left out: too wide for the picture at every size). No line of the
+validation split is in a training picture, and no held-out picture shows a line that also occurs in
+the training split.
+"""

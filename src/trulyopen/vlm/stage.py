@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from trulyopen.finetune.stage import FinetunePaths
+from trulyopen.ledger import config_hash
 from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig, VlmConfig
 from trulyopen.train import TrainingError, checkpoint
 
@@ -56,7 +57,7 @@ def align_config(cfg: VlmConfig, base: Path, captions: Path) -> FinetuneConfig:
     })  # fmt: skip
 
 
-def run_vlm_stage(cfg: VlmConfig, run_dir: Path, fresh: bool = False) -> list[Path]:
+def run_vlm_stage(cfg: VlmConfig, run_dir: Path, sources: list[dict], fresh: bool = False) -> list[Path]:
     """Render the data, build the model, align it; return every file the stage wrote."""
     from trulyopen.finetune.stage import finetune
     from trulyopen.vlm.build import build_vlm
@@ -66,14 +67,15 @@ def run_vlm_stage(cfg: VlmConfig, run_dir: Path, fresh: bool = False) -> list[Pa
     lm = checkpoint.newest(run_dir / "checkpoints" / "pretrain")
     if lm is None:
         raise TrainingError(f"vlm: {run_dir} has no pretraining checkpoint to build on; pretrain first")
-    files = make_dataset(run_dir / "data" / "corpus", paths.data, cfg.images)
+    files = make_dataset(run_dir / "data" / "corpus", paths.data, cfg.images, sources)
     build_vlm(lm, run_dir / "tokenizer", cfg, paths.init, seed=cfg.align.seed)
     m = json.loads((paths.data / "manifest.json").read_text())["records"]
     print(
         f"vlm: {m['captions']:,} captions, {m['instructions']:,} instructions, {m['transcribe']:,} held-out "
         f"lines ({m['define']:,} define questions); model built on {lm.parent.name}/{lm.name} in {paths.init}"
     )
-    final = finetune(align_config(cfg, paths.init, paths.data / "captions.jsonl"), paths, fresh=fresh)
+    align = align_config(cfg, paths.init, paths.data / "captions.jsonl")
+    final = finetune(align, paths, fresh=fresh, recipe_hash=config_hash(cfg))
     print(f"vlm: aligned, final checkpoint {final}")
     init = sorted(p for p in paths.init.rglob("*") if p.is_file())
     return [*files, *init, *sorted(p for p in final.rglob("*") if p.is_file()), paths.metrics, paths.records]
