@@ -111,28 +111,40 @@ def language_model(tmp_path_factory) -> tuple[Path, Path]:
     return root / "step_000004", root / "tokenizer"
 
 
-def test_built_model_loads_in_transformers_with_the_language_models_logits(language_model, tmp_path):
+VISION = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}
+
+
+@pytest.mark.parametrize(
+    "arch, size, tokens",
+    [("siglip", (512, 32), 64), ("clip", (64, 64), 16)],  # patches of 16: 32 x 2; CLIP: 4 x 4, no CLS
+)
+def test_built_model_loads_in_transformers_with_the_language_models_logits(
+    language_model, tmp_path, arch, size, tokens
+):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, LlamaForCausalLM
 
     from trulyopen.vlm.build import build_vlm, image_tokens
 
     lm_dir, tok_dir = language_model
-    cfg = VlmConfig.model_validate(
-        {"vision": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}}
-    )
+    images = {"width": size[0], "height": size[1]}
+    cfg = VlmConfig.model_validate({"images": images, "vision": {"arch": arch, **VISION}})
     out = build_vlm(lm_dir, tok_dir, cfg, tmp_path / "vlm")
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
-    # a 512x32 picture in patches of 16: 32 x 2 = 64 image tokens, as the processor expands <image>
-    assert image_tokens(cfg) == 64 == model.config.image_seq_length
+    assert (
+        type(model.model.vision_tower).__name__
+        == {"siglip": "SiglipVisionModel", "clip": "CLIPVisionModel"}[arch]
+    )
+    assert image_tokens(cfg) == tokens == model.config.image_seq_length
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": TRANSCRIBE}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == f"<|user|>\n<image>\n{TRANSCRIBE}<|end|>\n<|assistant|>\n"
-    batch = processor(text=text, images=Image.new("RGB", (512, 32), "white"), return_tensors="pt")
-    assert batch["pixel_values"].shape == (1, 3, 32, 512)
-    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == 64
+    batch = processor(text=text, images=Image.new("RGB", size, "white"), return_tensors="pt")
+    assert batch["pixel_values"].shape == (1, 3, size[1], size[0])
+    # the processor expands <image> into as many tokens as the projector makes features
+    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == tokens
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
@@ -141,6 +153,20 @@ def test_built_model_loads_in_transformers_with_the_language_models_logits(langu
     ids = processor.tokenizer("def add(a, b):\n    return a + b", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits[..., :400], lm(ids).logits)
+
+
+def test_bad_vision_settings_are_named():
+    from trulyopen.recipe import RecipeError, load_recipe
+
+    recipe = Path(__file__).parent.parent / "recipes" / "vlm-quickstart.yaml"
+    for change, expected in [
+        ("vlm.images.width=500", "multiples of vision.patch_size"),
+        ("vlm.images.width=256", "must be a square"),  # 16 x 2 = 32 patches
+        ("vlm.vision.arch=clip", "square pictures only"),
+        ("vlm.images.fonts=[Comic.ttf]", "field 'vlm.images.fonts': 'Comic.ttf' is not one of matplotlib's"),
+    ]:
+        with pytest.raises(RecipeError, match=expected):
+            load_recipe(recipe, [change])
 
 
 TOY = [

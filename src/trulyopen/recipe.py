@@ -738,6 +738,16 @@ class FinetuneConfig(LoopConfig):
 
 
 VLM_FONTS = ["DejaVuSansMono.ttf", "DejaVuSans.ttf", "DejaVuSerif.ttf", "STIXGeneral.ttf"]
+# the licence of each font file matplotlib ships that a recipe may name (SPDX identifiers); DejaVu
+# is Bitstream Vera's glyphs with changes in the public domain, STIX is under the SIL Open Font Licence
+VLM_FONT_LICENCES = {
+    **dict.fromkeys(
+        [*VLM_FONTS[:3], "DejaVuSansMono-Bold.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif-Bold.ttf"],
+        "Bitstream-Vera",
+    ),
+    "STIXGeneral.ttf": "OFL-1.1",
+    "STIXGeneralBol.ttf": "OFL-1.1",
+}
 
 
 class VlmImagesConfig(Section):
@@ -774,6 +784,17 @@ class VlmImagesConfig(Section):
     seed: int = Field(
         default=0, description="Seed of the choice of lines, fonts, sizes, shades and questions."
     )
+
+    @field_validator("fonts")
+    @classmethod
+    def _known_fonts(cls, fonts: list[str]) -> list[str]:
+        unknown = [f for f in fonts if f not in VLM_FONT_LICENCES]
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not one of matplotlib's fonts we know the licence of "
+                f"({', '.join(sorted(VLM_FONT_LICENCES))})"
+            )
+        return fonts
 
     @model_validator(mode="after")
     def _lengths(self) -> VlmImagesConfig:

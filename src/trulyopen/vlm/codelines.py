@@ -30,22 +30,10 @@ from pathlib import Path
 
 from trulyopen.errors import UserError
 from trulyopen.files import atomic_open, sha256_file, write_bytes, write_json, write_text
-from trulyopen.recipe import VlmImagesConfig
+from trulyopen.recipe import VLM_FONT_LICENCES, VlmImagesConfig
 
 TRANSCRIBE = "Transcribe the line."
 DEFINE = "What does this line define?"
-# the licence of each font file matplotlib ships that a recipe may name (SPDX identifiers); DejaVu
-# is Bitstream Vera's glyphs with changes in the public domain, STIX is under the SIL Open Font Licence
-FONT_LICENCES = {
-    "DejaVuSansMono.ttf": "Bitstream-Vera",
-    "DejaVuSans.ttf": "Bitstream-Vera",
-    "DejaVuSerif.ttf": "Bitstream-Vera",
-    "DejaVuSansMono-Bold.ttf": "Bitstream-Vera",
-    "DejaVuSans-Bold.ttf": "Bitstream-Vera",
-    "DejaVuSerif-Bold.ttf": "Bitstream-Vera",
-    "STIXGeneral.ttf": "OFL-1.1",
-    "STIXGeneralBol.ttf": "OFL-1.1",
-}
 LICENCE_FILES = {"Bitstream-Vera": "LICENSE_DEJAVU", "OFL-1.1": "LICENSE_STIX"}
 _DEFINES = re.compile(r"^(?:async\s+)?(def|class)\s+([A-Za-z_]\w*)")
 _KIND = {"def": "function", "class": "class"}
@@ -72,12 +60,9 @@ def fonts_used(names: list[str]) -> list[dict]:
     out = []
     for name in names:
         path = font_dir() / name
-        if name not in FONT_LICENCES or not path.is_file():
-            raise CodeLinesError(
-                f"vlm.images.fonts: {name!r} is not one of matplotlib's fonts we know the licence of "
-                f"({', '.join(sorted(FONT_LICENCES))})"
-            )
-        out.append({"file": name, "sha256": sha256_file(path), "license": FONT_LICENCES[name]})
+        if not path.is_file():  # (the recipe names only fonts matplotlib ships)
+            raise CodeLinesError(f"vlm.images.fonts: {name!r} is not in this matplotlib ({font_dir()})")
+        out.append({"file": name, "sha256": sha256_file(path), "license": VLM_FONT_LICENCES[name]})
     return out
 
 
