@@ -71,16 +71,19 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, seconds: float) -> None
 class Running:
     """Our app under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, model, tok, limits: Limits, api_key=None):
+    def __init__(self, model, tok, limits: Limits, api_key=None, server: Server | None = None):
+        """Over our engine on `model`, or over `server` as given (then model, tok, limits unused)."""
         import uvicorn
 
-        engine = Engine(
-            model,
-            lambda ids: tok.decode(ids, skip_special_tokens=True),
-            slots=limits.max_concurrent,
-            max_len=256,
-        )
-        self.server = Server(engine, tok, "tiny", limits, api_key)
+        if server is None:
+            engine = Engine(
+                model,
+                lambda ids: tok.decode(ids, skip_special_tokens=True),
+                slots=limits.max_concurrent,
+                max_len=256,
+            )
+            server = Server(engine, tok, "tiny", limits, api_key)
+        self.server = server
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

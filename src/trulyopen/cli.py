@@ -435,13 +435,24 @@ def chat(
     max_tokens: MaxTokensOpt = 256,
     temperature: TemperatureOpt = 0.7,
     precision: PrecisionOpt = "auto",
+    image: Annotated[
+        str | None,
+        typer.Option("--image", help="An image (path) shown to a VLM with the first message."),
+    ] = None,
 ):
-    """Chat with MODEL in the terminal (through its tokenizer's chat template); an empty line ends it."""
+    """Chat with MODEL in the terminal (through its tokenizer's chat template); an empty line ends it.
+    A vision-language model takes images: --image PATH, or a line `/image PATH` before a message."""
+    if image is not None and not Path(image).is_file():
+        raise typer.BadParameter(f"--image {image}: no such file")
     m, tok, _ = _load_for_inference(model, precision)
     from trulyopen.infer.sampling import SamplingParams
     from trulyopen.serve.terminal import chat as chat_loop
+    from trulyopen.vlm.generate import VLM
 
-    chat_loop(m, tok, SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=0.95), system)
+    if image is not None and not isinstance(m, VLM):
+        raise typer.BadParameter(f"--image: {model} is a text model: it reads no images")
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=0.95)
+    chat_loop(m, tok, params, system, image=image)
 
 
 @app.command()
@@ -482,6 +493,17 @@ def serve(
     max_prompt_tokens: Annotated[int | None, typer.Option("--max-prompt-tokens")] = None,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes")] = 1_000_000,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds per request.")] = 300.0,
+    allow_image_urls: Annotated[
+        bool,
+        typer.Option(
+            "--allow-image-urls",
+            help="A vision-language model: fetch http(s) image URLs in requests (default: data URLs and "
+            "local paths only).",
+        ),
+    ] = False,
+    max_image_bytes: Annotated[
+        int, typer.Option("--max-image-bytes", min=1, help="The largest image a request may send.")
+    ] = 20 * 1024 * 1024,
     max_len: Annotated[
         int | None,
         typer.Option(
@@ -514,6 +536,8 @@ def serve(
         max_concurrent=max_concurrent,
         max_queue=max_queue,
         request_timeout_s=request_timeout,
+        allow_image_urls=allow_image_urls,
+        max_image_bytes=max_image_bytes,
     )
     serve_ours(model, host, port, limits, api_key, precision, max_len, engine, quant)
 

@@ -69,9 +69,56 @@ class Request:
     # a grammar's matcher (infer/constrain.py): each token is sampled from those it allows, and
     # the request stops once the grammar is complete
     matcher: object | None = None
+    # the model's inputs beyond the prompt's ids (a vision-language model's image tensors, with
+    # the ids they go with): only an engine that takes them gets them (vlm/generate.py)
+    inputs: dict | None = None
 
 
-class Engine:
+class Queue:
+    """Requests waiting and running, and the background thread that steps them (`start`, `stop`):
+    ours, and the engines that decode one request at a time (infer/serial.py)."""
+
+    thread_name = "trulyopen-engine"
+
+    def __init__(self) -> None:
+        self.running: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def enqueue(self, req: Request) -> Request:
+        with self._lock:
+            self.waiting.append(req)
+            self._lock.notify()
+        return req
+
+    def start(self) -> None:
+        """Run steps in a background thread until stop()."""
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.running and not self.waiting:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            self.step()
+
+
+class Engine(Queue):
     def __init__(
         self,
         model: torch.nn.Module,
@@ -91,51 +138,25 @@ class Engine:
         self.vocab_size = model.get_input_embeddings().num_embeddings  # token ids a prompt may hold
         self.cache = SlotCache(slots, self.max_len)
         self.fast = fast.FastDecoder(model, self.max_len) if fast.supports(model) else None
-        self.running: list[Request] = []  # running[i] lives in slot i
-        self.waiting: deque[Request] = deque()
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        super().__init__()  # (running[i] lives in slot i)
 
     # ------------------------------------------------------------------ from any thread
     def submit(self, req: Request) -> Request:
         check_prompt(req.prompt, self.max_len)
+        if req.inputs is not None:
+            raise ValueError("this engine takes token ids only, not images")
         seed = req.params.seed if req.params.seed is not None else random.randrange(2**63)
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
         if req.params.stop_strings or self.decode is not None:
             if self.decode is None:
                 raise ValueError("stop strings need a decode function")
             req.stream = TextStream(self.decode, req.params.stop_strings)
-        with self._lock:
-            self.waiting.append(req)
-            self._lock.notify()
-        return req
+        return self.enqueue(req)
 
     def cancel(self, req: Request) -> None:
         req.cancelled = True  # acted on at the next step, before any more compute is spent on it
         with self._lock:
             self._lock.notify()
-
-    def start(self) -> None:
-        """Run steps in a background thread until stop()."""
-        self._thread = threading.Thread(target=self._loop, name="trulyopen-engine", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self.running and not self.waiting:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-            self.step()
 
     # ------------------------------------------------------------------ the engine's thread
     @torch.inference_mode()

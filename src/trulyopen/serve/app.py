@@ -67,6 +67,9 @@ class Limits:
     max_queue: int = 64  # requests waiting for a slot; one more gets 429 at once
     queue_timeout_s: float = 30.0  # a waiting request gets 429 after this long
     request_timeout_s: float = 300.0  # from the request's arrival: receiving its body, waiting, answering
+    # images (vision-language models): http(s) image URLs are fetched only when allowed
+    allow_image_urls: bool = False
+    max_image_bytes: int = 20 * 1024 * 1024  # an image (data URL, file or download) larger is a 400
 
 
 class Admission:
@@ -119,10 +122,15 @@ TIMEOUT = Event("", [], "timeout")  # put in a request's queue when its time is 
 
 
 class Server:
-    def __init__(self, engine: Engine, tokenizer, name: str, limits: Limits, api_key: str | None = None):
+    def __init__(
+        self, engine: Engine, tokenizer, name: str, limits: Limits, api_key: str | None = None, vlm=None
+    ):
+        """vlm: a vision-language model (vlm.generate.VLM) whose engine (vlm.generate.GenerateEngine)
+        takes its processor's inputs: chat messages may then hold images."""
         from trulyopen.finetune.render import ChatRenderer, RenderError
 
         self.engine, self.tok, self.name, self.limits, self.api_key = engine, tokenizer, name, limits, api_key
+        self.vlm = vlm
         self.max_prompt = limits.max_prompt_tokens or engine.max_len - 1
         # token ids a prompt may hold: 0 .. vocab-1, the rows of the embedding table
         self.vocab = engine.vocab_size
@@ -131,6 +139,10 @@ class Server:
             self.chat_stops = self.chat.stop_ids()
         except RenderError:
             self.chat, self.chat_stops = None, ()
+        if vlm is not None:  # (the template is the processor's)
+            from trulyopen.vlm.generate import stop_ids
+
+            self.chat_stops = stop_ids(vlm.processor)
         self.grammars = None  # infer.constrain.Grammars, made on the first response_format
         self.grammar_cache: dict[str, str] = {}
         self.admission: Admission | None = None
@@ -276,16 +288,26 @@ class Server:
         eos = [self.tok.eos_token_id] if self.tok.eos_token_id is not None else []
         return tuple(sorted({*stop_ids, *eos}))
 
-    def prompt_ids(self, body) -> tuple[list[int], tuple[int, ...]]:
+    def prompt_ids(self, body) -> tuple[list[int], tuple[int, ...], dict | None]:
+        """The prompt's token ids, the tokens that end its answer, and (a vision-language model's
+        chat) the model's inputs: the ids with their images. Blocks while images are read: run it
+        off the event loop for a VLM."""
         from jinja2 import TemplateError
 
         if isinstance(body, ChatRequest):
+            if self.vlm is not None:
+                return self.vision_prompt(body)
             if self.chat is None:
                 raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions")
+            for i, m in enumerate(body.messages):
+                for j in m.image_parts():
+                    where = f"messages.{i}.content.{j}"
+                    message = f"{where}: {self.name} is a text model: it reads no images"
+                    raise APIError(400, message, param=where)
             messages = [_message(m, i) for i, m in enumerate(body.messages)]
             tools = [t.model_dump(exclude_none=True) for t in self._tools(body)] if body.tools else None
             try:
-                return self.chat.prompt(messages, tools), self.chat_stops
+                return self.chat.prompt(messages, tools), self.chat_stops, None
             except TemplateError as e:  # a template's raise_exception (roles must alternate, ...)
                 raise APIError(
                     400, f"the chat template refused the messages: {e}", param="messages"
@@ -299,13 +321,38 @@ class Server:
             ids = self.tok(body.prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        return ids, ()
+        return ids, (), None
+
+    def vision_prompt(self, body: ChatRequest) -> tuple[list[int], tuple[int, ...], dict]:
+        """A chat for a vision-language model: its images read (a bad one is a 400 naming its part)
+        and the messages rendered by the processor's chat template."""
+        from jinja2 import TemplateError
+
+        from trulyopen.vlm import generate, images
+
+        lim = self.limits
+        limits = images.Limits(
+            max_bytes=lim.max_image_bytes,
+            allow_http=lim.allow_image_urls,
+            timeout_s=min(images.Limits.timeout_s, lim.request_timeout_s),
+        )
+        messages = [_message(m, i, parts=True) for i, m in enumerate(body.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in self._tools(body)] if body.tools else None
+        try:
+            messages, pictures = generate.with_images(messages, limits)
+            inputs = generate.prompt_inputs(self.vlm.processor, messages, pictures, tools)
+        except images.BadImage as e:
+            where = str(e).split(":", 1)[0] if str(e).startswith("messages") else "messages"
+            raise APIError(400, str(e), param=where, code="invalid_image") from None
+        except TemplateError as e:
+            raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+        return inputs["input_ids"][0].tolist(), self.chat_stops, inputs
 
     def submit(
-        self, ids: list[int], params: SamplingParams, grammar: str | None = None
+        self, ids: list[int], params: SamplingParams, grammar: str | None = None, inputs: dict | None = None
     ) -> tuple[EngineRequest, asyncio.Queue]:
         queue, mailbox = asyncio.Queue(), self.mailbox
-        req = EngineRequest(ids, params, lambda e: mailbox.post(queue, e))
+        req = EngineRequest(ids, params, lambda e: mailbox.post(queue, e), inputs=inputs)
         if grammar is not None:
             req.matcher = self.grammars.matcher(grammar)
         self.engine.submit(req)
@@ -443,11 +490,15 @@ class Server:
                 self.engine.cancel(req)
 
 
-def _message(m, i: int) -> dict:
-    """A message as chat templates take it (transformers' convention: a call's arguments a dict)."""
+def _message(m, i: int, parts: bool = False) -> dict:
+    """A message as chat templates take it (transformers' convention: a call's arguments a dict);
+    with `parts`, a list content stays a list of parts (text and images, for a processor)."""
     from trulyopen.finetune.records import BadRecord, template_call
 
-    out = {"role": m.role, "content": m.text()}
+    content = m.text()
+    if parts and isinstance(m.content, list):
+        content = [part.model_dump(exclude_none=True) for part in m.content]
+    out = {"role": m.role, "content": content}
     if m.tool_calls:
         calls = []
         for j, call in enumerate(m.tool_calls):
@@ -581,13 +632,15 @@ PAGE = Path(__file__).with_name("chat.html")
 
 def _page_policy(html: str) -> str:
     """The chat page's Content-Security-Policy: only its own script runs (by hash) and it talks
-    only to this server. The page writes model output as text, never as markup; this is the second
-    line: were markup ever to slip in, no script or inline handler in it would run."""
+    only to this server (the images it shows are the user's own attachments, as data URLs). The
+    page writes model output as text, never as markup; this is the second line: were markup ever
+    to slip in, no script or inline handler in it would run."""
     script = html.split("<script>", 1)[1].split("</script>", 1)[0]
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     return (
         f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
-        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+        "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
     )
 
 
@@ -655,7 +708,10 @@ def build_app(server: Server) -> FastAPI:
     async def handle(request: Request, cls):
         server.check_key(request.headers.get("authorization"))
         body = parse(cls, await request.body())  # (BodyGuard has bounded its size and time)
-        ids, stops = server.prompt_ids(body)
+        if server.vlm is not None:  # reading images (files, downloads) and the processor take time
+            ids, stops, inputs = await asyncio.to_thread(server.prompt_ids, body)
+        else:
+            ids, stops, inputs = server.prompt_ids(body)
         params = server.params(body, stops, len(ids))
         grammar = server.grammar_of(body)  # a bad schema or tool is a 400 before any work
         chat = cls is ChatRequest
@@ -663,7 +719,7 @@ def build_app(server: Server) -> FastAPI:
         deadline = request.state.deadline
         await server.admission.acquire()
         try:
-            choices = [server.submit(ids, p, grammar) for p in server.choices(params, body.n)]
+            choices = [server.submit(ids, p, grammar, inputs) for p in server.choices(params, body.n)]
         except ValueError as e:
             server.admission.release()
             code = "context_length_exceeded" if isinstance(e, PromptTooLong) else "invalid_value"

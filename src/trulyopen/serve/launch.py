@@ -26,7 +26,8 @@ class EngineUnavailable(UserError, RuntimeError):
 
 
 def load(target: str, precision: str = "auto", device: str | None = None):
-    """(model, tokenizer, name): the model in eval mode, in the chosen precision, on the device."""
+    """(model, tokenizer, name): the model in eval mode, in the chosen precision, on the device. A
+    vision-language model comes as a `vlm.generate.VLM` (the model with its processor)."""
     from trulyopen.evaluate import models
     from trulyopen.train.precision import choose_dtype
 
@@ -35,6 +36,11 @@ def load(target: str, precision: str = "auto", device: str | None = None):
     dtype = choose_dtype(precision, dev)
     model = em.model.to(device=dev, dtype=dtype).eval()
     name = Path(str(target).rstrip("/")).name or str(target)
+    processor = getattr(em, "processor", None)
+    if processor is not None:
+        from trulyopen.vlm.generate import VLM
+
+        return VLM(model, processor), em.tokenizer, name
     return model, em.tokenizer, name
 
 
@@ -43,9 +49,13 @@ def build_server(
 ):
     from trulyopen.infer.engine import Engine
     from trulyopen.serve.app import Limits, Server
+    from trulyopen.vlm.generate import NOTE, VLM, GenerateEngine
 
     limits = limits or Limits()
     model, tok, name = load(target, precision)
+    if isinstance(model, VLM):  # transformers' generate(), one request at a time (vlm/generate.py)
+        print(NOTE.format(name=name, family=model.family), flush=True)
+        return Server(GenerateEngine(model, max_len), tok, name, limits, api_key, vlm=model)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     engine = Engine(model, decode, slots=limits.max_concurrent, max_len=max_len)
     return Server(engine, tok, name, limits, api_key)

@@ -4,8 +4,8 @@
         MODEL ─► GGUF (exported once, cached by the weights' hash) ─► llama_cpp.Llama
         server ─► LlamaCppEngine.submit(Request) ─► one thread: generate token by token ─► Events
 
-The engine has the interface of `trulyopen.infer.engine.Engine` (submit, cancel, start, stop,
-running, waiting, max_len, vocab_size), so `serve.app.Server` cannot tell the two apart. Prompts
+The engine has the interface of `trulyopen.infer.engine.Engine` (infer/serial.py: submit, cancel,
+start, stop, running, waiting, max_len, vocab_size), so `serve.app.Server` cannot tell the two apart. Prompts
 are tokenised by the model's own tokenizer (llama.cpp's gives the same ids: tests/test_gguf.py),
 and text is streamed and stopped by the same `take` as in our engine; llama.cpp samples. A logits
 processor, first in llama.cpp's sampler chain, keeps the raw logits for `logprobs` (the model's
@@ -22,17 +22,14 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
-import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from trulyopen.errors import UserError
-from trulyopen.infer.engine import Event, Request, check_prompt, grammar_refuses, logprobs_of, take
-from trulyopen.infer.text import TextStream
+from trulyopen.infer.engine import Request
+from trulyopen.infer.serial import SerialEngine
 
 
 def open_gguf(gguf_file: Path, n_ctx: int, threads: int | None = None, f32_cache: bool = False, **kw):
@@ -76,65 +73,16 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(SerialEngine):
+    thread_name = "trulyopen-llama.cpp"
+
     def __init__(self, gguf_file: Path, decode, max_len: int, threads: int | None = None):
         self.llm = open_gguf(gguf_file, max_len, threads, f32_cache=gguf_file.name.endswith("-f32.gguf"))
-        self.decode, self.max_len = decode, max_len
-        self.vocab_size = self.llm.n_vocab()
-        self.running: list[Request] = []
-        self.waiting: deque[Request] = deque()
-        self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-
-    def submit(self, req: Request) -> Request:
-        check_prompt(req.prompt, self.max_len)
-        req.stream = TextStream(self.decode, req.params.stop_strings)
-        with self._lock:
-            self.waiting.append(req)
-            self._lock.notify()
-        return req
-
-    def cancel(self, req: Request) -> None:
-        req.cancelled = True  # seen before the next token
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="trulyopen-llama.cpp", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stopping = True
-            self._lock.notify()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._stopping and not self.waiting:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-                req = self.waiting.popleft()
-                self.running.append(req)
-            try:
-                self._run(req)
-            except Exception as e:  # a failed request fails alone; the engine goes on
-                if req.finish_reason is None:
-                    req.finish_reason, req.error = "error", f"{type(e).__name__}: {e}"
-                    req.on_event(Event("", [], "error", req.error))
-            finally:
-                with self._lock:
-                    self.running.remove(req)
+        super().__init__(decode, max_len, self.llm.n_vocab())
 
     def _run(self, req: Request) -> None:
         import llama_cpp
 
-        if req.cancelled:
-            req.finish_reason = "cancelled"
-            req.on_event(Event("", [], "cancelled"))
-            return
         p = req.params
         seed = p.seed if p.seed is not None else random.randrange(2**31)
         self.llm.set_seed(seed % 2**32)
@@ -150,29 +98,12 @@ class LlamaCppEngine:
             reset=True,  # keeps the cache of the prefix shared with the previous request
             logits_processor=llama_cpp.LogitsProcessorList([step]) if wanted else None,
         )
-        req.length = len(req.prompt)
         try:
             for token in tokens:
-                token = int(token)
                 if step.error is not None:
                     raise step.error
-                if req.cancelled:
-                    req.finish_reason = "cancelled"
-                    req.on_event(Event("", [], "cancelled"))
-                    return
-                refused = grammar_refuses(req, token)
-                if refused:
-                    req.finish_reason, req.error = "error", refused
-                    req.on_event(Event("", [], "error", req.error))
-                    return
-                event = take(req, token, self.max_len, time.perf_counter())
-                if step.raw is not None:
-                    event.logprobs = logprobs_of(torch.from_numpy(step.raw)[None], [req], {0: token})[0]
-                req.length += 1
-                if event.finish_reason is not None:
-                    req.finish_reason = event.finish_reason
-                req.on_event(event)
-                if event.finish_reason is not None:
+                raw = torch.from_numpy(step.raw) if step.raw is not None else None
+                if self.emit(req, int(token), raw):
                     return
         finally:
             tokens.close()

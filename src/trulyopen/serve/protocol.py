@@ -71,10 +71,21 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str  # a data URL, a local path, or http(s) (fetched only with serve --allow-image-urls)
+    detail: str | None = None  # (not read)
+
+
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # image_url and other parts: not read (text only)
+    model_config = ConfigDict(extra="ignore")  # other kinds of parts: not read
     type: str
     text: str = ""
+    image_url: ImageURL | str | None = None  # OpenAI's image part: {"type": "image_url", ...}
+    image: str | None = None  # Hugging Face's: {"type": "image", "image": PATH | data URL}
+
+    def is_image(self) -> bool:
+        return self.type in ("image", "image_url")
 
 
 class CalledFunction(BaseModel):
@@ -101,6 +112,12 @@ class Message(BaseModel):
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content if part.type == "text")
+
+    def image_parts(self) -> list[int]:
+        """The indices of the content's image parts."""
+        if self.content is None or isinstance(self.content, str):
+            return []
+        return [j for j, part in enumerate(self.content) if part.is_image()]
 
 
 class FunctionSpec(BaseModel):

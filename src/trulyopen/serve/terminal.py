@@ -1,35 +1,39 @@
 """`trulyopen generate MODEL "prompt"` and `trulyopen chat MODEL`: the engine in a terminal,
-text printed as it streams."""
+text printed as it streams. A vision-language model (vlm/generate.py) answers about images:
+`chat --image PATH` shows one with the first message, and `/image PATH` with the next."""
 
 from __future__ import annotations
 
-import queue
 import sys
 import time
 from dataclasses import replace
 
 from trulyopen.infer.engine import Engine, Event, Request
 from trulyopen.infer.sampling import SamplingParams
+from trulyopen.vlm.generate import VLM, GenerateEngine
 
 
-def _stream(engine: Engine, ids: list[int], params: SamplingParams, out=sys.stdout) -> tuple[str, Request]:
-    events: queue.Queue[Event] = queue.Queue()
-    req = engine.submit(Request(ids, params, events.put))
+def _stream(
+    engine, ids: list[int], params: SamplingParams, out=sys.stdout, inputs: dict | None = None
+) -> tuple[str, Request]:
     text = []
-    while True:
-        while not events.empty():
-            e = events.get()
-            out.write(e.text)
-            out.flush()
-            text.append(e.text)
-            if e.finish_reason is not None:
-                if e.finish_reason == "error":
-                    raise RuntimeError(f"generation failed: {e.error}")
-                return "".join(text), req
+
+    def show(e: Event) -> None:  # (called on this thread: the engine steps here)
+        out.write(e.text)
+        out.flush()
+        text.append(e.text)
+
+    req = engine.submit(Request(ids, params, show, inputs=inputs))
+    while req.finish_reason is None:
         engine.step()
+    if req.finish_reason == "error":
+        raise RuntimeError(f"generation failed: {req.error}")
+    return "".join(text), req
 
 
-def _engine(model, tok, max_len: int | None) -> Engine:
+def _engine(model, tok, max_len: int | None):
+    if isinstance(model, VLM):
+        return GenerateEngine(model, max_len)
     return Engine(model, lambda ids: tok.decode(ids, skip_special_tokens=True), slots=1, max_len=max_len)
 
 
@@ -42,12 +46,25 @@ def generate_text(model, tok, prompt: str, params: SamplingParams, max_len: int 
     return text
 
 
-def chat(model, tok, params: SamplingParams, system: str | None = None, max_len: int | None = None) -> None:
-    """A conversation on standard input; an empty line or end of input ends it."""
+def chat(
+    model,
+    tok,
+    params: SamplingParams,
+    system: str | None = None,
+    max_len: int | None = None,
+    image: str | None = None,
+) -> None:
+    """A conversation on standard input; an empty line or end of input ends it. With a VLM,
+    `image` (a path) goes with the first message, and a line `/image PATH` with the next one."""
     from trulyopen.finetune.render import ChatRenderer
+    from trulyopen.vlm import generate
 
-    renderer = ChatRenderer(tok)
-    params = replace(params, stop_ids=renderer.stop_ids())
+    vlm = model if isinstance(model, VLM) else None
+    if vlm is None:
+        renderer = ChatRenderer(tok)
+        params = replace(params, stop_ids=renderer.stop_ids())
+    else:
+        params = replace(params, stop_ids=generate.stop_ids(vlm.processor))
     engine = _engine(model, tok, max_len)
     messages = [{"role": "system", "content": system}] if system else []
     while True:
@@ -57,10 +74,29 @@ def chat(model, tok, params: SamplingParams, system: str | None = None, max_len:
             break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
+        if line.startswith("/image "):
+            image = line[len("/image ") :].strip() if vlm is not None else None
+            print(f"  (the next message shows {image})" if image else "  (a text model: it reads no images)")
+            continue
+        content = line
+        if vlm is not None and image is not None:
+            content = [{"type": "image", "image": image}, {"type": "text", "text": line}]
+            image = None
+        messages.append({"role": "user", "content": content})
+        if vlm is None:
+            ids, inputs = renderer.prompt(messages), None
+        else:
+            try:
+                shown, pictures = generate.with_images(messages)
+            except generate.BadImage as e:
+                print(f"  {e}")
+                messages.pop()
+                continue
+            inputs = generate.prompt_inputs(vlm.processor, shown, pictures)
+            ids = inputs["input_ids"][0].tolist()
         sys.stdout.write("model> ")
         start = time.perf_counter()
-        answer, req = _stream(engine, renderer.prompt(messages), params)
+        answer, req = _stream(engine, ids, params, inputs=inputs)
         secs = time.perf_counter() - start
         sys.stdout.write(f"\n  ({len(req.output)} tokens, {len(req.output) / secs:.1f} tokens/s)\n")
         messages.append({"role": "assistant", "content": answer})

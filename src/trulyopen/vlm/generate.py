@@ -1,0 +1,193 @@
+"""Answering with a vision-language model: messages with images become the model's inputs through
+its own processor, and transformers' `generate()` writes the answer, streamed token by token.
+
+    messages ──► image parts ──► load_image (vlm/images.py: path, data URL, URL when allowed; checked)
+       │                                   │ PIL images, in order
+       └─► {"type": "image"} placeholders  │
+             │                             ▼
+             processor.apply_chat_template ─► text ─► processor(text, images) ─► input_ids,
+                                                                                pixel_values, ...
+    GenerateEngine (our engine's face: submit, cancel, step, start, stop; infer/serial.py)
+       one request at a time: model.generate(**inputs) with one logits processor, `Pick`, that
+       samples each token as our engine does (its seed, temperature, top-k/p, penalty, grammar),
+       keeps the raw logits for logprobs and streams the token through the engines' shared `take`
+
+Why not our batching engine (infer/engine.py): it prefills token ids, one position each. A VLM's
+prompt needs the vision tower's features put in place of its image tokens (LLaVA, Idefics3, Gemma 3:
+the prefill would take input embeddings instead of ids), and Qwen2-VL's positions are three numbers
+a token (M-RoPE: time, height, width; decoding continues from an offset per request). Until the
+engine takes both, every request to a VLM, text-only ones too, runs here, one after another; the
+server says so once in its log. Text requests to text models are batched as before.
+
+`Pick` chooses the token itself (generate's own sampling is off: greedy over a score that is 0 for
+the chosen token and -inf elsewhere), so a request samples with its own seeded generator exactly as
+in our engine, and the model's generation_config (recommended temperatures, penalties) changes
+nothing the request did not ask for.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trulyopen.infer.engine import Request
+from trulyopen.infer.sampling import penalise, sample_next
+from trulyopen.infer.serial import SerialEngine
+from trulyopen.vlm.images import BadImage, Limits, image_ref, load_image
+
+NOTE = (
+    "{name}: a vision-language model ({family}): its requests, with images or not, run one at a time "
+    "through transformers' generate(); our batching engine takes token ids only (no image features, "
+    "no 3-D positions)"
+)
+
+
+@dataclass
+class VLM:
+    """A vision-language model and its processor (images and text), in eval mode."""
+
+    model: torch.nn.Module
+    processor: Any
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def family(self) -> str:
+        return self.model.config.model_type
+
+
+def is_processor(obj: Any) -> bool:
+    """Whether `obj` is a multimodal processor (it reads images), not a plain tokenizer."""
+    return getattr(obj, "image_processor", None) is not None
+
+
+def with_images(
+    messages: list[dict], limits: Limits | None = None, base_dir: Path | None = None
+) -> tuple[list[dict], list]:
+    """The messages as a processor's chat template takes them (each image part an {"type": "image"}
+    placeholder) and their images, loaded and checked, in order. A bad image raises BadImage
+    naming its part: `messages.I.content.J: why`."""
+    out, images = [], []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if not isinstance(content, list):
+            out.append(m)
+            continue
+        parts = []
+        for j, part in enumerate(content):
+            try:
+                ref = image_ref(part)
+                if ref is not None:
+                    images.append(load_image(ref, base_dir, limits or Limits()))
+            except BadImage as e:
+                raise BadImage(f"messages.{i}.content.{j}: {e}") from None
+            if ref is not None:
+                parts.append({"type": "image"})
+            elif isinstance(part, dict) and part.get("type") == "text":
+                parts.append({"type": "text", "text": part.get("text", "")})
+        out.append({**m, "content": parts})
+    return out, images
+
+
+def prompt_inputs(
+    processor, messages: list[dict], images: list, tools: list[dict] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's inputs for `messages` (from `with_images`) followed by the generation prompt:
+    input_ids [1, T] with the image tokens expanded, and the image tensors the family takes."""
+    text = processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    try:
+        features = processor(text=[text], images=images or None, return_tensors="pt")
+    except (ValueError, TypeError) as e:  # an image the processor cannot take (too small, say)
+        raise BadImage(f"messages: the model's processor refused the images: {e}") from None
+    return dict(features)
+
+
+def stop_ids(processor) -> tuple[int, ...]:
+    """Tokens that end an assistant turn: eos, and the chat template's end-of-turn marker."""
+    from trulyopen.finetune.render import ChatRenderer, RenderError
+
+    tok = processor.tokenizer
+    try:
+        return ChatRenderer(tok, getattr(processor, "chat_template", None)).stop_ids()
+    except RenderError:
+        return (tok.eos_token_id,) if tok.eos_token_id is not None else ()
+
+
+class GenerateEngine(SerialEngine):
+    """Requests to a VLM, answered one after another by transformers' `generate()`. A request's
+    `inputs` are what `prompt_inputs` made (ids and images); without them, its prompt ids alone."""
+
+    thread_name = "trulyopen-vlm"
+
+    def __init__(self, vlm: VLM, max_len: int | None = None):
+        from transformers import GenerationConfig
+
+        self.vlm, self.model = vlm, vlm.model
+        tok = vlm.tokenizer
+        text = self.model.config.get_text_config()
+        positions = int(getattr(text, "max_position_embeddings", 2048) or 2048)
+        super().__init__(
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            max_len or min(positions, 4096),
+            self.model.get_input_embeddings().num_embeddings,
+        )
+        self.device = next(self.model.parameters()).device
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # neutral: no eos (Pick stops the request), no sampling or penalty of the model's own
+        self.config = GenerationConfig(do_sample=False, pad_token_id=pad, eos_token_id=None)
+
+    def _run(self, req: Request) -> None:
+        from transformers import LogitsProcessorList, StoppingCriteriaList
+
+        seed = req.params.seed if req.params.seed is not None else random.randrange(2**63)
+        req.generator = torch.Generator(device=self.device).manual_seed(seed)
+        inputs = req.inputs or {"input_ids": torch.tensor([req.prompt])}
+        dtype = self.model.dtype
+        inputs = {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()
+        }
+        pick = Pick(self, req)
+        with torch.inference_mode():
+            self.model.generate(
+                **inputs,
+                generation_config=self.config,
+                max_new_tokens=max(1, min(req.params.max_new_tokens, self.max_len - len(req.prompt))),
+                logits_processor=LogitsProcessorList([pick]),
+                stopping_criteria=StoppingCriteriaList([pick.stop]),
+            )
+
+
+class Pick:
+    """generate()'s last logits processor and its stopping criterion, for one request: chooses the
+    next token as our engine would, streams it (`emit`), and stops generate once the request is done."""
+
+    def __init__(self, engine: GenerateEngine, req: Request):
+        self.engine, self.req, self.done = engine, req, False
+
+    def stop(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        """The stopping criterion: [batch] booleans, true once the request is done."""
+        return torch.full((input_ids.shape[0],), self.done, dtype=torch.bool, device=input_ids.device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from trulyopen.infer import constrain
+
+        req, p = self.req, self.req.params
+        raw = scores[0].float()
+        row = raw[None].clone()
+        if req.matcher is not None:
+            constrain.mask(row, [req.matcher])
+        if p.temperature == 0 and p.repetition_penalty == 1.0:
+            token = int(row.argmax(dim=-1))
+        else:
+            seen = torch.tensor([req.prompt + req.output], device=row.device)
+            token = int(sample_next(penalise(row, seen, p.repetition_penalty), p, req.generator)[0])
+        self.done = self.engine.emit(req, token, raw)
+        out = torch.full_like(scores, float("-inf"))
+        out[0, token] = 0.0
+        return out
