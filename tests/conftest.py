@@ -177,6 +177,7 @@ ORDER = [
     "test_tune.py",  # 40 s (a study of toy runs, each a child process)
     "test_pipeline.py",  # 30 s
     "test_release_requirements.py",  # 30 s
+    "test_vlm_serve.py",  # 30 s (a `trulyopen serve` process, Chromium)
     "test_serve.py",  # 20 s
     "test_merge.py",  # 20 s
     "test_sandbox.py",  # 19 s
