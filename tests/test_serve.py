@@ -357,6 +357,15 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server, chromium):
     assert "error" not in answer
 
 
+def test_an_image_to_a_text_model_is_a_400_naming_the_part(server):
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "look"}, part]}]
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "tiny", "messages": messages})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "messages.0.content.1"
+    assert "tiny is a text model: it reads no images" in r.json()["error"]["message"]
+
+
 def test_an_outside_engine_that_is_not_here_is_named_clearly(tmp_path):
     import importlib.util
 

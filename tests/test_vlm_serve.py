@@ -172,6 +172,14 @@ def test_bad_images_are_400s_naming_the_part(servers, picture, tmp_path):
         err = r.json()["error"]
         assert err["message"].startswith("messages.0.content.1: "), err
         assert why in err["message"] and err["param"] == "messages.0.content.1", (ref, err)
+    # an image Qwen2-VL's processor refuses (an aspect ratio over 200)
+    tiny = {"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (1, 400)))}}
+    r = httpx.post(
+        servers["qwen2_vl"].url + "/v1/chat/completions",
+        json={"model": "qwen2_vl", "messages": ask(tiny), "max_tokens": 2},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "the model's processor refused the images" in r.json()["error"]["message"]
     # an image part that names nothing
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]
     r = httpx.post(url, json={"model": "llava", "messages": messages}, timeout=30)
