@@ -315,7 +315,7 @@ def test_bad_records_are_named_by_file_and_line(base_run, tmp_path):
     assert reasons == {
         "2": "messages[0] has no role",
         "3": "messages[0].content is empty",
-        "4": "messages[0].content must be a string (got int)",
+        "4": "messages[0].content must be a string or a list of parts (got int)",
         "5": reasons["5"],
         "6": "longer than finetune.seq_len (64 tokens)",
     }

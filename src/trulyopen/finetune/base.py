@@ -36,6 +36,9 @@ class BaseRef:
 
 def resolve(cfg: FinetuneConfig, run_dir: Path) -> BaseRef:
     if cfg.base is None:
+        vlm = checkpoint.newest(run_dir / "checkpoints" / "vlm")  # the run built a VLM: tune that
+        if vlm is not None:
+            return resolve(cfg.model_copy(update={"base": str(vlm)}), run_dir)
         ckpt = checkpoint.newest(run_dir / "checkpoints" / "pretrain")
         if ckpt is None:
             raise TrainingError(
@@ -93,6 +96,10 @@ class _Auto:
     def from_pretrained(self, name: str, **kw) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+        if self.head == "vlm":
+            from trulyopen.vlm.model import load_model as load_vlm
+
+            return load_vlm(name, **kw)
         if self.head == "reward":
             return AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kw)
         return AutoModelForCausalLM.from_pretrained(name, **kw)
@@ -102,7 +109,8 @@ def load_model(
     ref: BaseRef, cfg: FinetuneConfig, compute_dtype: torch.dtype, device: torch.device, head: str = "lm"
 ) -> torch.nn.Module:
     """The base (fp32 master weights, or 4-bit NF4 for QLoRA), with an adapter when asked, on `device`.
-    head "reward": the same backbone with a new scalar head (a sequence classifier of one label)."""
+    head "reward": the same backbone with a new scalar head (a sequence classifier of one label);
+    "vlm": a vision-language model, its parts trained or adapted as `finetune.vision` says."""
     auto = _Auto(head)
     kwargs: dict = {"dtype": torch.float32, "device_map": {"": device}}
     if cfg.adapter == "qlora":
@@ -113,6 +121,8 @@ def load_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            # a VLM's vision tower and projector stay in full precision (and the head, as it does anyway)
+            llm_int8_skip_modules=vlm_skip_modules(ref.model) if head == "vlm" else None,
         )
     if ref.adapter is not None:  # merge the earlier adapter in full precision, then quantise if asked
         with loading(ref.model, "model", "finetune.base"):
@@ -125,20 +135,40 @@ def load_model(
         with loading(ref.model, "model", "finetune.base"):
             model = auto.from_pretrained(ref.model, **kwargs)
     if cfg.adapter == "none":
+        if head == "vlm":
+            from trulyopen.vlm.model import set_trainable
+
+            set_trainable(model, list(cfg.vision.train))
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.adapter == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     lora = cfg.lora
+    if head == "vlm":
+        from trulyopen.vlm.model import lora_target_modules
+
+        targets = lora.target_modules or lora_target_modules(model, list(cfg.vision.lora_targets))
+    else:
+        targets = lora.target_modules or default_targets(model)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules or default_targets(model),
+        target_modules=targets,
         task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",  # SEQ_CLS also trains the new head
     )
     return get_peft_model(model, config)
+
+
+def vlm_skip_modules(name: str) -> list[str]:
+    """The modules of a VLM that 4-bit quantisation leaves alone, found on an empty copy of it."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from trulyopen.vlm.model import skip_modules
+
+    with torch.device("meta"):
+        return skip_modules(AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name)))
 
 
 def with_adapter(adapter_ckpt: Path, base_model: torch.nn.Module) -> torch.nn.Module:
@@ -161,9 +191,13 @@ def base_of(adapter_ckpt: Path) -> torch.nn.Module:
     """The full-precision model an adapter checkpoint was trained on (merging earlier adapters)."""
     from transformers import AutoModelForCausalLM
 
+    from trulyopen.vlm.model import is_vlm_model, load_model
+
     base = checkpoint.read_state(adapter_ckpt)["base"]
     if (Path(base) / "adapter.safetensors").exists():
         return merged(Path(base), base_of(Path(base)))
+    if is_vlm_model(base):
+        return load_model(base, dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from trulyopen.data.sources import DataError
@@ -56,6 +57,7 @@ class Example:
     verifier: dict | None = None
     label: bool | None = None  # unpaired: the completion (in `chosen`) is desirable
     tools: list[dict] | None = None  # the functions the conversation may call (chat records)
+    base_dir: Path | None = None  # where image paths in its messages are relative to (the file's folder)
 
 
 def _guess_format(record: dict) -> str:
@@ -96,9 +98,13 @@ def read_messages(value: Any, what: str) -> list[dict]:
                 raise BadRecord(f"{what}[{i}].tool_calls must be a non-empty list")
             calls = [template_call(c, f"{what}[{i}].tool_calls[{j}]") for j, c in enumerate(calls)]
             content = content or ""  # a turn of calls alone has no text (OpenAI sends null)
-        if not isinstance(content, str):
-            raise BadRecord(f"{what}[{i}].content must be a string (got {type(content).__name__})")
-        if not content.strip() and not calls:
+        if isinstance(content, list):  # content parts: text and images (vision-language models)
+            content = read_parts(content, f"{what}[{i}].content")
+        elif not isinstance(content, str):
+            raise BadRecord(
+                f"{what}[{i}].content must be a string or a list of parts (got {type(content).__name__})"
+            )
+        elif not content.strip() and not calls:
             raise BadRecord(f"{what}[{i}].content is empty")
         message = {"role": m["role"], "content": content}
         if calls:
@@ -107,6 +113,29 @@ def read_messages(value: Any, what: str) -> list[dict]:
             message["tool_call_id"] = m["tool_call_id"]
         out.append(message)
     return out
+
+
+def read_parts(parts: list, what: str) -> list[dict]:
+    """A content-part list (OpenAI's and transformers' form): text parts and image parts, checked for
+    shape here; the images themselves are loaded and checked by the VLM's records (vlm/render.py)."""
+    from trulyopen.vlm.images import BadImage, image_ref
+
+    if not parts:
+        raise BadRecord(f"{what} is an empty list of parts")
+    for j, part in enumerate(parts):
+        if isinstance(part, dict) and part.get("type") == "text":
+            if not isinstance(part.get("text"), str):
+                raise BadRecord(f"{what}[{j}].text must be a string", f"{what}[{j}].text")
+            continue
+        try:
+            ref = image_ref(part)
+        except BadImage as e:
+            raise BadRecord(f"{what}[{j}]: {e}", f"{what}[{j}]") from None
+        if ref is None:
+            raise BadRecord(
+                f'{what}[{j}] must be a text or image part ({{"type": "text" | "image" | "image_url"}})'
+            )
+    return parts
 
 
 def _function(value: Any, what: str) -> dict:
@@ -249,5 +278,7 @@ def read_examples(
                     raise DataError(f"{where}: {e} (finetune.on_bad_record is stop)") from None
                 bad.append({"where": where, "reason": str(e)})
                 continue
+            if src.path is not None:
+                ex.base_dir = src.path.parent if src.path.is_file() else src.path
             examples.append(ex)
     return examples, bad

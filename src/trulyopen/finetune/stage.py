@@ -4,6 +4,7 @@
     build the model (full weights, or an adapter on a frozen or 4-bit base)
     the objective (train/objectives/): sft, dpo, kto, orpo, simpo, reward, distill or grpo, with what it
                    needs beside the records (a reference, a teacher, a reward model, a tool environment)
+    a vision-language model (vlm/): its processor, records with images, sft or dpo on unpacked rows
     train/loop.py: resume, steps, metrics, checkpoints (DDP or FSDP2 under torchrun, as pretraining)
 
 Checkpoints, metrics and ledger entries are written as in pretraining; an adapter run's
@@ -28,7 +29,7 @@ from trulyopen.finetune.records import Example, read_examples
 from trulyopen.finetune.render import ChatRenderer, item_of
 from trulyopen.ledger import config_hash
 from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig
-from trulyopen.train import distributed
+from trulyopen.train import TrainingError, distributed
 from trulyopen.train.layout import StagePaths
 from trulyopen.train.loop import Job, train
 from trulyopen.train.losses import reference_logps
@@ -39,6 +40,11 @@ from trulyopen.train.objectives.reward import RewardModel, RewardScorer
 from trulyopen.train.objectives.sft import SFT
 from trulyopen.train.packing import IGNORE, Item
 from trulyopen.train.precision import choose_dtype, dtype_name
+from trulyopen.vlm import model as vlm_model
+from trulyopen.vlm.images import Limits
+from trulyopen.vlm.objectives import VlmDPO, VlmSFT
+from trulyopen.vlm.render import METHODS as VLM_METHODS
+from trulyopen.vlm.render import VlmRenderer
 
 PAIRS = "preference.jsonl"
 SYNTH_FILE = {"sft": "sft.jsonl", "distill": "sft.jsonl", "grpo": "grpo.jsonl"}  # the rest: PAIRS
@@ -88,10 +94,16 @@ def in_val(example_id: str, fraction: float) -> bool:
 
 
 def finetune(
-    cfg: FinetuneConfig, paths: FinetunePaths, fresh: bool = False, stop_at: int | None = None
+    cfg: FinetuneConfig,
+    paths: FinetunePaths,
+    fresh: bool = False,
+    stop_at: int | None = None,
+    recipe_hash: str | None = None,
 ) -> Path:
     """Post-train, checkpointing as it goes; return the final checkpoint's directory. `stop_at` ends
-    it early with a checkpoint at that step (`verify --replay`)."""
+    it early with a checkpoint at that step (`verify --replay`). `recipe_hash` is what checkpoints
+    record as their recipe's hash (default: cfg's): a stage that derives cfg from its own section
+    (vlm) passes that section's, which its ledger entry records."""
     world = distributed.init()
     torch.manual_seed(cfg.seed)
     device = world.device
@@ -102,15 +114,24 @@ def finetune(
         paths.metrics.unlink(missing_ok=True)
         (paths.stage_dir / "reference_logps.safetensors").unlink(missing_ok=True)
 
-    # The base model's tokenizer, kept with the run so its checkpoints export on their own.
+    # The base model's tokenizer (a VLM's whole processor), kept with the run so its checkpoints
+    # export on their own.
     ref = bases.resolve(cfg, paths.run_dir)
-    tok = bases.load_tokenizer(ref)
+    processor = vlm_model.load_processor(ref.tokenizer) if vlm_model.is_vlm_model(ref.model) else None
+    tok = processor.tokenizer if processor is not None else bases.load_tokenizer(ref)
     if not paths.tokenizer.exists() and world.main:
         tmp = paths.tokenizer.with_name("tokenizer.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(str(tmp))
+        if processor is not None:
+            vlm_model.save_processor(processor, tmp)
+        else:
+            tok.save_pretrained(str(tmp))
         tmp.rename(paths.tokenizer)
-    renderer = ChatRenderer(tok, cfg.chat_template)
+    renderer = ChatRenderer(tok, cfg.chat_template or getattr(processor, "chat_template", None))
+    vision = None
+    if processor is not None:
+        limits = Limits(max_bytes=cfg.vision.max_image_bytes, max_pixels=cfg.vision.max_image_pixels)
+        vision = VlmRenderer(processor, renderer, limits)
 
     # Records: read and checked, then tokenised; too long is a bad record like any other.
     sources = data_sources(cfg, paths)
@@ -118,13 +139,22 @@ def finetune(
     if cfg.method == "kto":
         examples = unpair(examples)
     n_records = len(examples) + len(bad)
-    items = build_items(renderer, examples, cfg.method, cfg.seq_len)
-    for ex, it in zip(examples, items, strict=True):
-        if it is None:
-            why = f"longer than finetune.seq_len ({cfg.seq_len} tokens)"
+    if vision is not None:
+        if cfg.method not in VLM_METHODS:
+            raise TrainingError(
+                f"finetune.method {cfg.method}: a vision-language model (finetune.base) trains with "
+                + " or ".join(VLM_METHODS)
+            )
+        items = vision.build(examples, cfg.method, cfg.seq_len)
+    else:
+        items = build_items(renderer, examples, cfg.method, cfg.seq_len)
+    for i, (ex, it) in enumerate(zip(examples, items, strict=True)):
+        if it is None or isinstance(it, str):  # too long, or what is wrong with it (a bad image)
+            why = it or f"longer than finetune.seq_len ({cfg.seq_len} tokens)"
             if cfg.on_bad_record == "stop":
                 raise DataError(f"{ex.where}: {why} (finetune.on_bad_record is stop)")
             bad.append({"where": ex.where, "reason": why})
+            items[i] = None
     first = "; ".join(f"{b['where']}: {b['reason']}" for b in bad[:3]) + ("; ..." if len(bad) > 3 else "")
     if bad and world.main:
         warn(f"finetune: {len(bad):,} bad records skipped ({first}); all of them in {paths.records}")
@@ -145,7 +175,8 @@ def finetune(
     fingerprint = hashlib.sha256("".join(sha256_file(p) for p in data_files).encode()).hexdigest()
 
     # The model: full weights, or a LoRA adapter on a frozen (QLoRA: 4-bit) base.
-    model = bases.load_model(ref, cfg, dtype, device, head="reward" if cfg.method == "reward" else "lm")
+    head = "vlm" if vision is not None else "reward" if cfg.method == "reward" else "lm"
+    model = bases.load_model(ref, cfg, dtype, device, head=head)
     model.train()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
@@ -155,7 +186,7 @@ def finetune(
         f"training {n_train / 1e6:.2f}M of {n_all / 1e6:.2f}M parameters, {dtype_name(dtype)}"
         + (f", {world.size} processes ({cfg.distributed})" if world.size > 1 else "")
     )
-    objective = make_objective(cfg, model, tok, renderer, train_items, val, paths, world)
+    objective = make_objective(cfg, model, tok, vision or renderer, train_items, val, paths, world)
 
     def state(step: int) -> dict:
         extra = {
@@ -168,20 +199,27 @@ def finetune(
             extra["lora_config"] = bases.lora_config_dict(model)
         return extra
 
-    job = Job(paths, cfg, model, objective, dtype, config_hash(cfg), fingerprint, state)
+    job = Job(paths, cfg, model, objective, dtype, recipe_hash or config_hash(cfg), fingerprint, state)
     job.adapter, job.label = cfg.adapter != "none", f"finetune {cfg.method}"
     return train(job, world, stop_at)
 
 
-def make_objective(cfg: FinetuneConfig, model, tok, renderer: ChatRenderer, train_items, val, paths, world):
+def make_objective(
+    cfg: FinetuneConfig, model, tok, renderer: ChatRenderer | VlmRenderer, train_items, val, paths, world
+):
     """The objective of `cfg.method`, with what it needs beside the records (a reference, a teacher,
-    a reward model, a tool environment)."""
+    a reward model, a tool environment); a VLM's (its renderer a VlmRenderer) takes rows with images."""
     pad_id, device = tok.pad_token_id, world.device
     method = cfg.method
+    vision = isinstance(renderer, VlmRenderer)
     if method == "sft":
-        return SFT(cfg, train_items, val, pad_id)
+        return VlmSFT(cfg, train_items, val, renderer) if vision else SFT(cfg, train_items, val, pad_id)
     if method == "dpo":
-        objective = DPO(cfg, train_items, val, pad_id, paths.stage_dir / "reference_logps.safetensors")
+        cache = paths.stage_dir / "reference_logps.safetensors"
+        if vision:
+            objective = VlmDPO(cfg, train_items, val, renderer, cache)
+        else:
+            objective = DPO(cfg, train_items, val, pad_id, cache)
         for turn in (True, False):  # before any update; rank 0 writes the cache, the others read it
             if world.main == turn:
                 objective.prepare(reference_logps(model, frozen_copy=False), device)

@@ -1,4 +1,5 @@
-"""Export to the Hugging Face format: what `AutoModelForCausalLM.from_pretrained(dir)` loads.
+"""Export to the Hugging Face format: what `AutoModelForCausalLM.from_pretrained(dir)` loads (a
+vision-language model: `AutoModelForImageTextToText` and `AutoProcessor`, whose files it gets too).
 
 The directory gets config.json, safetensors weights, generation_config.json and the tokenizer files,
 written into a temporary directory that is renamed into place once complete. An adapter checkpoint
@@ -16,6 +17,8 @@ import torch
 from trulyopen.errors import UserError, reading
 from trulyopen.locate import locate
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
 
 def export_hf(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> Path:
     """Write `model` to `out` in the Hugging Face format; a peft model is merged, and its adapter
@@ -29,6 +32,10 @@ def export_hf(model: torch.nn.Module, tokenizer_dir: Path | None, out: Path) -> 
     model.save_pretrained(str(tmp), safe_serialization=True)
     if tokenizer_dir is not None:
         write_tokenizer(tokenizer_dir, tmp)
+        if any((Path(tokenizer_dir) / f).exists() for f in PROCESSOR_FILES):  # a VLM: its processor too
+            from trulyopen.vlm.model import load_processor, save_processor
+
+            save_processor(load_processor(tokenizer_dir), tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

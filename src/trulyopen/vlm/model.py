@@ -48,6 +48,18 @@ def is_vlm_dir(path: Path) -> bool:
     return cfg.is_file() and is_vlm_config(json.loads(cfg.read_text()))
 
 
+def is_vlm_model(name: str) -> bool:
+    """Whether a model directory, trulyopen checkpoint or hub name is a vision-language model."""
+    if Path(name).is_dir():
+        return is_vlm_dir(Path(name))
+    from transformers import AutoConfig
+
+    try:
+        return is_vlm_config(AutoConfig.from_pretrained(name))
+    except (OSError, ValueError):  # not a model transformers knows: not one of ours either
+        return False
+
+
 def part_of(name: str) -> str:
     """Which part ("language", "projector", "vision") a parameter or module name belongs to."""
     for part in ("projector", "vision"):

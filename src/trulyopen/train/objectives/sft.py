@@ -11,7 +11,7 @@ import torch
 from trulyopen.recipe import FinetuneConfig
 from trulyopen.train.losses import token_logps
 from trulyopen.train.objectives import Micro, StepBatch, Summed, chunks
-from trulyopen.train.packing import Item, RowPlan, collate, pack_rows
+from trulyopen.train.packing import Batch, Item, RowPlan, collate, pack_rows
 
 
 class SFT(Summed):
@@ -41,10 +41,12 @@ class SFT(Summed):
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict:
         if not self.val:
             return {}
-        rows = pack_rows([len(it) for it in self.val], list(range(len(self.val))), self.seq_len)
         total = tokens = 0.0
-        for chunk in chunks(rows, self.micro):
-            b = collate(self.val, chunk, self.seq_len, self.pad_id)
+        for b in self.val_batches():
             total -= float(token_logps(model, b, device).sum())
             tokens += b.trained_tokens
         return {"val_loss": total / tokens}
+
+    def val_batches(self) -> list[Batch]:
+        rows = pack_rows([len(it) for it in self.val], list(range(len(self.val))), self.seq_len)
+        return [collate(self.val, chunk, self.seq_len, self.pad_id) for chunk in chunks(rows, self.micro)]
