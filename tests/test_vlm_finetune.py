@@ -69,7 +69,7 @@ def cfg(data: Path, base: Path | None, **kw) -> FinetuneConfig:
         data=[{"path": str(data)}],
         seq_len=128,
         batch_size=4,
-        micro_batch_size=2,
+        micro_batch_size=4,
         max_steps=8,
         lr=3e-3,
         warmup_steps=1,
@@ -173,7 +173,7 @@ def test_sft_and_lora_learn_colours_and_export_to_transformers(vlm_dirs, tmp_pat
     before = weights(base)
 
     # full fine-tuning: the language model and projector move, the vision tower does not
-    full = finetune(cfg(data, base, lr=1e-2), FinetunePaths(tmp_path / "full"))
+    full = finetune(cfg(data, base, lr=1e-2, max_steps=6, eval_every=6), FinetunePaths(tmp_path / "full"))
     m = metrics(tmp_path / "full")
     assert m[-1]["loss"] < 0.7 * m[0]["loss"]
     assert moved(before, weights(full)) == {"language", "projector"}
@@ -234,7 +234,7 @@ def test_dpo_on_image_pairs_lowers_its_loss(vlm_dirs, tmp_path, family):
         rows.append({"prompt": [user(image(name), text(QUESTION))], "chosen": colour, "rejected": REFUSAL})
     data = tmp_path / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    c = cfg(data, vlm_dirs[family], method="dpo", adapter="lora", lr=1e-2, max_steps=6, eval_every=6)
+    c = cfg(data, vlm_dirs[family], method="dpo", adapter="lora", lr=1e-2, max_steps=4, eval_every=4)
     c = c.model_copy(update={"batch_size": 8, "micro_batch_size": 4})
     finetune(c, FinetunePaths(tmp_path / "run"))
     m = metrics(tmp_path / "run")
