@@ -38,6 +38,10 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# what Qwen2-VL's text config takes from the Llama's
+DIMS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+DIMS += ("num_key_value_heads", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+
 TEXTS = [
     "What colour is the shape in the picture? The shape is red. The shape is green. The shape is blue.",
     "Describe the image. A square on a white background. A circle, a triangle, a line of code.",
@@ -81,19 +85,12 @@ def tiny_tokenizer(family: str):
     return tok
 
 
-def _text_dims(vocab_size: int, tok) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=None,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+def _text_config(tok):
+    """The language model: the tests' two-layer Llama (conftest), over this tokenizer."""
+    from tests.conftest import tiny_llama_config
+
+    ids = dict(bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return tiny_llama_config(len(tok), max_position_embeddings=512, **ids)
 
 
 def _qwen2_vl(tok):
@@ -105,7 +102,8 @@ def _qwen2_vl(tok):
     )
 
     ids = tok.convert_tokens_to_ids
-    text = _text_dims(len(tok), tok)
+    llama = _text_config(tok)
+    text = {k: getattr(llama, k) for k in DIMS}
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     config = Qwen2VLConfig(
         text_config=text,
@@ -133,7 +131,6 @@ def _qwen2_vl(tok):
 
 def _llava(tok):
     from transformers import (
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -145,7 +142,7 @@ def _llava(tok):
     vision = SiglipVisionConfig(**dims, image_size=28, patch_size=14)
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**_text_dims(len(tok), tok)),
+        text_config=_text_config(tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
