@@ -170,6 +170,7 @@ ORDER = [
     "test_faults.py",  # 71 s
     "test_tool_use.py",  # 48 s (one thread)
     "test_objectives.py",  # 45 s (every new objective on a tiny model)
+    "test_vlm_finetune.py",  # 45 s (SFT, LoRA, QLoRA, DPO and export of two tiny VLM families)
     "test_errors.py",  # 70 s
     "test_release.py",  # 55 s
     "test_eval.py",  # 47 s
