@@ -339,3 +339,33 @@ def test_logprobs_are_the_models_own_and_a_json_schema_holds(servers, picture):
         )
         assert r.choices[0].finish_reason == "stop"  # (seeded: the same answers every run)
         assert json.loads(r.choices[0].message.content)["colour"] in ("red", "blue")
+
+
+def test_the_models_generation_config_changes_no_answer(tmp_path):
+    """A model shipped with a generation_config of its own (a penalty, no repeated words, its greedy
+    answer's tokens suppressed) answers a greedy request as a plain argmax loop over its logits:
+    only the request decides."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    from tests.tiny_vlm import tiny_vlm
+    from trulyopen.infer.engine import Request
+    from trulyopen.infer.sampling import SamplingParams
+    from trulyopen.vlm.generate import VLM, GenerateEngine
+
+    model, processor = tiny_vlm("llava")
+    ids = processor.tokenizer("The shape is red red red")["input_ids"]
+    x, plain = torch.tensor([ids]), []
+    with torch.inference_mode():
+        for _ in range(10):
+            plain.append(int(model(input_ids=x).logits[0, -1].argmax()))
+            x = torch.cat([x, torch.tensor([plain[-1:]])], dim=1)
+    model.generation_config = GenerationConfig(
+        repetition_penalty=3.0, no_repeat_ngram_size=1, min_length=40, suppress_tokens=plain
+    )
+    model.save_pretrained(tmp_path)  # as a downloaded model has it: generation_config.json
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    engine = GenerateEngine(VLM(model, processor))
+    req = engine.submit(Request(ids, SamplingParams(max_new_tokens=10, temperature=0)))
+    while req.finish_reason is None:
+        engine.step()
+    assert req.output == plain and req.finish_reason == "length"

@@ -21,8 +21,8 @@ server says so once in its log. Text requests to text models are batched as befo
 
 `Pick` chooses the token itself (generate's own sampling is off: greedy over a score that is 0 for
 the chosen token and -inf elsewhere), so a request samples with its own seeded generator exactly as
-in our engine, and the model's generation_config (recommended temperatures, penalties) changes
-nothing the request did not ask for.
+in our engine; the model's generation_config (recommended temperatures, penalties, suppressed
+tokens) is set aside, so nothing changes an answer that the request did not ask for.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ class GenerateEngine(SerialEngine):
     thread_name = "trulyopen-vlm"
 
     def __init__(self, vlm: VLM, max_len: int | None = None):
+
         from transformers import GenerationConfig
 
         self.vlm, self.model = vlm, vlm.model
@@ -138,12 +139,14 @@ class GenerateEngine(SerialEngine):
             self.model.get_input_embeddings().num_embeddings,
         )
         self.device = next(self.model.parameters()).device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        # neutral: no eos (Pick stops the request), no sampling or penalty of the model's own
-        self.config = GenerationConfig(do_sample=False, pad_token_id=pad, eos_token_id=None)
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        # generate() fills what a call leaves unset from the model's generation_config (its
+        # recommended sampling, penalties, suppressed tokens...): the engine owns the model, and
+        # only the request decides, so the model's is replaced by a neutral one
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad)
 
     def _run(self, req: Request) -> None:
-        from transformers import LogitsProcessorList, StoppingCriteriaList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         seed = req.params.seed if req.params.seed is not None else random.randrange(2**63)
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -156,8 +159,11 @@ class GenerateEngine(SerialEngine):
         with torch.inference_mode():
             self.model.generate(
                 **inputs,
-                generation_config=self.config,
-                max_new_tokens=max(1, min(req.params.max_new_tokens, self.max_len - len(req.prompt))),
+                generation_config=GenerationConfig(  # greedy over Pick's scores, which hold one token
+                    do_sample=False,
+                    pad_token_id=self.pad,
+                    max_new_tokens=max(1, min(req.params.max_new_tokens, self.max_len - len(req.prompt))),
+                ),
                 logits_processor=LogitsProcessorList([pick]),
                 stopping_criteria=StoppingCriteriaList([pick.stop]),
             )
