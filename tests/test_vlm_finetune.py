@@ -309,3 +309,23 @@ def test_projector_alignment_then_finetune_from_the_vlm_stage(vlm_dirs, tmp_path
     assert moved(weights(base), weights(aligned)) == {"projector"}
     final = finetune(cfg(data, None, max_steps=2, eval_every=2), FinetunePaths(run))
     assert json.loads((final / "state.json").read_text())["base"] == str(aligned)
+
+
+def test_images_for_a_text_model_are_bad_records(tmp_path):
+    from tests.conftest import tiny_llama
+    from tests.tiny_vlm import tiny_tokenizer
+
+    tok = tiny_tokenizer("llava")
+    base = tmp_path / "text_model"
+    tiny_llama(tok).save_pretrained(str(base))
+    tok.save_pretrained(str(base))
+    data = sft_data(tmp_path)
+    with open(data, "a") as f:
+        f.write(
+            json.dumps({"messages": [user(text(QUESTION)), {"role": "assistant", "content": "none"}]}) + "\n"
+        )
+    paths = FinetunePaths(tmp_path / "run")
+    finetune(cfg(data, base, max_steps=1, eval_every=1), paths)
+    records = json.loads(paths.records.read_text())
+    assert records["train"] == 1 and len(records["bad"]) == 9
+    assert all("finetune.base is a text model" in b["reason"] for b in records["bad"])

@@ -44,9 +44,10 @@ from trulyopen.vlm import model as vlm_model
 from trulyopen.vlm.images import Limits
 from trulyopen.vlm.objectives import VlmDPO, VlmSFT
 from trulyopen.vlm.render import METHODS as VLM_METHODS
-from trulyopen.vlm.render import VlmRenderer
+from trulyopen.vlm.render import VlmRenderer, image_refs
 
 PAIRS = "preference.jsonl"
+TEXT_MODEL_IMAGES = "has images, but finetune.base is a text model (not a vision-language model)"
 SYNTH_FILE = {"sft": "sft.jsonl", "distill": "sft.jsonl", "grpo": "grpo.jsonl"}  # the rest: PAIRS
 SYNTH_EXTRA = {"sft": ("tools.jsonl",)}  # also trained with the method when the synth stage made them
 
@@ -146,8 +147,13 @@ def finetune(
                 + " or ".join(VLM_METHODS)
             )
         items = vision.build(examples, cfg.method, cfg.seq_len)
-    else:
-        items = build_items(renderer, examples, cfg.method, cfg.seq_len)
+    else:  # a text model: a record with images is a bad record, not a list printed into its text
+        items = [
+            TEXT_MODEL_IMAGES
+            if image_refs(ex.messages)
+            else build_items(renderer, [ex], cfg.method, cfg.seq_len)[0]
+            for ex in examples
+        ]
     for i, (ex, it) in enumerate(zip(examples, items, strict=True)):
         if it is None or isinstance(it, str):  # too long, or what is wrong with it (a bad image)
             why = it or f"longer than finetune.seq_len ({cfg.seq_len} tokens)"
