@@ -139,6 +139,8 @@ def test_local_paths_and_hf_image_parts_equal_the_data_url(servers, picture):
     assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens < answers[0][1]
     c = client.completions.create(model="qwen2_vl", prompt="The shape is", max_tokens=4, temperature=0)
     assert c.usage.completion_tokens == 4
+    e = client.embeddings.create(model="qwen2_vl", input=["The shape is red", "blue"])
+    assert [len(d.embedding) for d in e.data] == [s.server.vlm.model.config.get_text_config().hidden_size] * 2
 
 
 def test_bad_images_are_400s_naming_the_part(servers, picture, tmp_path):
