@@ -329,3 +329,23 @@ def test_images_for_a_text_model_are_bad_records(tmp_path):
     records = json.loads(paths.records.read_text())
     assert records["train"] == 1 and len(records["bad"]) == 9
     assert all("finetune.base is a text model" in b["reason"] for b in records["bad"])
+
+
+def test_a_processor_saved_without_torchvision_keeps_its_video_config(vlm_dirs, tmp_path):
+    """Qwen2-VL's video half needs torchvision: without it a stand-in refuses videos, and a saved copy
+    (checkpoints, exports) still holds the family's video config for machines that have torchvision."""
+    import shutil
+
+    from trulyopen.errors import UserError
+    from trulyopen.vlm.model import load_processor, save_processor
+
+    src = shutil.copytree(vlm_dirs["qwen2_vl"], tmp_path / "src")
+    cfg_file = src / "processor_config.json"
+    video = {"video_processor_type": "Qwen2VLVideoProcessor", "merge_size": 2, "patch_size": 14}
+    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "video_processor": video}))
+    processor = load_processor(src)
+    save_processor(processor, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "processor_config.json").read_text())["video_processor"] == video
+    if type(processor.video_processor).__name__ == "NoVideo":
+        with pytest.raises(UserError, match="torchvision"):
+            processor.video_processor(videos=[])

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from trulyopen.files import write_json
+
 PARTS = ("language", "projector", "vision")
 # Module-name words, tried in order: the first part whose word is in a parameter's dotted name wins
 # (Qwen2-VL's projector, `visual.merger`, sits inside its vision tower, so "projector" is tried first).
@@ -135,16 +137,19 @@ def load_processor(path: Path | str) -> Any:
     cls = getattr(transformers, cfg["processor_class"])
     tok = AutoTokenizer.from_pretrained(str(path))
     template = Path(path) / "chat_template.jinja"
+    video = Path(path) / "video_preprocessor_config.json"
+    kept = cfg.get("video_processor") or (json.loads(video.read_text()) if video.is_file() else None)
     return cls(
         image_processor=AutoImageProcessor.from_pretrained(str(path)),
         tokenizer=tok,
-        video_processor=no_video(),
+        video_processor=no_video(kept),
         chat_template=template.read_text() if template.is_file() else tok.chat_template,
     )
 
 
-def no_video() -> Any:
-    """A video processor that refuses videos (what a processor gets where torchvision is missing)."""
+def no_video(kept: dict | None = None) -> Any:
+    """A video processor that refuses videos (what a processor gets where torchvision is missing),
+    keeping the family's video config, when the directory had one, to save it again as it was."""
     import transformers
     from transformers.video_processing_utils import VideoProcessorMixin
 
@@ -162,12 +167,14 @@ def no_video() -> Any:
 
             raise UserError("videos need torchvision (pip install torchvision); images work without it")
 
-    return NoVideo()
+    stand_in = NoVideo()
+    stand_in.kept = kept
+    return stand_in
 
 
 def save_processor(processor: Any, out: Path | str) -> None:
-    """processor.save_pretrained, less the config of a stand-in video processor (no_video), so the
-    directory loads with the family's own video processor wherever torchvision is installed."""
+    """processor.save_pretrained, with the family's own video config in place of a stand-in's
+    (no_video), so the directory loads with its video processor wherever torchvision is installed."""
     processor.save_pretrained(str(out))
     video = getattr(processor, "video_processor", None)
     if video is not None and type(video).__name__ == "NoVideo":
@@ -176,4 +183,6 @@ def save_processor(processor: Any, out: Path | str) -> None:
         if cfg.is_file():
             data = json.loads(cfg.read_text())
             data.pop("video_processor", None)
-            cfg.write_text(json.dumps(data, indent=2) + "\n")
+            if getattr(video, "kept", None):
+                data["video_processor"] = video.kept
+            write_json(cfg, data)
