@@ -235,11 +235,12 @@ def test_dpo_on_image_pairs_lowers_its_loss(vlm_dirs, tmp_path, family):
     data = tmp_path / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = cfg(data, vlm_dirs[family], method="dpo", adapter="lora", lr=1e-2, max_steps=4, eval_every=4)
-    c = c.model_copy(update={"batch_size": 8, "micro_batch_size": 4})
+    c = c.model_copy(update={"batch_size": 8, "micro_batch_size": 4, "val_fraction": 0.3})
     finetune(c, FinetunePaths(tmp_path / "run"))
     m = metrics(tmp_path / "run")
     assert m[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts at the reference: log 2
     assert m[-1]["loss"] < 0.45 and m[-1]["reward_accuracy"] > 0.5
+    assert m[-1]["val_loss"] < 0.6  # held-out pictures: the refusal is dispreferred there too
 
 
 def test_qlora_keeps_the_vision_tower_and_projector_in_full_precision(vlm_dirs, tmp_path):
@@ -307,8 +308,9 @@ def test_projector_alignment_then_finetune_from_the_vlm_stage(vlm_dirs, tmp_path
         cfg(data, base, max_steps=2, eval_every=2, vision={"train": ["projector"]}), VlmPaths(run)
     )
     assert moved(weights(base), weights(aligned)) == {"projector"}
-    final = finetune(cfg(data, None, max_steps=2, eval_every=2), FinetunePaths(run))
+    final = finetune(cfg(data, None, max_steps=2, eval_every=2, val_fraction=0.3), FinetunePaths(run))
     assert json.loads((final / "state.json").read_text())["base"] == str(aligned)
+    assert 0 < metrics(run)[-1]["val_loss"] < 7  # held-out conversations, padded rows of images
 
 
 def test_images_for_a_text_model_are_bad_records(tmp_path):
