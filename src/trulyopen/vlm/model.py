@@ -83,30 +83,28 @@ def set_trainable(model: torch.nn.Module, parts: list[str]) -> dict[str, int]:
 def lora_target_modules(model: torch.nn.Module, parts: list[str]) -> list[str]:
     """The full names of the Linear layers of `parts`, for peft's `target_modules` (a list of full
     names matches exactly, so a vision tower's `q_proj` is not caught by the language model's). The
-    language model's output head is left out, as LoRA on text models does."""
+    output head and mixture-of-experts routers are left out, as LoRA on text models does."""
     out = []
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and part_of(name) in parts and not name.endswith("lm_head"):
-            out.append(name)
+        if not isinstance(module, torch.nn.Linear) or part_of(name) not in parts or name.endswith("lm_head"):
+            continue
+        if name.endswith("mlp.gate") or "router" in name.rsplit(".", 1)[-1]:  # MoE routers, as for text
+            continue
+        out.append(name)
     return out
 
 
-def skip_modules(model_or_names: Any) -> list[str]:
-    """Module names that 4-bit quantization leaves alone (bitsandbytes' llm_int8_skip_modules): the
-    vision tower, the projector, and the output head."""
-    names = [n for n, _ in model_or_names.named_modules()] if hasattr(model_or_names, "named_modules") else []
-    tops = sorted({_top(n) for n in names if part_of(n) != "language"} - {""})
-    return tops + ["lm_head"] if tops else list(_WORDS["projector"] + _WORDS["vision"]) + ["lm_head"]
-
-
-def _top(name: str) -> str:
-    """The shortest prefix of `name` that already belongs to a non-language part."""
-    parts = name.split(".")
-    for i in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        if part_of(prefix) != "language":
-            return prefix
-    return ""
+def skip_modules(model: torch.nn.Module) -> list[str]:
+    """Module names that 4-bit quantisation leaves alone (bitsandbytes' llm_int8_skip_modules): the
+    outermost modules of the vision tower and the projector, and the output head."""
+    tops = set()
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        top = next((p for p in prefixes if part_of(p) != "language"), None)
+        if top:
+            tops.add(top)
+    return sorted(tops) + ["lm_head"]
 
 
 def load_model(path: Path | str, dtype: torch.dtype = torch.float32, **kwargs: Any) -> torch.nn.Module:
