@@ -184,6 +184,9 @@ def test_sft_and_lora_learn_colours_and_export_to_transformers(vlm_dirs, tmp_pat
         trained = checkpoint.load_for_inference(full)(**inputs).logits
         exported = AutoModelForImageTextToText.from_pretrained(str(out)).eval()(**inputs).logits
         assert torch.allclose(trained, exported, atol=1e-5)
+        # the checkpoint itself loads in transformers too, its processor with it
+        direct = AutoModelForImageTextToText.from_pretrained(str(full)).eval()(**inputs).logits
+        assert torch.equal(direct, trained) and load_processor(full).chat_template == processor.chat_template
 
     # LoRA on the language model: adapter-only checkpoints naming the base, exported in peft's format
     lora = finetune(cfg(data, base, adapter="lora", lr=1e-2), FinetunePaths(tmp_path / "lora"))
@@ -192,7 +195,7 @@ def test_sft_and_lora_learn_colours_and_export_to_transformers(vlm_dirs, tmp_pat
     saved = load_file(str(lora / "adapter.safetensors"))
     assert saved and all("lora_" in k and part_of(k) == "language" for k in saved)
     state = json.loads((lora / "state.json").read_text())
-    assert state["base"] == str(base)
+    assert state["base"] == str(base) and (lora / "processor_config.json").exists()
     out = export_checkpoint(lora, tmp_path / "hf_lora")
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
         p.name for p in (out / "adapter").iterdir()

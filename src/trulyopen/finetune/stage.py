@@ -207,6 +207,7 @@ def finetune(
 
     job = Job(paths, cfg, model, objective, dtype, recipe_hash or config_hash(cfg), fingerprint, state)
     job.adapter, job.label = cfg.adapter != "none", f"finetune {cfg.method}"
+    job.files = paths.tokenizer if vision is not None else None  # a VLM checkpoint loads on its own
     return train(job, world, stop_at)
 
 

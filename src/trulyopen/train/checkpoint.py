@@ -49,17 +49,19 @@ def save(
     state: dict,
     world: World | None = None,
     adapter: bool = False,
+    files: Path | None = None,
 ) -> Path:
     """Write checkpoint `step` under `root` and return its directory. Every rank must call it
     (gathering sharded state is collective); rank 0 writes. With `adapter`, only the parameters
-    that train are written, to adapter.safetensors."""
+    that train are written, to adapter.safetensors; the files of folder `files` are copied in (a
+    vision-language model's processor, so the checkpoint loads on its own)."""
     world = world or World()
     model_sd, optim_sd = full_state(model, optimizer, trainable_only=adapter)
     final = path_for(root, step)
     if world.main:
         tmp = final.with_name(final.name + ".tmp")
         try:
-            _write(tmp, model, model_sd, optim_sd, {**state, "step": step}, adapter)
+            _write(tmp, model, model_sd, optim_sd, {**state, "step": step}, adapter, files)
         except OSError as e:  # a full disk, say: the last complete checkpoint stays as it was
             shutil.rmtree(tmp, ignore_errors=True)
             last = newest(root)
@@ -74,10 +76,18 @@ def save(
 
 
 def _write(
-    tmp: Path, model: torch.nn.Module, model_sd: dict, optim_sd: dict, state: dict, adapter: bool
+    tmp: Path,
+    model: torch.nn.Module,
+    model_sd: dict,
+    optim_sd: dict,
+    state: dict,
+    adapter: bool,
+    files: Path | None = None,
 ) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if files is not None:
+        shutil.copytree(files, tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under an adapter
     cls = next(c for c in type(inner).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 subclasses
     model.config.architectures = [cls.__name__]  # as save_pretrained does: which head this is

@@ -63,6 +63,7 @@ class Job:
     data_fingerprint: str  # nor one trained on other data
     state: Callable[[int], dict] = lambda step: {}  # what the stage adds to each checkpoint's state.json
     adapter: bool = False  # checkpoints hold the trainable parameters only
+    files: Path | None = None  # a folder copied into every checkpoint (a VLM's processor files)
     flops_per_token: float | None = None  # for MFU, where known
     label: str = ""  # the progress bar's name (default: the stage)
     extra: dict = field(default_factory=dict)  # not used by the loop; for the stage's own bookkeeping
@@ -125,7 +126,9 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
             "code_version": code_version(),
             "seed": cfg.seed,
         }
-        path = checkpoint.save(paths.checkpoints, step, model, optimizer, state, world, adapter=job.adapter)
+        path = checkpoint.save(
+            paths.checkpoints, step, model, optimizer, state, world, adapter=job.adapter, files=job.files
+        )
         if world.main:
             ledger.append(
                 {
