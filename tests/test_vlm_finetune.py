@@ -238,7 +238,7 @@ def test_dpo_on_image_pairs_lowers_its_loss(vlm_dirs, tmp_path, family):
     data = tmp_path / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     c = cfg(data, vlm_dirs[family], method="dpo", adapter="lora", lr=1e-2, max_steps=4, eval_every=4)
-    c = c.model_copy(update={"batch_size": 8, "micro_batch_size": 4, "val_fraction": 0.3})
+    c = c.model_copy(update={"val_fraction": 0.3})
     finetune(c, FinetunePaths(tmp_path / "run"))
     m = metrics(tmp_path / "run")
     assert m[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # the policy starts at the reference: log 2
