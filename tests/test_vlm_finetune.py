@@ -279,6 +279,7 @@ def test_bad_images_are_bad_records_named_by_file_and_line(vlm_dirs, tmp_path):
         },
         {"messages": [user(image("img/notes.png"), text(QUESTION)), {"role": "assistant", "content": "red"}]},
         {"messages": [user(image("img/big.png"), text(QUESTION)), {"role": "assistant", "content": "red"}]},
+        {"messages": [user({"type": "video", "video": "a.mp4"}), {"role": "assistant", "content": "red"}]},
     ]
     with open(data, "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in bad_rows))
@@ -286,11 +287,12 @@ def test_bad_images_are_bad_records_named_by_file_and_line(vlm_dirs, tmp_path):
     c = cfg(data, vlm_dirs["qwen2_vl"], max_steps=1, eval_every=1, vision={"max_image_bytes": big - 1})
     paths = FinetunePaths(tmp_path / "run")
     finetune(c, paths)
-    bad = json.loads(paths.records.read_text())["bad"]
-    assert [b["where"] for b in bad] == [f"{data}:{n}" for n in (10, 11, 12)]
+    bad = sorted(json.loads(paths.records.read_text())["bad"], key=lambda b: int(b["where"].split(":")[-1]))
+    assert [b["where"] for b in bad] == [f"{data}:{n}" for n in (10, 11, 12, 13)]
     assert "no such image file" in bad[0]["reason"] and "missing.png" in bad[0]["reason"]
     assert "not an image" in bad[1]["reason"] and "notes.png" in bad[1]["reason"]
     assert f"larger than {big - 1:,}" in bad[2]["reason"]
+    assert bad[3]["reason"].startswith("messages[0].content[0] must be a text or image part")
 
     from trulyopen.data.sources import DataError
 
