@@ -133,6 +133,8 @@ def test_built_model_loads_in_transformers_with_the_language_models_logits(
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert type(model).__name__ == "LlavaForConditionalGeneration"
+    end = processor.tokenizer.convert_tokens_to_ids("<|end|>")
+    assert end in model.config.text_config.eos_token_id  # generate() stops at the end of the turn
     assert (
         type(model.model.vision_tower).__name__
         == {"siglip": "SiglipVisionModel", "clip": "CLIPVisionModel"}[arch]

@@ -146,7 +146,10 @@ def build_vlm(lm_dir: Path, tokenizer_dir: Path, cfg: VlmConfig, out: Path, seed
         for table in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight):
             table[old:] = table[:old].mean(0)
     text = lm.config
-    text.pad_token_id = tok.pad_token_id
+    # a reply ends at the end of its turn: generate() stops there (the config travels with every
+    # checkpoint; generation_config.json does not)
+    stops = [tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id]
+    text.eos_token_id, text.pad_token_id = stops, tok.pad_token_id
     config = LlavaConfig(
         vision_config=vision_config(cfg),
         text_config=text,
@@ -165,8 +168,6 @@ def build_vlm(lm_dir: Path, tokenizer_dir: Path, cfg: VlmConfig, out: Path, seed
             encoder = AutoModel.from_pretrained(str(cfg.vision.init_from), dtype=torch.float32)
         encoder = getattr(encoder, "vision_model", encoder)  # a whole SigLIP / CLIP: its vision half
         model.model.vision_tower.vision_model.load_state_dict(encoder.state_dict())
-    model.generation_config.eos_token_id = [tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id]
-    model.generation_config.pad_token_id = tok.pad_token_id
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
