@@ -15,7 +15,7 @@ import torch
 
 from tests.tiny_vlm import IMAGE_TOKEN, shape_image, tiny_vlm_dir
 from trulyopen.finetune.stage import FinetunePaths, finetune
-from trulyopen.recipe import FinetuneConfig
+from trulyopen.recipe import FinetuneConfig, FinetuneDataConfig
 from trulyopen.train import checkpoint
 from trulyopen.train.packing import IGNORE
 
@@ -126,7 +126,6 @@ def image_prompt(processor, root: Path) -> dict:
 def test_only_the_assistant_tokens_are_targets(vlm_dirs, tmp_path, family):
     from trulyopen.finetune.records import read_examples
     from trulyopen.finetune.render import ChatRenderer
-    from trulyopen.recipe import FinetuneDataConfig
     from trulyopen.vlm.batch import collate
     from trulyopen.vlm.images import Limits
     from trulyopen.vlm.model import load_processor
@@ -296,8 +295,11 @@ def test_bad_images_are_bad_records_named_by_file_and_line(vlm_dirs, tmp_path):
 
     from trulyopen.data.sources import DataError
 
-    with pytest.raises(DataError, match=r"chat.jsonl:10: .*missing.png: no such image file"):
-        finetune(c.model_copy(update={"on_bad_record": "stop"}), FinetunePaths(tmp_path / "stop"))
+    stop = tmp_path / "stop.jsonl"  # the records up to the missing image: an image stops the run
+    stop.write_text("".join(data.read_text().splitlines(keepends=True)[:10]))
+    c = c.model_copy(update={"on_bad_record": "stop", "data": [FinetuneDataConfig(path=stop)]})
+    with pytest.raises(DataError, match=r"stop.jsonl:10: .*missing.png: no such image file"):
+        finetune(c, FinetunePaths(tmp_path / "stop"))
 
 
 @dataclass
