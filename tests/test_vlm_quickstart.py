@@ -50,6 +50,10 @@ def test_code_lines_are_deterministic_and_keep_held_out_lines_out_of_training(co
     assert all((tmp_path / "a" / r).read_bytes() == (tmp_path / "b" / r).read_bytes() for r in rel)
     other = make_dataset(corpus, tmp_path / "c", cfg.model_copy(update={"seed": 1}))
     assert {p.name for p in other if p.suffix == ".png"} != {p.name for p in files if p.suffix == ".png"}
+    # made again in the same place, nothing of the other seed's pictures lingers
+    make_dataset(corpus, tmp_path / "c", cfg)
+    on_disk = sorted(p.relative_to(tmp_path / "c") for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert on_disk == sorted(rel)
 
     out = tmp_path / "a"
     read = lambda name: [json.loads(x) for x in (out / name).read_text().splitlines()]  # noqa: E731

@@ -25,8 +25,11 @@ import hashlib
 import json
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from trulyopen.errors import UserError
 from trulyopen.files import atomic_open, sha256_file, write_bytes, write_json, write_text
@@ -203,17 +206,20 @@ class _Writer:
         self.images: list[Path] = []
         self.skipped = 0
 
-    def picture(self, split: str, line: Line) -> tuple[str, dict] | None:
+    def picture(self, split: str, line: Line) -> tuple[str, str, dict] | None:
+        """(path relative to out, the line's key, meta) of a new picture of the line; None if it fits
+        no size."""
         rng = random.Random(f"{self.seed}/{split}/{line.text}")
         drawn = self.painter.draw(line.text, rng)
         if drawn is None:
             self.skipped += 1
             return None
         png, font, size = drawn
-        rel = f"images/{split}/{hashlib.sha256(line.text.encode()).hexdigest()[:16]}.png"
+        key = hashlib.sha256(line.text.encode()).hexdigest()[:16]
+        rel = f"images/{split}/{key}.png"
         write_bytes(self.out / rel, png)
         self.images.append(self.out / rel)
-        return rel, {"line": line.where, "font": font, "size": size}
+        return rel, key, {"line": line.where, "font": font, "size": size}
 
 
 def _jsonl(path: Path, records: list[dict]) -> Path:
@@ -228,6 +234,8 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig, sources: list[di
     corpus `sources` ({name, type, license}); return every file written."""
     fonts = fonts_used(cfg.fonts)
     train, held = split_lines(corpus, cfg)
+    for made in ("images", "eval"):  # an earlier run's pictures and tasks must not linger
+        shutil.rmtree(out / made, ignore_errors=True)
     writer = _Writer(out, Painter(cfg), cfg.seed)
     captions, instructions = [], []
     for line in train:
@@ -236,12 +244,12 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig, sources: list[di
             drawn = writer.picture(split, line)
             if drawn is None:
                 continue
-            rel, meta = drawn
+            rel, key, meta = drawn
             q, a = (None, line.text) if split == "caption" else (TRANSCRIBE, line.text)
             what = defines(line.text)
             if split == "instruct" and what and random.Random(f"{cfg.seed}/q/{line.text}").random() < 0.5:
                 q, a = DEFINE, define_answer(*what)
-            records.append({"id": f"{split}/{rel[-20:-4]}", "messages": _chat(rel, q, a), "meta": meta})
+            records.append({"id": f"{split}/{key}", "messages": _chat(rel, q, a), "meta": meta})
 
     transcribe, define = [], []
     names = sorted({d[1] for d in map(defines, (x.text for x in held)) if d})
@@ -249,15 +257,15 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig, sources: list[di
         drawn = writer.picture("eval", line)
         if drawn is None:
             continue
-        rel, meta = drawn
+        rel, key, meta = drawn
         image = f"../{rel}"  # task files live in eval/, relative paths are resolved against them
         transcribe.append({
-            "id": f"transcribe/{rel[-20:-4]}", "prompt": TRANSCRIBE, "images": [image],
+            "id": f"transcribe/{key}", "prompt": TRANSCRIBE, "images": [image],
             "verifier": {"type": "exact", "answer": line.text}, "meta": meta,
         })  # fmt: skip
         what = defines(line.text)
         if what and len(names) >= 2:
-            define.append(_define_item(line, what, names, image, meta, cfg.seed))
+            define.append(_define_item(line, key, what, names, image, meta, cfg.seed))
     if not captions or not transcribe:
         raise CodeLinesError(
             f"vlm.images: no line fits a {cfg.width}x{cfg.height} picture at sizes {cfg.font_sizes}; "
@@ -274,8 +282,6 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig, sources: list[di
     if define:
         files.append(_jsonl(out / "eval" / "define.jsonl", define))
         suite.append({"name": "define_line", "path": "define.jsonl", "type": "multiple_choice"})
-    import yaml
-
     write_text(out / "eval" / "suite.yaml", yaml.safe_dump(suite, sort_keys=False))
     manifest = {
         "seed": cfg.seed,
@@ -298,7 +304,9 @@ def make_dataset(corpus: Path, out: Path, cfg: VlmImagesConfig, sources: list[di
     )
 
 
-def _define_item(line: Line, what: tuple[str, str], names: list[str], image: str, meta: dict, seed: int):
+def _define_item(
+    line: Line, key: str, what: tuple[str, str], names: list[str], image: str, meta: dict, seed: int
+) -> dict:
     """A multiple-choice item: the right kind and name against the other kind, and other names."""
     kind, name = what
     rng = random.Random(f"{seed}/define/{line.text}")
@@ -308,7 +316,7 @@ def _define_item(line: Line, what: tuple[str, str], names: list[str], image: str
     choices = [define_answer(kind, name), *wrong]
     rng.shuffle(choices)
     return {
-        "id": f"define/{image[-20:-4]}",
+        "id": f"define/{key}",
         "context": DEFINE,
         "choices": choices,
         "answer": choices.index(define_answer(kind, name)),
