@@ -236,3 +236,27 @@ def test_the_vlm_quickstart_at_toy_size_runs_every_stage_and_releases(tmp_path):
     assert "pipeline_tag: image-text-to-text" in (out / "README.md").read_text()
     result = CliRunner().invoke(app, ["verify", str(out)])
     assert result.exit_code == 0, result.output
+
+
+def test_the_vision_encoder_starts_from_a_local_checkpoint(language_model, tmp_path):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from trulyopen.vlm.build import BuildError, build_vlm
+
+    torch.manual_seed(3)
+    dims = {k: VISION[k] for k in ("hidden_size", "intermediate_size")}
+    encoder = SiglipVisionModel(
+        SiglipVisionConfig(**dims, num_hidden_layers=1, num_attention_heads=2, image_size=128, patch_size=16)
+    )
+    encoder.save_pretrained(tmp_path / "siglip")
+    cfg = VlmConfig.model_validate({"vision": {"init_from": str(tmp_path / "siglip"), **VISION}})
+    out = build_vlm(*language_model, cfg, tmp_path / "vlm")
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    ours = model.model.vision_tower.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in encoder.state_dict().items())
+    # a checkpoint whose positions do not fit the pictures is refused, naming the field
+    wide = cfg.model_copy(update={"images": cfg.images.model_copy(update={"width": 256})})
+    with pytest.raises(BuildError, match="vlm.images: 256x32 pictures do not fit"):
+        build_vlm(*language_model, wide, tmp_path / "vlm2")

@@ -213,7 +213,9 @@ def _vlm_inputs(ctx: Context) -> list[Path]:
     lm = newest(ctx.run_dir / "checkpoints" / "pretrain")
     weights = sorted(lm.glob("*.safetensors")) if lm else []
     tok = ctx.run_dir / "tokenizer" / "tokenizer.json"
-    return [ctx.data / "corpus/train.jsonl", ctx.data / "corpus/val.jsonl", tok, *weights]
+    encoder = ctx.recipe.vlm.vision.init_from  # a local vision checkpoint to start from
+    encoder_files = sorted(p for p in encoder.rglob("*") if p.is_file()) if encoder else []
+    return [ctx.data / "corpus/train.jsonl", ctx.data / "corpus/val.jsonl", tok, *weights, *encoder_files]
 
 
 def _vlm_run(ctx: Context, records: list[dict]) -> list[Path]:

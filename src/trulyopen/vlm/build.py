@@ -167,7 +167,7 @@ def build_vlm(lm_dir: Path, tokenizer_dir: Path, cfg: VlmConfig, out: Path, seed
         with loading(str(cfg.vision.init_from), "vision encoder", "vlm.vision.init_from"):
             encoder = AutoModel.from_pretrained(str(cfg.vision.init_from), dtype=torch.float32)
         encoder = getattr(encoder, "vision_model", encoder)  # a whole SigLIP / CLIP: its vision half
-        model.model.vision_tower.vision_model.load_state_dict(encoder.state_dict())
+        model.model.vision_tower.load_state_dict(encoder.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
