@@ -36,10 +36,6 @@ class VlmPaths(FinetunePaths):
     def init(self) -> Path:
         return self.stage_dir / "init"  # the assembled model before alignment (a Hugging Face directory)
 
-    @property
-    def instructions(self) -> Path:
-        return self.data / "instructions.jsonl"
-
 
 def align_config(cfg: VlmConfig, base: Path, captions: Path) -> FinetuneConfig:
     """The finetune section that aligns the projector on the captions (LLaVA stage 1)."""
