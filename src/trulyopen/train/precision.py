@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +58,7 @@ def choose_dtype(precision: str, device: torch.device) -> torch.dtype:
 GPU_PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
+@functools.cache  # measured once a process: about a second on a CPU, for every training run
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from): a data-sheet figure for known GPUs, otherwise the
     measured throughput of a large square matmul in the training precision."""
