@@ -174,10 +174,10 @@ ORDER = [
     "test_errors.py",  # 70 s
     "test_release.py",  # 55 s
     "test_eval.py",  # 47 s
-    "test_vlm_quickstart.py",  # 45 s (the VLM quickstart at toy size through release)
     "test_serve_hardening.py",  # 45 s
     "test_tune.py",  # 40 s (a study of toy runs, each a child process)
     "test_pipeline.py",  # 30 s
+    "test_vlm_quickstart.py",  # 30 s (the VLM quickstart at toy size through release)
     "test_release_requirements.py",  # 30 s
     "test_vlm_serve.py",  # 30 s (a `trulyopen serve` process, Chromium)
     "test_serve.py",  # 20 s
