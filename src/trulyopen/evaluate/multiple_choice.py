@@ -17,7 +17,7 @@ import string
 
 import torch
 
-from trulyopen.evaluate.loglik import Request, request, score
+from trulyopen.evaluate.loglik import Request, Score, request, score
 from trulyopen.evaluate.stats import mean_and_stderr
 
 LETTERS = string.ascii_uppercase
@@ -76,27 +76,37 @@ def evaluate(model: torch.nn.Module, tok, spec, instances: list, max_len: int) -
         requests[form] = [request(tok, ctx, conts) for ctx, conts in prompts]
     scores = {form: score(model, reqs, max_len) for form, reqs in requests.items()}
 
-    records, correct = [], {form: [] for form in spec.forms}
+    records = []
     for i, inst in enumerate(instances):
         rec = {"id": inst.id, "choices": inst.choices, "answer": inst.answer}
         for form in spec.forms:
-            how = spec.normalization if form == "cloze" else "none"
-            # per-character normalisation counts the choice's own characters, as lm-eval's acc_norm does
-            values = [
-                _normalised(s.logprob, s.tokens, len(c), how)
-                for s, c in zip(scores[form][i], inst.choices, strict=True)
-            ]
-            pred = max(range(len(values)), key=values.__getitem__)
-            correct[form].append(float(pred == inst.answer))
-            rec[form] = {
-                "prompt": texts[form][i][0],
-                "logprobs": [s.logprob for s in scores[form][i]],
-                "scores": values,
-                "prediction": pred,
-                "correct": pred == inst.answer,
-            }
+            rec[form] = scored(spec, form, inst, texts[form][i][0], scores[form][i])
         records.append(rec)
-    metrics = {f"acc_{form}": mean_and_stderr(correct[form]) for form in spec.forms}
+    return accuracy(spec, records), records
+
+
+def scored(spec, form: str, inst, prompt: str, scores: list[Score]) -> dict:
+    """One form's record of an item: its choices' scores, the prediction, and whether it is right."""
+    how = spec.normalization if form == "cloze" else "none"
+    # per-character normalisation counts the choice's own characters, as lm-eval's acc_norm does
+    values = [
+        _normalised(s.logprob, s.tokens, len(c), how) for s, c in zip(scores, inst.choices, strict=True)
+    ]
+    pred = max(range(len(values)), key=values.__getitem__)
+    return {
+        "prompt": prompt,
+        "logprobs": [s.logprob for s in scores],
+        "scores": values,
+        "prediction": pred,
+        "correct": pred == inst.answer,
+    }
+
+
+def accuracy(spec, records: list[dict]) -> dict:
+    """acc per form, with its standard error, and `acc`: the better form's."""
+    metrics = {
+        f"acc_{form}": mean_and_stderr([float(r[form]["correct"]) for r in records]) for form in spec.forms
+    }
     best = max(spec.forms, key=lambda f: metrics[f"acc_{f}"]["value"])
     metrics["acc"] = {**metrics[f"acc_{best}"], "form": best}
-    return metrics, records
+    return metrics

@@ -17,12 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from trulyopen.evaluate.loglik import Score
 from trulyopen.evaluate.multiple_choice import (
     LETTERS,
-    _normalised,
+    accuracy,
     cloze_choice,
     cloze_prompt,
     lettered_prompt,
+    scored,
 )
 from trulyopen.evaluate.stats import mean_and_stderr
 
@@ -50,11 +52,9 @@ def _inputs(processor, texts: list[str], images: list, device) -> dict:
 
 
 @torch.no_grad()
-def _choice_logprobs(
-    model, processor, prompt: str, choices: list[str], images: list
-) -> list[tuple[float, int]]:
-    """(log p(choice | prompt, images), its token count) for each choice: one row per choice. A
-    choice's tokens are those of prompt+choice after the prompt's, as in lm-eval."""
+def _choice_scores(model, processor, prompt: str, choices: list[str], images: list) -> list[Score]:
+    """log p(choice | prompt, images) of each choice, one row per choice. A choice's tokens are
+    those of prompt+choice after the prompt's, as in lm-eval."""
     device = next(model.parameters()).device
     processor.tokenizer.padding_side = "right"
     n_prompt = int(_inputs(processor, [prompt], images, device)["attention_mask"].sum())
@@ -64,14 +64,16 @@ def _choice_logprobs(
     for r in range(len(choices)):
         end = int(enc["attention_mask"][r].sum())
         target = enc["input_ids"][r, n_prompt:end]
-        out.append((float(logp[r, n_prompt - 1 : end - 1].gather(1, target[:, None]).sum()), len(target)))
+        rows = logp[r, n_prompt - 1 : end - 1]
+        greedy = bool((rows.argmax(dim=-1) == target).all())
+        out.append(Score(float(rows.gather(1, target[:, None]).sum()), greedy, len(target)))
     return out
 
 
 def evaluate_mc(model, processor, spec, instances: list) -> tuple[dict, list[dict]]:
     """Multiple choice with images (as multiple_choice.evaluate, without few-shot examples: each
     would need its own images)."""
-    records, correct = [], {form: [] for form in spec.forms}
+    records = []
     for inst in instances:
         images = _images(inst)
         rec = {"id": inst.id, "choices": inst.choices, "answer": inst.answer, "images": inst.images}
@@ -81,25 +83,11 @@ def evaluate_mc(model, processor, spec, instances: list) -> tuple[dict, list[dic
             else:
                 text, conts = lettered_prompt(inst), [f" {LETTERS[j]}" for j in range(len(inst.choices))]
             prompt = user_prompt(processor, text, len(images))
-            scores = _choice_logprobs(model, processor, prompt, conts, images)
-            how = spec.normalization if form == "cloze" else "none"
-            values = [
-                _normalised(lp, n, len(c), how) for (lp, n), c in zip(scores, inst.choices, strict=True)
-            ]
-            pred = max(range(len(values)), key=values.__getitem__)
-            correct[form].append(float(pred == inst.answer))
-            rec[form] = {
-                "prompt": prompt,
-                "logprobs": [lp for lp, _ in scores],
-                "scores": values,
-                "prediction": pred,
-                "correct": pred == inst.answer,
-            }
+            rec[form] = scored(
+                spec, form, inst, prompt, _choice_scores(model, processor, prompt, conts, images)
+            )
         records.append(rec)
-    metrics = {f"acc_{form}": mean_and_stderr(correct[form]) for form in spec.forms}
-    best = max(spec.forms, key=lambda f: metrics[f"acc_{f}"]["value"])
-    metrics["acc"] = {**metrics[f"acc_{best}"], "form": best}
-    return metrics, records
+    return accuracy(spec, records), records
 
 
 @torch.no_grad()
