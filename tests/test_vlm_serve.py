@@ -1,8 +1,10 @@
 """Serving vision-language models: the real `openai` client sends images (data URLs, local paths,
 http URLs behind --allow-image-urls) to our server over tiny random Qwen2-VL and LLaVA models and
 gets the answer transformers' own generate() gives for the same inputs, streamed and not, with the
-right usage; bad images are 400s naming the part; `trulyopen serve` says it falls back to
-generate(); `trulyopen chat --image` and the chat page's attachment reach the model."""
+right usage; bad images are 400s naming the part. LLaVA runs on our batching engine (requests with
+different images and without any share one prefill, each answered as generate() answers it alone);
+Qwen2-VL falls back to generate() and `trulyopen serve` says so; `trulyopen chat --image` and the
+chat page's attachment reach the model."""
 
 from __future__ import annotations
 
@@ -59,15 +61,22 @@ def expected(server, messages_for_template, images) -> tuple[str, int, int]:
     proc, tok = vlm.processor, vlm.processor.tokenizer
     text = proc.apply_chat_template(messages_for_template, add_generation_prompt=True, tokenize=False)
     inputs = proc(text=[text], images=images or None, return_tensors="pt")
+    new = alone(vlm, inputs)
+    return tok.decode(new, skip_special_tokens=True), inputs["input_ids"].shape[1], len(new)
+
+
+def alone(vlm, inputs: dict) -> list[int]:
+    """The token ids of transformers' greedy generate() on one request's inputs, cut after the
+    first end-of-turn token, as the server stops."""
+    tok = vlm.processor.tokenizer
     with torch.inference_mode():
         out = vlm.model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
     stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
     for i, t in enumerate(new):
         if t in stops:
-            new = new[: i + 1]
-            break
-    return tok.decode(new, skip_special_tokens=True), inputs["input_ids"].shape[1], len(new)
+            return new[: i + 1]
+    return new
 
 
 def ask(image_part: dict, question: str = "What colour is the shape?") -> list[dict]:
@@ -115,6 +124,98 @@ def test_openai_client_streams_the_answer_generate_gives_to_an_image(servers, pi
         temperature=0,
     )
     assert bigger.choices[0].message.content == expected(s.server, ask({"type": "image"}), [other])[0]
+
+
+def test_llava_batches_requests_with_other_images_and_none_each_answered_as_alone(servers):
+    """Our engine serves the LLaVA: two requests with different images, a text-only chat and a
+    plain prompt are prefilled in one forward and decoded together, and each gets transformers'
+    greedy answer for it alone; the first token's logprob is the model's own on the whole image
+    (without the image features in place it would not be). Qwen2-VL keeps the fallback."""
+    from trulyopen.infer.engine import Engine, Request
+    from trulyopen.infer.sampling import SamplingParams
+    from trulyopen.vlm import generate
+
+    assert isinstance(servers["qwen2_vl"].server.engine, generate.GenerateEngine)
+    assert isinstance(servers["llava"].server.engine, Engine)
+    vlm = servers["llava"].server.vlm
+    engine = generate.engine(vlm, slots=4)
+    assert isinstance(engine, Engine)
+    proc = vlm.processor
+    chats = [
+        (ask({"type": "image"}), [shape_image("red", "circle", 40)]),
+        (ask({"type": "image"}, "Describe the image."), [shape_image("blue")]),
+        ([{"role": "user", "content": "What colour is the shape?"}], []),
+    ]
+    inputs = [generate.prompt_inputs(proc, m, images) for m, images in chats]
+    inputs.append({"input_ids": torch.tensor([proc.tokenizer("The shape is")["input_ids"]])})  # a completion
+    params = SamplingParams(
+        max_new_tokens=MAX_TOKENS, temperature=0, logprobs=0, stop_ids=generate.stop_ids(proc)
+    )
+    prefills, prefill = [], engine._prefill
+    engine._prefill = lambda new: prefills.append(len(new)) or prefill(new)
+    reqs = [
+        engine.submit(Request(x["input_ids"][0].tolist(), params, inputs=x if i < 3 else None))
+        for i, x in enumerate(inputs)
+    ]
+    logprobs: list[list[float]] = [[] for _ in reqs]
+    for r, seen in zip(reqs, logprobs, strict=True):
+        r.on_event = lambda e, seen=seen: seen.extend(x.logprob for x in e.logprobs or [])
+    while engine.step():
+        pass
+    assert prefills == [4]  # one prefill for all four
+    for r, x in zip(reqs, inputs, strict=True):
+        assert r.finish_reason in ("stop", "length") and r.output == alone(vlm, x)
+    for x, seen in zip(inputs[:2], logprobs[:2], strict=True):
+        with torch.inference_mode():
+            whole = vlm.model(**x).logits[0, -1].float().log_softmax(-1)
+            blind = vlm.model(input_ids=x["input_ids"]).logits[0, -1].float().log_softmax(-1)
+        first = int(whole.argmax())
+        assert abs(seen[0] - float(whole[first])) < 1e-4 and abs(seen[0] - float(blind[first])) > 1e-3
+
+
+def test_concurrent_openai_streams_with_images_share_the_servers_batch(servers, picture):
+    """Three chats sent at once to the LLaVA server (two pictures, one without any), streamed by
+    the real `openai` client: the server's engine prefills them together, and each streams the
+    answer generate() gives it alone."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from PIL import Image
+
+    s = servers["llava"]
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+    pictures = [Image.open(picture).convert("RGB"), shape_image("green", "square", 28)]
+    chats = [(ask({"type": "image_url", "image_url": {"url": data_url(img)}}), img) for img in pictures]
+    chats.append(([{"role": "user", "content": "What colour is the shape?"}], None))
+
+    def stream(messages) -> str:
+        chunks = client.chat.completions.create(
+            model="llava", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    engine = s.server.engine
+    prefills, step, prefill = [], engine.step, engine._prefill
+    until = time.monotonic() + 30
+
+    def gathered() -> bool:  # the engine's first step waits (boundedly) until all three are in
+        if not engine.running and len(engine.waiting) < len(chats) and time.monotonic() < until:
+            time.sleep(0.01)
+            return True
+        return step()
+
+    engine._prefill = lambda new: prefills.append(len(new)) or prefill(new)
+    engine.step = gathered
+    try:
+        with ThreadPoolExecutor(len(chats)) as pool:
+            texts = list(pool.map(stream, [m for m, _ in chats]))
+    finally:
+        del engine.step, engine._prefill
+    assert prefills == [3]
+    for (messages, img), text in zip(chats, texts, strict=True):
+        shown = ask({"type": "image"}) if img is not None else messages
+        assert text == expected(s.server, shown, [img] if img is not None else [])[0]
 
 
 def test_local_paths_and_hf_image_parts_equal_the_data_url(servers, picture):
@@ -233,7 +334,8 @@ def test_serve_command_notes_the_fallback_and_fetches_urls_only_with_the_flag(di
         proc.terminate()
         files.shutdown()
     log = proc.communicate(timeout=60)[0]
-    assert "vision-language model (qwen2_vl)" in log and "transformers' generate()" in log
+    assert "vision-language model (qwen2_vl) that our batching engine does not take" in log
+    assert "transformers' generate()" in log
     assert log.count("generate()") == 1 and "Traceback" not in log
 
 

@@ -10,6 +10,8 @@ A long answer never holds up a short one: the short one finishes and leaves, and
 takes its slot at the next step (continuous batching). Each request samples with its own seeded
 generator, so its text does not depend on the other requests in the batch. `generate()` (below)
 runs a list of prompts to completion with the same engine; GRPO and evaluation sample with it.
+A vision-language model's prompts with images join the same prefill as embeddings, image features
+in place of image tokens (the `embed` hook, vlm/embed.py), and decode as text.
 
 Threads: `submit` and `cancel` may be called from any thread; `step` runs on one (the server runs
 it in a background thread with `start()`); events reach each request's `on_event` from there.
@@ -70,7 +72,7 @@ class Request:
     # the request stops once the grammar is complete
     matcher: object | None = None
     # the model's inputs beyond the prompt's ids (a vision-language model's image tensors, with
-    # the ids they go with): only an engine that takes them gets them (vlm/generate.py)
+    # the ids they go with): for an engine that takes them (ours with `embed`, vlm/generate.py's)
     inputs: dict | None = None
 
 
@@ -126,12 +128,18 @@ class Engine(Queue):
         slots: int = 32,
         max_len: int | None = None,
         prefill_tokens: int = 4096,
+        embed: Callable[[torch.Tensor, list[dict | None]], torch.Tensor] | None = None,
     ):
         """decode: token ids -> text (needed for streamed text and stop strings); slots: requests
         decoded at once; max_len: prompt + output tokens of one request (the cache's length);
-        prefill_tokens: prompt tokens admitted per step (bounds the pause a prefill causes)."""
-        self.model, self.decode = model, decode
+        prefill_tokens: prompt tokens admitted per step (bounds the pause a prefill causes);
+        embed: for a vision-language model (vlm/embed.py), the input embeddings [k, T, width] of a
+        prefill's ids [k, T] given each row's `inputs` (its images, or None): image features in
+        place of image tokens. Requests with `inputs` are taken only with it."""
+        self.model, self.decode, self.embed = model, decode, embed
         config = getattr(model, "config", None)
+        if hasattr(config, "get_text_config"):  # (a VLM's positions are its language model's)
+            config = config.get_text_config()
         self.max_len = max_len or min(int(getattr(config, "max_position_embeddings", 2048) or 2048), 4096)
         self.slots, self.prefill_tokens = slots, prefill_tokens
         self.device = next(model.parameters()).device
@@ -143,7 +151,7 @@ class Engine(Queue):
     # ------------------------------------------------------------------ from any thread
     def submit(self, req: Request) -> Request:
         check_prompt(req.prompt, self.max_len)
-        if req.inputs is not None:
+        if req.inputs is not None and self.embed is None:
             raise ValueError("this engine takes token ids only, not images")
         seed = req.params.seed if req.params.seed is not None else random.randrange(2**63)
         req.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -208,7 +216,9 @@ class Engine(Queue):
         mask = (j[None, :, None] >= j[None, None, :]) & (j[None, None, :] < lengths[:, None, None])
         self.cache.prefill(first=n, rows=k, length=T)
         last = sorted({int(x) - 1 for x in lengths})
-        logits = self._forward(ids, j.expand(k, T), mask[:, None], last)
+        images = [r.inputs for r in new]
+        embeds = self.embed(ids.to(self.device), images) if self.embed is not None and any(images) else None
+        logits = self._forward(ids, j.expand(k, T), mask[:, None], last, embeds)
         column = torch.tensor([last.index(int(x) - 1) for x in lengths])
         for r in new:
             r.length = len(r.prompt)
@@ -227,16 +237,17 @@ class Engine(Queue):
             r.length += 1
         self._sample(list(reqs), logits.float())
 
-    def _forward(self, ids, positions, mask, keep: list[int]) -> torch.Tensor:
+    def _forward(self, ids, positions, mask, keep: list[int], embeds=None) -> torch.Tensor:
         """Logits [rows, len(keep), vocab] at positions `keep`, writing the keys and values of
-        `ids` into the cache as set up by the caller."""
+        `ids` (or of their `embeds`, a prefill with images) into the cache as set up by the caller."""
         ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
-        if self.fast is not None:
+        if self.fast is not None and embeds is None:
             return self.fast(ids, positions, mask, self.cache, keep)
+        tokens = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         return logits_at(
             self.model,
             keep,
-            input_ids=ids,
+            **tokens,
             attention_mask=mask,
             position_ids=positions,
             past_key_values=self.cache,

@@ -21,6 +21,7 @@ def takes_logits_to_keep(model: torch.nn.Module) -> bool:
 def logits_at(model: torch.nn.Module, positions: list[int], **inputs) -> torch.Tensor:
     """[batch, len(positions), vocab]: the logits at `positions` (the same for every row)."""
     if takes_logits_to_keep(model):
-        keep = torch.tensor(positions, device=inputs["input_ids"].device)
+        tokens = inputs["input_ids"] if "input_ids" in inputs else inputs["inputs_embeds"]
+        keep = torch.tensor(positions, device=tokens.device)
         return model(**inputs, logits_to_keep=keep).logits
     return model(**inputs).logits[:, positions]

@@ -125,8 +125,8 @@ class Server:
     def __init__(
         self, engine: Engine, tokenizer, name: str, limits: Limits, api_key: str | None = None, vlm=None
     ):
-        """vlm: a vision-language model (vlm.generate.VLM) whose engine (vlm.generate.GenerateEngine)
-        takes its processor's inputs: chat messages may then hold images."""
+        """vlm: a vision-language model (vlm.generate.VLM) whose engine (vlm.generate.engine: ours
+        or its generate() fallback) takes its processor's inputs: chat messages may then hold images."""
         from trulyopen.finetune.render import ChatRenderer, RenderError
 
         self.engine, self.tok, self.name, self.limits, self.api_key = engine, tokenizer, name, limits, api_key

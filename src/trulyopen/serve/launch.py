@@ -49,13 +49,15 @@ def build_server(
 ):
     from trulyopen.infer.engine import Engine
     from trulyopen.serve.app import Limits, Server
-    from trulyopen.vlm.generate import NOTE, VLM, GenerateEngine
+    from trulyopen.vlm import generate
 
     limits = limits or Limits()
     model, tok, name = load(target, precision)
-    if isinstance(model, VLM):  # transformers' generate(), one request at a time (vlm/generate.py)
-        print(NOTE.format(name=name, family=model.family), flush=True)
-        return Server(GenerateEngine(model, max_len), tok, name, limits, api_key, vlm=model)
+    if isinstance(model, generate.VLM):  # ours where the family allows, else generate() (vlm/generate.py)
+        engine = generate.engine(model, slots=limits.max_concurrent, max_len=max_len)
+        if isinstance(engine, generate.GenerateEngine):
+            print(generate.note(name, model), flush=True)
+        return Server(engine, tok, name, limits, api_key, vlm=model)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     engine = Engine(model, decode, slots=limits.max_concurrent, max_len=max_len)
     return Server(engine, tok, name, limits, api_key)

@@ -10,7 +10,8 @@ from dataclasses import replace
 
 from trulyopen.infer.engine import Engine, Event, Request
 from trulyopen.infer.sampling import SamplingParams
-from trulyopen.vlm.generate import VLM, GenerateEngine
+from trulyopen.vlm import generate
+from trulyopen.vlm.generate import VLM
 
 
 def _stream(
@@ -33,7 +34,7 @@ def _stream(
 
 def _engine(model, tok, max_len: int | None):
     if isinstance(model, VLM):
-        return GenerateEngine(model, max_len)
+        return generate.engine(model, slots=1, max_len=max_len)
     return Engine(model, lambda ids: tok.decode(ids, skip_special_tokens=True), slots=1, max_len=max_len)
 
 
@@ -57,7 +58,6 @@ def chat(
     """A conversation on standard input; an empty line or end of input ends it. With a VLM,
     `image` (a path) goes with the first message, and a line `/image PATH` with the next one."""
     from trulyopen.finetune.render import ChatRenderer
-    from trulyopen.vlm import generate
 
     vlm = model if isinstance(model, VLM) else None
     if vlm is None:

@@ -1,5 +1,6 @@
 """Answering with a vision-language model: messages with images become the model's inputs through
-its own processor, and transformers' `generate()` writes the answer, streamed token by token.
+its own processor, and our batching engine, or where the family does not allow it transformers'
+`generate()`, writes the answer, streamed token by token.
 
     messages ──► image parts ──► load_image (vlm/images.py: path, data URL, URL when allowed; checked)
        │                                   │ PIL images, in order
@@ -12,12 +13,12 @@ its own processor, and transformers' `generate()` writes the answer, streamed to
        samples each token as our engine does (its seed, temperature, top-k/p, penalty, grammar),
        keeps the raw logits for logprobs and streams the token through the engines' shared `take`
 
-Why not our batching engine (infer/engine.py): it prefills token ids, one position each. A VLM's
-prompt needs the vision tower's features put in place of its image tokens (LLaVA, Idefics3, Gemma 3:
-the prefill would take input embeddings instead of ids), and Qwen2-VL's positions are three numbers
-a token (M-RoPE: time, height, width; decoding continues from an offset per request). Until the
-engine takes both, every request to a VLM, text-only ones too, runs here, one after another; the
-server says so once in its log. Text requests to text models are batched as before.
+Which engine (`engine`): our batching engine where the family allows, its prompts with images
+prefilled from embeddings with the image features in place (vlm/embed.py: LLaVA), so requests with
+images, other images or none are batched together. A family whose image tokens are not plain tokens
+to the language model (Qwen2-VL's three positions a token, M-RoPE; Gemma 3's image tokens that see
+each other both ways) runs here instead, every request, text-only ones too, one after another; the
+server says so once in its log (NOTE).
 
 `Pick` chooses the token itself (generate's own sampling is off: greedy over a score that is 0 for
 the chosen token and -inf elsewhere), so a request samples with its own seeded generator exactly as
@@ -34,15 +35,16 @@ from typing import Any
 
 import torch
 
-from trulyopen.infer.engine import Request
+from trulyopen.infer.engine import Engine, Request
 from trulyopen.infer.sampling import penalise, sample_next
 from trulyopen.infer.serial import SerialEngine
+from trulyopen.vlm import embed
 from trulyopen.vlm.images import BadImage, Limits, image_ref, load_image
 
 NOTE = (
-    "{name}: a vision-language model ({family}): its requests, with images or not, run one at a time "
-    "through transformers' generate(); our batching engine takes token ids only (no image features, "
-    "no 3-D positions)"
+    "{name}: a vision-language model ({family}) that our batching engine does not take (it batches "
+    "{batched}, whose image tokens are plain tokens to the language model): its requests, with images "
+    "or not, run one at a time through transformers' generate()"
 )
 
 
@@ -117,6 +119,21 @@ def stop_ids(processor) -> tuple[int, ...]:
         return ChatRenderer(tok, getattr(processor, "chat_template", None)).stop_ids()
     except RenderError:
         return (tok.eos_token_id,) if tok.eos_token_id is not None else ()
+
+
+def engine(vlm: VLM, slots: int = 32, max_len: int | None = None) -> Engine | GenerateEngine:
+    """Our batching engine for a family it takes (vlm/embed.py), else a GenerateEngine (whose
+    caller logs `note`)."""
+    if not embed.batchable(vlm.model):
+        return GenerateEngine(vlm, max_len)
+    tok = vlm.tokenizer
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return Engine(vlm.model, decode, slots=slots, max_len=max_len, embed=embed.ImageEmbedder(vlm.model))
+
+
+def note(name: str, vlm: VLM) -> str:
+    """The log's line for a VLM that falls back to generate()."""
+    return NOTE.format(name=name, family=vlm.family, batched=", ".join(sorted(embed.BATCHED)))
 
 
 class GenerateEngine(SerialEngine):
