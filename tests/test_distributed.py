@@ -61,7 +61,8 @@ def _as_if_killed_after_step_4(src, dst):
     ledger.write_text("\n".join(kept) + "\n")
 
 
-@pytest.mark.parametrize(("written_by", "resumed_by", "nproc"), [("one", "fsdp", 2), ("ddp", "one", 1)])
+# (2 -> 1 is covered by post-training's FSDP checkpoint resumed by one process, below)
+@pytest.mark.parametrize(("written_by", "resumed_by", "nproc"), [("one", "fsdp", 2)])
 def test_checkpoints_move_between_world_sizes(runs, written_by, resumed_by, nproc):
     tmp = runs["tmp"]
     run = tmp / f"{written_by}-then-{resumed_by}"
@@ -78,10 +79,6 @@ def test_checkpoints_move_between_world_sizes(runs, written_by, resumed_by, npro
 # ----------------------------------------------------------------------------- post-training
 
 
-# no adapter dropout: one process draws the masks of micro-batches 0..3 from one stream, two from two
-LORA = ["--set", "finetune.adapter=lora", "--set", "finetune.lora.dropout=0"]
-
-
 def _finetune_losses(run_dir):
     rows = (run_dir / "finetune" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in rows]
@@ -89,8 +86,8 @@ def _finetune_losses(run_dir):
 
 @pytest.fixture(scope="module")
 def tuned(runs):
-    """SFT of the single-process run's model, by 1 process and by 2: full weights with FSDP2, and a
-    LoRA adapter with DDP."""
+    """SFT of the single-process run's model, by 1 process and by 2 with FSDP2 (DDP is pretraining's
+    and the same wrapper: the objectives differ, not the parallelism)."""
     tmp = runs["tmp"]
     chat = tmp / "chat.jsonl"
     chat.write_text(
@@ -119,24 +116,15 @@ def tuned(runs):
     recipe = tmp / "finetune.yaml"
     recipe.write_text(runs["recipe"].read_text() + yaml.safe_dump({"finetune": finetune}))
     out = {"recipe": recipe}
-    for name, nproc, extra in [
-        ("ft-one", 1, []),
-        ("ft-fsdp", 2, ["--set", "finetune.distributed=fsdp"]),
-        ("ft-lora-one", 1, LORA),
-        ("ft-lora-ddp", 2, LORA),
-    ]:
+    for name, nproc, extra in [("ft-one", 1, []), ("ft-fsdp", 2, ["--set", "finetune.distributed=fsdp"])]:
         shutil.copytree(tmp / "one", tmp / name)
         _trulyopen(["finetune", str(recipe), "--workers", "1", "--run-dir", str(tmp / name), *extra], nproc)
     out["tmp"] = tmp
     return out
 
 
-@pytest.mark.parametrize(
-    ("reference", "run"),
-    [("ft-one", "ft-fsdp"), ("ft-lora-one", "ft-lora-ddp")],  # pretraining covers DDP
-)
-def test_post_training_under_torchrun_follows_one_process(tuned, reference, run):
-    one, two = _finetune_losses(tuned["tmp"] / reference), _finetune_losses(tuned["tmp"] / run)
+def test_post_training_under_torchrun_follows_one_process(tuned):
+    one, two = _finetune_losses(tuned["tmp"] / "ft-one"), _finetune_losses(tuned["tmp"] / "ft-fsdp")
     assert len(one) == len(two) == 6 and one[-1] < one[0]
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < TOLERANCE
 
