@@ -126,11 +126,14 @@ def test_openai_client_streams_the_answer_generate_gives_to_an_image(servers, pi
     assert bigger.choices[0].message.content == expected(s.server, ask({"type": "image"}), [other])[0]
 
 
-def test_llava_batches_requests_with_other_images_and_none_each_answered_as_alone(servers):
+@pytest.mark.parametrize("lean", [True, False])
+def test_llava_batches_requests_with_other_images_and_none_each_answered_as_alone(servers, lean):
     """Our engine serves the LLaVA: two requests with different images, a text-only chat and a
     plain prompt are prefilled in one forward and decoded together, and each gets transformers'
     greedy answer for it alone; the first token's logprob is the model's own on the whole image
-    (without the image features in place it would not be). Qwen2-VL keeps the fallback."""
+    (without the image features in place it would not be). Its Llama runs in the lean forward
+    (infer/fast.py) or, for a language model outside that family, transformers' own. Qwen2-VL keeps
+    the fallback."""
     from trulyopen.infer.engine import Engine, Request
     from trulyopen.infer.sampling import SamplingParams
     from trulyopen.vlm import generate
@@ -139,7 +142,9 @@ def test_llava_batches_requests_with_other_images_and_none_each_answered_as_alon
     assert isinstance(servers["llava"].server.engine, Engine)
     vlm = servers["llava"].server.vlm
     engine = generate.engine(vlm, slots=4)
-    assert isinstance(engine, Engine)
+    assert isinstance(engine, Engine) and engine.fast is not None
+    if not lean:
+        engine.fast = None
     proc = vlm.processor
     chats = [
         (ask({"type": "image"}), [shape_image("red", "circle", 40)]),

@@ -241,8 +241,8 @@ class Engine(Queue):
         """Logits [rows, len(keep), vocab] at positions `keep`, writing the keys and values of
         `ids` (or of their `embeds`, a prefill with images) into the cache as set up by the caller."""
         ids, positions, mask = ids.to(self.device), positions.to(self.device), mask.to(self.device)
-        if self.fast is not None and embeds is None:
-            return self.fast(ids, positions, mask, self.cache, keep)
+        if self.fast is not None:
+            return self.fast(ids, positions, mask, self.cache, keep, embeds)
         tokens = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         return logits_at(
             self.model,

@@ -12,7 +12,9 @@ This is the same computation written as one loop over the model's own weights:
 
 Rotary angles come from the model's own rotary module (so any rope scaling it was trained with
 applies), computed once for every position of the cache. Models outside the family, or with
-adapters or quantised layers, run through transformers' forward instead (`supports`).
+adapters or quantised layers, run through transformers' forward instead (`supports`). A LLaVA whose
+language model is of the family decodes here too: after its prefill (given as embeddings, the image
+features in place: vlm/embed.py) every token is text.
 tests/test_infer.py checks that both give the same logits.
 """
 
@@ -22,17 +24,30 @@ import torch
 import torch.nn.functional as F
 
 FAMILY = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+VISION = {"LlavaForConditionalGeneration"}  # a vision tower and projector before a language model
+
+
+def language(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack (embed_tokens, layers, norm, rotary_emb) that the lean forward runs: a
+    causal LM's `model`, or a LLaVA's language model of the family; None for any other model."""
+    name = type(model).__name__
+    if name in FAMILY:
+        return model.model
+    inner = getattr(getattr(model, "model", None), "language_model", None)
+    family = {n.replace("ForCausalLM", "Model") for n in FAMILY}
+    return inner if name in VISION and type(inner).__name__ in family else None
 
 
 def supports(model: torch.nn.Module) -> bool:
-    if type(model).__name__ not in FAMILY:
+    if language(model) is None:
         return False
-    config = model.config
+    config = model.config.get_text_config()
     windowed = getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True
     )
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    plain = all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    runs = [*language(model).modules(), model.lm_head]  # (a vision tower's layers are not run here)
+    plain = all(type(m) is torch.nn.Linear for m in runs if isinstance(m, torch.nn.Linear))
     return plain and not windowed and layer_types == {"full_attention"}
 
 
@@ -74,7 +89,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 
 class FastDecoder:
     def __init__(self, model: torch.nn.Module, max_len: int):
-        inner = model.model
+        inner = language(model)
         self.embed = inner.embed_tokens.weight
         self.norm = (inner.norm.weight, inner.norm.variance_epsilon)
         self.lm_head = model.lm_head
@@ -116,9 +131,11 @@ class FastDecoder:
         attention_mask: torch.Tensor,
         cache,
         keep: list[int],
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Logits at `keep`; `embeds` [B, T, width], when given, stand for the ids' embeddings."""
         B, T = input_ids.shape
-        x = F.embedding(input_ids, self.embed)
+        x = F.embedding(input_ids, self.embed) if embeds is None else embeds
         if B * T == 1:  # one request decoding: it sees its whole cache, so no mask at all
             attention_mask = None
         if attention_mask is not None:  # once per step, not once per layer inside attention
