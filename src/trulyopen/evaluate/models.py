@@ -38,6 +38,8 @@ def load(target: str | Path) -> EvalModel:
     """Load any of what `trulyopen.locate` accepts; bad or corrupt files are named, one line each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from trulyopen.vlm.model import is_vlm_config, is_vlm_model, load_model, load_processor
+
     found = locate(target)
     path = Path(found.path)
     processor = None
@@ -54,13 +56,11 @@ def load(target: str | Path) -> EvalModel:
             raise missing(f"{path}: tokenizer", "tokenizer", "the run's tokenizer/ folder is gone")
         with reading(tok_dir, "tokenizer"):
             tok = AutoTokenizer.from_pretrained(str(tok_dir))
-            processor = _processor(tok_dir) if checkpoint.is_vlm(model.config) else None
-    elif _hf_vlm(found.path):
-        from trulyopen.vlm.model import load_model
-
+            processor = load_processor(tok_dir) if is_vlm_config(model.config) else None
+    elif is_vlm_model(found.path):
         with loading(found.path, "Hugging Face model"):
             model = load_model(found.path).eval()
-            processor = _processor(found.path)
+            processor = load_processor(found.path)
             tok = processor.tokenizer
     else:
         with loading(found.path, "Hugging Face model"):
@@ -75,16 +75,3 @@ def load(target: str | Path) -> EvalModel:
             "use the tokenizer the model was trained with"
         )
     return EvalModel(model, tok, str(target), str(path), processor)
-
-
-def _hf_vlm(where: str) -> bool:
-    from transformers import AutoConfig
-
-    with loading(where, "model config"):
-        return checkpoint.is_vlm(AutoConfig.from_pretrained(where))
-
-
-def _processor(where):
-    from trulyopen.vlm.model import load_processor
-
-    return load_processor(where)

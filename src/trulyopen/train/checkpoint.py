@@ -147,11 +147,6 @@ def tokenizer_dir(ckpt: Path) -> Path | None:
     return None
 
 
-def is_vlm(config) -> bool:
-    """A vision-language model's config: it has a vision tower (LLaVA, Qwen2-VL, Idefics3, Gemma 3...)."""
-    return getattr(config, "vision_config", None) is not None
-
-
 def load_for_inference(path: Path) -> torch.nn.Module:
     """The model of checkpoint `path`, rebuilt from its own config.json, in eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -168,8 +163,10 @@ def load_for_inference(path: Path) -> torch.nn.Module:
             f"{path}: a reward model (finetune method reward): it scores sequences rather than writing "
             "them; use it as finetune.grpo.reward_model"
         )
+    from trulyopen.vlm.model import is_vlm_config
+
     with reading(path / "config.json", "model config"):
-        if is_vlm(config):  # a vision-language model: its vision tower and projector too
+        if is_vlm_config(config):  # a vision-language model: its vision tower and projector too
             from transformers import AutoModelForImageTextToText
 
             model = AutoModelForImageTextToText.from_config(config)

@@ -39,7 +39,7 @@ def is_vlm_config(config: Any) -> bool:
         return "vision_config" in config
     if getattr(config, "vision_config", None) is not None:
         return True
-    from transformers import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     return getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
