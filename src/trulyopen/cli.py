@@ -677,6 +677,90 @@ def verify(
         raise typer.Exit(1)
 
 
+LAUNCH_ACTIONS = ("status", "logs", "down")
+
+
+@app.command()
+def launch(
+    target: Annotated[
+        str, typer.Argument(help="A recipe, or status, logs or down followed by a launch name.")
+    ],
+    name: Annotated[str | None, typer.Argument(help="The launch's name (status, logs, down).")] = None,
+    on: Annotated[
+        str | None, typer.Option("--on", help="aws, gcp, azure, lambda, runpod, kubernetes or slurm.")
+    ] = None,
+    gpus: Annotated[
+        str | None, typer.Option("--gpus", help="Accelerators per node: NAME:COUNT, e.g. H100:8.")
+    ] = None,
+    nodes: Annotated[int | None, typer.Option("--nodes", help="Nodes (torchrun across them).")] = None,
+    procs_per_node: Annotated[
+        int | None, typer.Option("--procs-per-node", help="Processes per node (default: one per GPU).")
+    ] = None,
+    spot: Annotated[bool | None, typer.Option("--spot/--no-spot", help="Spot instances.")] = None,
+    region: Annotated[str | None, typer.Option("--region", help="Cloud region.")] = None,
+    store: Annotated[
+        str | None, typer.Option("--store", help="Run directory storage: s3://bucket/path or volume:NAME.")
+    ] = None,
+    verb: Annotated[
+        str | None, typer.Option("--verb", help="run (default), data, pretrain, finetune, eval, release.")
+    ] = None,
+    wheel: Annotated[bool, typer.Option("--wheel", help="Ship a wheel built from the working tree.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Write what would be sent; launch nothing.")
+    ] = False,
+    detach: Annotated[bool, typer.Option("--detach", help="Do not follow the logs.")] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="logs: keep printing until the job ends.")] = False,
+    set: SetOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="slurm: the run directory (default runs/<recipe name>).")
+    ] = None,
+):
+    """Run a recipe on a cloud or Kubernetes (SkyPilot) or under Slurm; `launch status|logs|down NAME`."""
+    from trulyopen import launch as launcher
+
+    if target in LAUNCH_ACTIONS and not Path(target).is_file():
+        if name is None:
+            raise errors.UserError(
+                f"launch {target}: give the launch's name, e.g. `trulyopen launch {target} NAME`"
+            )
+        if target == "status":
+            typer.echo(launcher.status(name))
+        elif target == "logs":
+            state = launcher.logs(name, follow=follow)
+            if state:
+                typer.echo(f"{name}: {state}")
+        else:
+            launcher.down(name)
+            typer.echo(f"{name}: taken down")
+        return
+    given = dict(
+        on=on,
+        gpus=gpus,
+        nodes=nodes,
+        procs_per_node=procs_per_node,
+        spot=spot,
+        region=region,
+        store=store,
+        verb=verb,
+    )
+    rec = launcher.launch(Path(target), set or [], given, name, wheel, dry_run, detach, run_dir)
+    if rec.get("dry_run"):
+        typer.echo(f"dry run: {rec['file']} (nothing launched)")
+        if rec.get("command") is None and rec["on"] != "slurm":
+            typer.echo(
+                f"launch it with: trulyopen launch {target} --on {rec['on']} ...  (same flags, no --dry-run)"
+            )
+        return
+    if rec["on"] == "slurm":
+        state = rec.get("state", "submitted")
+        log = rec["log"].replace("%j", rec["job_id"])
+        typer.echo(f"{rec['name']}: slurm job {rec['job_id']} {state} (log {log})")
+        if state not in ("COMPLETED", "submitted"):
+            raise typer.Exit(1)
+    else:
+        typer.echo(f"{rec['name']}: launched on {rec['on']}; `trulyopen launch status {rec['name']}`")
+
+
 def main() -> None:
     """`trulyopen`: the app, with usage errors (an unknown flag, a missing argument) in one line too."""
     from typer.exceptions import TyperException

@@ -28,6 +28,7 @@ from trulyopen.errors import warn
 from trulyopen.files import remove_leftovers, write_json, write_text
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record, machine_summary
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
+from trulyopen.where import where
 
 MIN_VAL_DOCS = 5  # fewer held-out documents than this makes a validation loss mostly noise
 
@@ -443,6 +444,7 @@ def run(
                     "seconds": round(time.perf_counter() - t0, 3),
                     "machine": machine_summary(),
                     "world_size": world.size,
+                    **({"where": here} if (here := where()) else {}),
                 }
             )
         _barrier(world)

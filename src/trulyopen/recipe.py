@@ -942,6 +942,64 @@ class ReleaseConfig(Section):
     )
 
 
+# ----------------------------------------------------------------------------- launching
+
+
+LaunchTarget = Literal["aws", "gcp", "azure", "lambda", "runpod", "kubernetes", "slurm"]
+
+
+class LaunchConfig(Section):
+    """Where `trulyopen launch` runs the recipe; every field can be given on its command line instead."""
+
+    on: LaunchTarget | None = Field(
+        default=None,
+        description="aws, gcp, azure, lambda, runpod or kubernetes (through SkyPilot), or slurm (sbatch).",
+    )
+    gpus: str | None = Field(
+        default=None,
+        description="Accelerators per node, NAME:COUNT (H100:8, A100-80GB:4, L4:1); unset: none.",
+    )
+    nodes: int = Field(
+        default=1, ge=1, description="Nodes; more than one needs a stage that runs under torchrun."
+    )
+    procs_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        description="Processes per node under torchrun; unset: one per GPU (one on a node without GPUs).",
+    )
+    spot: bool = Field(default=False, description="Spot (preemptible) instances; clouds that have them.")
+    region: str | None = Field(default=None, description="Cloud region (SkyPilot's choice when unset).")
+    store: str | None = Field(
+        default=None,
+        description="Where the run directory lives, seen by every node: a bucket URL (s3://, gs://, "
+        "az://, r2://) mounted at ~/trulyopen-store, or volume:NAME (a SkyPilot volume, e.g. a "
+        "Kubernetes PVC); needed for more than one node. Unset: the first node's disk.",
+    )
+    verb: Literal["run", "data", "pretrain", "finetune", "eval", "release"] = Field(
+        default="run", description="What runs there: the whole recipe (run) or one verb and what it needs."
+    )
+    secrets: list[str] = Field(
+        default_factory=lambda: [
+            "HF_TOKEN",
+            "WANDB_API_KEY",
+            "OPENAI_API_KEY",
+            "ANTHROPIC_API_KEY",
+            "GEMINI_API_KEY",
+        ],
+        description="Environment variables passed to the nodes as secrets when set here: their values "
+        "go on the launch command line, never into the task file.",
+    )
+    extras: list[str] = Field(
+        default_factory=list, description="trulyopen's extras installed on the nodes, e.g. ['ray', 'wandb']."
+    )
+    disk_gb: int | None = Field(default=None, ge=1, description="Disk per node in GB (SkyPilot's default).")
+    slurm: SlurmConfig = Field(
+        default_factory=SlurmConfig,
+        description="sbatch options under slurm: partition, time (of the whole job), mem, python (on "
+        "the nodes; default this one: a shared file system is assumed), sbatch_args.",
+    )
+
+
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -973,6 +1031,9 @@ class Recipe(Section):
     eval: EvalConfig | None = Field(default=None, description="The evaluation stage.")
     release: ReleaseConfig | None = Field(
         default=None, description="The release stage: bundle, cards, licences, mof.yml and hashes."
+    )
+    launch: LaunchConfig | None = Field(
+        default=None, description="Where `trulyopen launch` runs it (a cloud, Kubernetes or Slurm)."
     )
 
     @model_validator(mode="after")
