@@ -101,6 +101,8 @@ def test_every_target_gives_a_task_skypilots_own_loader_accepts(home, toy, clean
         extra = ["--spot"] if on not in planning.NO_SPOT else []
         r = invoke(
             str(toy),
+            "--name",
+            f"tiny-{on}",
             "--on",
             on,
             "--gpus",
@@ -114,6 +116,18 @@ def test_every_target_gives_a_task_skypilots_own_loader_accepts(home, toy, clean
         )
         assert r.exit_code == 0, r.output
         files.append(home / "launches" / f"tiny-{on}" / "task.yaml")
+    # the launch examples as they are (--store where they name a placeholder bucket)
+    examples = sorted((ROOT / "recipes").glob("launch-*.yaml"))
+    assert {e.stem.removeprefix("launch-") for e in examples} == {*TARGETS, "slurm"}
+    for example in examples:
+        r = invoke(str(example), "--dry-run")
+        assert r.exit_code == 0, (example, r.output)
+        task = home / "launches" / example.stem / ("job.sbatch" if "slurm" in example.stem else "task.yaml")
+        if "slurm" in example.stem:  # the sbatch script is valid bash, two nodes of 8 GPUs
+            assert subprocess.run(["bash", "-n", task]).returncode == 0
+            assert "#SBATCH --nodes=2" in task.read_text() and "#SBATCH --gpus-per-node=8" in task.read_text()
+        else:
+            files.append(task)
     check = (
         "import json, sys, yaml, sky\n"
         "for f in sys.argv[1:]:\n"
@@ -125,8 +139,15 @@ def test_every_target_gives_a_task_skypilots_own_loader_accepts(home, toy, clean
     out = subprocess.run([SKY_PYTHON, "-c", check, *map(str, files)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     loaded = [json.loads(line) for line in out.stdout.strip().splitlines()]
-    assert len(loaded) == len(TARGETS)
-    for on, (nodes, cloud, accelerators, spot, storage, workdir, run) in zip(TARGETS, loaded, strict=True):
+    assert len(loaded) == 2 * len(TARGETS)
+    for (nodes, cloud, accelerators, *_), example in zip(
+        loaded[len(TARGETS) :], files[len(TARGETS) :], strict=True
+    ):
+        recipe = yaml.safe_load((ROOT / "recipes" / f"{example.parent.name}.yaml").read_text())["launch"]
+        assert nodes == recipe.get("nodes", 1) and cloud.lower() == recipe["target"]
+        name, count = recipe["gpus"].split(":")
+        assert accelerators == {name: int(count)}
+    for on, (nodes, cloud, accelerators, spot, storage, workdir, run) in zip(TARGETS, loaded, strict=False):
         assert nodes == 2 and accelerators == {"H100": 8}
         assert cloud.lower() == {"gcp": "gcp"}.get(on, on), cloud
         assert spot == (on not in planning.NO_SPOT)
@@ -145,7 +166,7 @@ def test_every_target_gives_a_task_skypilots_own_loader_accepts(home, toy, clean
 
 def test_launch_calls_sky_with_the_secret_names_not_values(home, toy, clean_checkout, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_value")
-    r = invoke(str(toy), "--on", "gcp", "--gpus", "L4:1")
+    r = invoke(str(toy), "--on", "gcp", "--gpus", "L4:1", "--name", "tiny-gcp")
     assert r.exit_code == 0, r.output
     calls = (home.parent / "sky-calls.txt").read_text().splitlines()
     task = home / "launches" / "tiny-gcp" / "task.yaml"
@@ -180,7 +201,7 @@ def test_launch_calls_sky_with_the_secret_names_not_values(home, toy, clean_chec
         ),
         (["--on", "aws", "--nodes", "2"], "--nodes 2: the run directory must be on storage every node sees"),
         (["--on", "lambda", "--spot"], "--spot: lambda has no spot instances"),
-        (["--on", "mars"], "launch.on: Input should be 'aws'"),
+        (["--on", "mars"], "--on: Input should be 'aws'"),
         ([], "--on: where to launch?"),
     ],
 )
@@ -233,7 +254,7 @@ def test_the_task_runs_under_bash_with_skypilots_variables_on_two_nodes(home, to
     sets = [f"--set={s}" for s in TOY]
     r = invoke(str(toy), *sets, "--on", "aws", "--nodes", "2", "--store", "s3://b/r", "--wheel", "--dry-run")
     assert r.exit_code == 0, r.output
-    task = yaml.safe_load((home / "launches" / "tiny-aws" / "task.yaml").read_text())
+    task = yaml.safe_load((home / "launches" / "tiny" / "task.yaml").read_text())
     # what SkyPilot does before the scripts: the file mounts in place, the bucket mounted
     for remote, local in task["file_mounts"].items():
         target = home / remote.removeprefix("~/")
@@ -260,7 +281,7 @@ def test_the_task_runs_under_bash_with_skypilots_variables_on_two_nodes(home, to
         "SKYPILOT_NUM_GPUS_PER_NODE": "0",
         "SKYPILOT_TASK_ID": "sky-2026-12-03-job-7",
         "SKYPILOT_CLUSTER_INFO": json.dumps(
-            {"cluster_name": "tiny-aws", "cloud": "AWS", "region": "us-east-1", "zone": "us-east-1a"}
+            {"cluster_name": "tiny", "cloud": "AWS", "region": "us-east-1", "zone": "us-east-1a"}
         ),
         "TRULYOPEN_METADATA_URL": f"http://127.0.0.1:{metadata.server_port}",
         "TRULYOPEN_MASTER_PORT": str(free_port()),
@@ -292,11 +313,11 @@ def test_the_task_runs_under_bash_with_skypilots_variables_on_two_nodes(home, to
         "provider": "aws",
         "region": "us-east-1",
         "zone": "us-east-1a",
-        "cluster": "tiny-aws",
+        "cluster": "tiny",
         "job_id": "sky-2026-12-03-job-7",
         "nodes": 2,
         "instance_type": "p5.48xlarge",
-        "name": "tiny-aws",
+        "name": "tiny",
         "accelerators": "",
         "spot": False,
     }
@@ -316,18 +337,28 @@ def test_slurm_runs_the_job_and_status_and_logs_report_it(home, toy, tmp_path, m
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TRULYOPEN_QUIET")  # the job inherits it: its log would be empty
     sets = [f"--set={s}" for s in TOY]
-    r = invoke(str(toy), *sets, "--on", "slurm", "--detach", "--run-dir", str(tmp_path / "run"))
+    run = ["--run-dir", str(tmp_path / "run")]
+    r = invoke(str(toy), *sets, "--on", "slurm", "--procs-per-node", "2", "--detach", *run)
     assert r.exit_code == 0, r.output
-    rec = json.loads((home / "launches" / "tiny-slurm" / "launch.json").read_text())
+    rec = json.loads((home / "launches" / "tiny" / "launch.json").read_text())
     job = rec["job_id"]
-    assert r.output.startswith(f"tiny-slurm: slurm job {job} submitted")
-    r = invoke("logs", "tiny-slurm", "--follow")  # follows the log until the job ends
-    assert r.exit_code == 0 and r.output.rstrip().endswith("tiny-slurm: COMPLETED"), r.output
+    assert r.output.startswith(f"tiny: slurm job {job} submitted")
+    r = invoke("logs", "tiny", "--follow")  # follows the log until the job ends
+    assert r.exit_code == 0 and r.output.rstrip().endswith("tiny: COMPLETED"), r.output
     assert f"run directory: {tmp_path / 'run'}" in r.output  # the last line `trulyopen run` prints
-    assert invoke("status", "tiny-slurm").output.strip() == f"tiny-slurm: slurm job {job} COMPLETED"
+    assert invoke("status", "tiny").output.strip() == f"tiny: slurm job {job} COMPLETED"
     ledger = [json.loads(x) for x in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
     where = next(e for e in ledger if e["stage"] == "pretrain")["where"]
-    assert where["launcher"] == "slurm" and where["job_id"] == job and where["name"] == "tiny-slurm"
+    assert where["launcher"] == "slurm" and where["job_id"] == job and where["name"] == "tiny"
     assert where["nodes"] == 1 and where["partition"] == "debug"
-    script = Path(rec["file"]).read_text()
-    assert "#SBATCH --nodes=1" in script and "srun --kill-on-bad-exit=1" in script
+    pretrain = next(e for e in ledger if e["stage"] == "pretrain")
+    assert pretrain["world_size"] == 2  # srun torchrun, two processes
+    script = Path(rec["file"]).read_text().splitlines()
+    sruns = [line for line in script if line.startswith("srun")]
+    assert len(sruns) == 3
+    assert sruns[0].startswith(f"srun --nodes=1 --ntasks=1 {sys.executable} -m trulyopen data ")
+    assert sruns[1].startswith(  # training: one torchrun per node, each with its own $SLURM_NODEID
+        f"srun --kill-on-bad-exit=1 bash -c '{sys.executable} -m torch.distributed.run "
+        '--nnodes="$SLURM_NNODES" --node_rank="$SLURM_NODEID" --nproc_per_node=2'
+    )
+    assert sruns[2].startswith(f"srun --nodes=1 --ntasks=1 {sys.executable} -m trulyopen run ")  # the rest

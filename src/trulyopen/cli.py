@@ -685,7 +685,10 @@ def launch(
     target: Annotated[
         str, typer.Argument(help="A recipe, or status, logs or down followed by a launch name.")
     ],
-    name: Annotated[str | None, typer.Argument(help="The launch's name (status, logs, down).")] = None,
+    launch_name: Annotated[str | None, typer.Argument(help="The launch's name (status, logs, down).")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Name of the launch (default: the recipe's name).")
+    ] = None,
     on: Annotated[
         str | None, typer.Option("--on", help="aws, gcp, azure, lambda, runpod, kubernetes or slurm.")
     ] = None,
@@ -719,22 +722,22 @@ def launch(
     from trulyopen import launch as launcher
 
     if target in LAUNCH_ACTIONS and not Path(target).is_file():
-        if name is None:
+        if launch_name is None:
             raise errors.UserError(
                 f"launch {target}: give the launch's name, e.g. `trulyopen launch {target} NAME`"
             )
         if target == "status":
-            typer.echo(launcher.status(name))
+            typer.echo(launcher.status(launch_name))
         elif target == "logs":
-            state = launcher.logs(name, follow=follow)
+            state = launcher.logs(launch_name, follow=follow)
             if state:
-                typer.echo(f"{name}: {state}")
+                typer.echo(f"{launch_name}: {state}")
         else:
-            launcher.down(name)
-            typer.echo(f"{name}: taken down")
+            launcher.down(launch_name)
+            typer.echo(f"{launch_name}: taken down")
         return
     given = dict(
-        on=on,
+        target=on,
         gpus=gpus,
         nodes=nodes,
         procs_per_node=procs_per_node,

@@ -951,9 +951,10 @@ LaunchTarget = Literal["aws", "gcp", "azure", "lambda", "runpod", "kubernetes", 
 class LaunchConfig(Section):
     """Where `trulyopen launch` runs the recipe; every field can be given on its command line instead."""
 
-    on: LaunchTarget | None = Field(
+    target: LaunchTarget | None = Field(
         default=None,
-        description="aws, gcp, azure, lambda, runpod or kubernetes (through SkyPilot), or slurm (sbatch).",
+        description="--on: aws, gcp, azure, lambda, runpod or kubernetes (through SkyPilot), or slurm "
+        "(sbatch). (Not `on:`, which YAML reads as true.)",
     )
     gpus: str | None = Field(
         default=None,

@@ -69,7 +69,7 @@ def launch(
         plan.code.root = wheel_file
     rec: dict = {
         "name": plan.name,
-        "on": cfg.on,
+        "on": cfg.target,
         "recipe": str(recipe_path),
         "verb": cfg.verb,
         "nodes": cfg.nodes,
@@ -78,7 +78,7 @@ def launch(
         "code": {"kind": plan.code.kind, "version": plan.code.version},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if cfg.on == "slurm":
+    if cfg.target == "slurm":
         job, log = slurm.write_job(plan, folder, run_dir or Path("runs") / recipe.name)
         rec.update(file=str(job), log=str(log), command=["sbatch", str(job)])
     else:
@@ -88,7 +88,7 @@ def launch(
     if dry_run:
         write_json(folder / "launch.json", {**rec, "dry_run": True})
         return {**rec, "dry_run": True}
-    if cfg.on == "slurm":
+    if cfg.target == "slurm":
         rec["job_id"] = slurm.submit(Path(rec["file"]))
         write_json(folder / "launch.json", rec)
         if not detach:

@@ -87,17 +87,34 @@ class Plan:
     def procs_per_node(self) -> int:
         return self.cfg.procs_per_node or max(self.gpus_per_node, 1)
 
-    def command(self, recipe_path: str, run_dir: str, rank: str, nodes: str, head: str) -> str:
-        """What each node runs: torchrun when a stage trains on more than one process, else one
-        process. Every argument is a shell word already quoted (paths, the launcher's variables)."""
-        verb = f"-m trulyopen {self.cfg.verb} {recipe_path} --run-dir {run_dir}"
-        if self.trains and self.cfg.nodes * self.procs_per_node > 1:
-            return (
-                f"python -m torch.distributed.run --nnodes={nodes} --node_rank={rank} "
-                f"--nproc_per_node={self.procs_per_node} --master_addr={head} "
-                f"--master_port=${{TRULYOPEN_MASTER_PORT:-29500}} {verb}"
-            )
-        return f"python {verb}"
+    def steps(
+        self, recipe_path: str, run_dir: str, rank: str, nodes: str, head: str
+    ) -> list[tuple[str, str]]:
+        """What the nodes run, in order: ("first", command) on the first node alone, ("all", command)
+        on every node. Every argument is a shell word, already quoted (paths, the launcher's variables).
+
+        One process: the verb. Training over several processes: the data stages first on one process
+        (under torchrun the other ranks would wait for them at a barrier, which times out after 10
+        minutes with NCCL), then torchrun for the training stages, then the rest on one process."""
+
+        def verb(name: str) -> str:
+            return f"-m trulyopen {name} {recipe_path} --run-dir {run_dir}"
+
+        if not (self.trains and self.cfg.nodes * self.procs_per_node > 1):
+            return [("first", f"python {verb(self.cfg.verb)}")]
+        out = [("first", f"python {verb('data')}")] if self.recipe.data is not None else []
+        torchrun = (
+            f"python -m torch.distributed.run --nnodes={nodes} --node_rank={rank} "
+            f"--nproc_per_node={self.procs_per_node} --master_addr={head} "
+            f"--master_port=${{TRULYOPEN_MASTER_PORT:-29500}}"
+        )
+        out.append(("all", f"{torchrun} {verb(self.trains[-1])}"))
+        if self.cfg.verb not in ("pretrain", "finetune"):  # eval, release, ...: training is up to date
+            out.append(("first", f"python {verb(self.cfg.verb)}"))
+        return out
+
+
+FLAGS = {"target": "--on", "gpus": "--gpus", "nodes": "--nodes", "store": "--store", "verb": "--verb"}
 
 
 def options(recipe: Recipe, given: dict) -> LaunchConfig:
@@ -108,7 +125,7 @@ def options(recipe: Recipe, given: dict) -> LaunchConfig:
     except ValueError as e:  # pydantic's ValidationError
         err = e.errors()[0]  # type: ignore[attr-defined]
         where = ".".join(str(p) for p in err["loc"])
-        raise LaunchError(f"launch.{where}: {err['msg']}") from None
+        raise LaunchError(f"{FLAGS.get(where, 'launch.' + where)}: {err['msg']}") from None
 
 
 def parse_gpus(text: str | None) -> tuple[str | None, int]:
@@ -225,7 +242,7 @@ def remote_inputs(recipe: Recipe, base: str) -> dict[str, Path]:
 
 def make_plan(recipe: Recipe, cfg: LaunchConfig, name: str | None, wheel: bool, launch_dir: Path) -> Plan:
     """Check everything that can be checked here, then plan; raises LaunchError naming the problem."""
-    if cfg.on is None:
+    if cfg.target is None:
         raise LaunchError("--on: where to launch? aws, gcp, azure, lambda, runpod, kubernetes or slurm")
     gpu_name, gpus = parse_gpus(cfg.gpus)
     trains = training_stages(recipe, cfg.verb)
@@ -234,9 +251,9 @@ def make_plan(recipe: Recipe, cfg: LaunchConfig, name: str | None, wheel: bool, 
             f"--nodes {cfg.nodes}: `{cfg.verb}` of this recipe runs on one process (no pretrain or "
             "finetune stage to spread over nodes); use --nodes 1"
         )
-    if cfg.spot and cfg.on in NO_SPOT:
-        raise LaunchError(f"--spot: {cfg.on} has no spot instances")
-    if cfg.on != "slurm":
+    if cfg.spot and cfg.target in NO_SPOT:
+        raise LaunchError(f"--spot: {cfg.target} has no spot instances")
+    if cfg.target != "slurm":
         if cfg.nodes > 1 and not cfg.store:
             raise LaunchError(
                 f"--nodes {cfg.nodes}: the run directory must be on storage every node sees: "
@@ -244,17 +261,17 @@ def make_plan(recipe: Recipe, cfg: LaunchConfig, name: str | None, wheel: bool, 
             )
         if cfg.store and not re.match(r"^(s3|gs|az|r2|cos|oci)://[^/]+|^volume:[\w.-]+$", cfg.store):
             raise LaunchError(f"--store {cfg.store}: expected a bucket URL (s3://bucket/path) or volume:NAME")
-        check_credentials(cfg.on)
+        check_credentials(cfg.target)
         code = code_to_ship(wheel, launch_dir / "dist")
     else:
         code = Code("commit", git(root, "rev-parse", "HEAD"), root) if (root := checkout()) else None
         code = code or Code("package", __version__)
-    name = name or re.sub(r"[^a-z0-9-]+", "-", f"{recipe.name}-{cfg.on}".lower()).strip("-")
+    name = name or re.sub(r"[^a-z0-9-]+", "-", recipe.name.lower()).strip("-")  # SkyPilot's cluster name
     if not re.fullmatch(r"[a-z][a-z0-9-]{0,62}", name):
         raise LaunchError(f"--name {name}: lower-case letters, digits and '-', starting with a letter")
     secrets = [s for s in cfg.secrets if os.environ.get(s)]
     remote = recipe.model_copy(deep=True)
-    mounts = remote_inputs(remote, REMOTE_BASE) if cfg.on != "slurm" else {}
+    mounts = remote_inputs(remote, REMOTE_BASE) if cfg.target != "slurm" else {}
     return Plan(name, remote, cfg, code, gpu_name, gpus, mounts, secrets, trains)
 
 

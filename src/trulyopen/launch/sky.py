@@ -32,6 +32,7 @@ from trulyopen.recipe import recipe_to_yaml
 
 INFRA = {"kubernetes": "k8s"}  # SkyPilot's infra names where they differ from ours
 RUN_DIR_LOCAL = "~/trulyopen-runs"  # the run directory without --store: on the first node's disk
+MARKERS = f"{REMOTE_STORE}/.launch"  # "the first node is done with step i": the others wait for it
 
 
 def run_dir(plan: Plan) -> str:
@@ -61,11 +62,24 @@ def setup_script(plan: Plan) -> str:
 
 
 def run_script(plan: Plan) -> str:
-    """What every node runs, with SkyPilot's variables."""
+    """What every node runs, with SkyPilot's variables. With several nodes, the others wait for a
+    step of the first node alone through a marker on the shared store."""
     head = '"$(echo "$SKYPILOT_NODE_IPS" | head -n 1)"'
     recipe, out = shell_path(f"{REMOTE_BASE}/recipe.yaml"), shell_path(run_dir(plan))
-    command = plan.command(recipe, out, '"$SKYPILOT_NODE_RANK"', '"$SKYPILOT_NUM_NODES"', head)
-    return "\n".join(["set -euo pipefail", f"mkdir -p {out}", command]) + "\n"
+    steps = plan.steps(recipe, out, '"$SKYPILOT_NODE_RANK"', '"$SKYPILOT_NUM_NODES"', head)
+    lines = ["set -euo pipefail", f"mkdir -p {out}"]
+    if plan.cfg.nodes > 1:
+        lines.append(f"mkdir -p {shell_path(MARKERS)}")
+    for i, (where, command) in enumerate(steps):
+        if where == "all" or len(steps) == 1:
+            lines.append(command)
+        elif plan.cfg.nodes == 1:
+            lines.append(f'if [ "$SKYPILOT_NODE_RANK" = 0 ]; then {command}; fi')
+        else:
+            done = shell_path(f"{MARKERS}/{plan.name}-$SKYPILOT_TASK_ID-{i}")
+            lines.append(f'if [ "$SKYPILOT_NODE_RANK" = 0 ]; then {command}; touch {done}; fi')
+            lines.append(f"until [ -e {done} ]; do sleep 5; done")
+    return "\n".join(lines) + "\n"
 
 
 def task(plan: Plan, launch_dir: Path) -> dict:
@@ -73,7 +87,7 @@ def task(plan: Plan, launch_dir: Path) -> dict:
     cfg = plan.cfg
     recipe_file = launch_dir / "recipe.yaml"
     recipe_file.write_text(recipe_to_yaml(plan.recipe))
-    resources: dict = {"infra": INFRA.get(cfg.on, cfg.on)}
+    resources: dict = {"infra": INFRA.get(cfg.target, cfg.target)}
     if plan.gpu_name:
         resources["accelerators"] = f"{plan.gpu_name}:{plan.gpus_per_node}"
     if cfg.spot:

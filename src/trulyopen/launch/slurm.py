@@ -3,8 +3,10 @@
     #SBATCH --nodes=N --ntasks-per-node=1 --gpus-per-node=G --output=<launch dir>/slurm-%j.out
     export TRULYOPEN_LAUNCH_NAME=...                 (the ledger's `where`; Slurm adds SLURM_JOB_ID...)
     export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    srun torchrun --nnodes=$SLURM_NNODES --node_rank=$SLURM_NODEID ... -m trulyopen run RECIPE
-         (or srun python -m trulyopen VERB RECIPE, when nothing trains on more than one process)
+    srun --nodes=1 --ntasks=1 python -m trulyopen data RECIPE          (the data stages, one process)
+    srun torchrun --nnodes=$SLURM_NNODES --node_rank=$SLURM_NODEID ... -m trulyopen pretrain RECIPE
+    srun --nodes=1 --ntasks=1 python -m trulyopen run RECIPE           (the rest: eval, release)
+         (or only srun python -m trulyopen VERB RECIPE, when nothing trains on more than one process)
 
 A cluster shares its file system between the login node and the compute nodes, so the job runs this
 checkout with this Python (or `launch.slurm.python`), the recipe as given, and the run directory
@@ -31,13 +33,21 @@ DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FA
 def script(plan: Plan, recipe_file: Path, run_dir: Path, log: Path) -> str:
     cfg = plan.cfg.slurm
     python = cfg.python or sys.executable
-    command = plan.command(
+    steps = plan.steps(
         shlex.quote(str(recipe_file)),
         shlex.quote(str(run_dir)),
         '"$SLURM_NODEID"',
         '"$SLURM_NNODES"',
         '"$HEAD"',
-    ).replace("python ", f"{shlex.quote(python)} ", 1)
+    )
+    py = shlex.quote(python)
+    # the first node alone: one task; every node: one task each, expanding its own $SLURM_NODEID
+    sruns = [
+        f"srun --nodes=1 --ntasks=1 {command.replace('python ', f'{py} ', 1)}"
+        if where == "first"
+        else f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(command.replace('python ', f'{py} ', 1))}"
+        for where, command in steps
+    ]
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={plan.name}",
@@ -55,8 +65,7 @@ def script(plan: Plan, recipe_file: Path, run_dir: Path, log: Path) -> str:
         f"export TRULYOPEN_CODE={shlex.quote(f'{plan.code.kind}:{plan.code.version}')}",
         'export HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         f"cd {shlex.quote(str(Path.cwd()))}",
-        # one task per node; each expands the node's own $SLURM_NODEID
-        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(command)}",
+        *sruns,
         "",
     ]
     return "\n".join(lines)
