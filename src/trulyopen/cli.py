@@ -677,6 +677,45 @@ def verify(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------- the recipe library
+
+
+@app.command("recipes")
+def recipes_(
+    name: Annotated[str | None, typer.Argument(help="A recipe: print where it is and its header.")] = None,
+):
+    """List the library's tested recipes: what each does, the hardware it expects, about how long."""
+    import shutil
+
+    from trulyopen import recipe_library as library
+
+    if name is None:
+        typer.echo(library.listing(width=min(shutil.get_terminal_size().columns, 110)))
+        return
+    path = library.find(name)
+    typer.echo(f"{path}\n\n{library.parse_header(path.read_text(encoding='utf-8')).text}")
+
+
+@app.command()
+def init(
+    name: Annotated[str, typer.Argument(help="The new recipe: NAME.yaml here, or a path (NAME or x.yaml).")],
+    source: Annotated[
+        str, typer.Option("--from", help="A recipe from `trulyopen recipes` (e.g. lora), or a recipe file.")
+    ],
+):
+    """Start a recipe of your own from one of the library's: a copy named NAME to edit (never over a file)."""
+    from trulyopen import recipe_library as library
+
+    target, origin = library.copy(source, name)
+    typer.echo(f"wrote {target} (a copy of {origin})")
+    if origin.name.endswith(f"{library.SPACE_SUFFIX}.yaml"):
+        typer.echo(f"use it: trulyopen tune RECIPE --space {target} --trials N")
+        return
+    for field, path in library.missing_paths(target):
+        typer.echo(f"to provide: {field}: {path} is not there yet")
+    typer.echo(f"edit it, then: trulyopen run {target}")
+
+
 LAUNCH_ACTIONS = ("status", "logs", "down")
 
 
