@@ -11,7 +11,8 @@ the pipeline finds them up to date (same config hash, code and inputs), so only 
               └─► + tiny pretrain, synth ──► runs/quickstart/synth/*.jsonl: the data of the post-
                                               training recipes, each copied by `trulyopen init` beside it
     web     pretrain-150m's data stages, the toy corpus in FineWeb-Edu's place ──► pretrain-150m, -1b-fsdp
-    (own)   curate-corpus: its data stages on the toy corpus, on Ray
+    (own)   curate-corpus: its data stages on the toy corpus (local processes: test_data_scale
+            shows that Ray, which the recipe asks for, makes the same bytes)
 """
 
 from __future__ import annotations
