@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from trulyopen.errors import UserError, missing, reading
+from trulyopen.errors import UserError, missing, reading, set_run_dir
 from trulyopen.train.layout import newest
 
 ACCEPTED = "a run directory, a release, a checkpoint, a Hugging Face model directory or hub name"
@@ -86,6 +86,15 @@ def locate(target: str | Path, field: str = "") -> Located:
         f"{where}{text}: a directory, but not a model (no config.json, state.json, ledger.jsonl or "
         f"model/ in it); give {ACCEPTED}"
     )
+
+
+def check_model(target: str | Path) -> Located:
+    """`locate` a model a verb was given (cheaply: no torch); a run directory also receives any
+    crash report."""
+    found = locate(target)
+    if (Path(target) / "ledger.jsonl").is_file():
+        set_run_dir(Path(target))
+    return found
 
 
 @contextmanager

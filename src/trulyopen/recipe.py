@@ -1165,23 +1165,32 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         ) from None
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a UTF-8 text file; give a recipe YAML file") from None
+    return recipe_from_tree(tree, overrides, str(path), path.resolve().parent)
+
+
+def recipe_from_tree(
+    tree: Any, overrides: list[str] | tuple[str, ...] = (), where: str = "recipe", base: Path | None = None
+) -> Recipe:
+    """Override, validate and resolve a recipe given as parsed YAML (a dict, changed in place);
+    `where` names it in errors, relative paths are resolved against `base` (default: the current
+    directory)."""
     if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: expected a mapping of fields at the top level (name:, data:, ...)")
+        raise RecipeError(f"{where}: expected a mapping of fields at the top level (name:, data:, ...)")
     for item in overrides:
         key, value = parse_override(item)
-        _set_dotted(tree, key, value, str(path))
+        _set_dotted(tree, key, value, where)
     try:
         recipe = Recipe.model_validate(tree)
     except ValidationError as e:
         lines = [_describe(err) for err in e.errors()]
         raise RecipeError(
-            f"{path}: " + "; ".join(lines) + "; see `trulyopen run --help` or the recipe docs"
+            f"{where}: " + "; ".join(lines) + "; see `trulyopen run --help` or the recipe docs"
         ) from None
-    recipe.resolve_paths(path.resolve().parent)
+    recipe.resolve_paths(base or Path.cwd())
     missing = recipe.missing_paths()
     if missing:
         raise RecipeError(
-            f"{path}: "
+            f"{where}: "
             + "; ".join(f"field '{f}': path does not exist: {p}" for f, p in missing)
             + "; check the paths"
         )

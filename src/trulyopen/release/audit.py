@@ -116,13 +116,17 @@ class Audit:
     def cls(self) -> int:
         return mof.classify(self.verdicts)
 
+    @property
+    def label(self) -> str:
+        return mof.CLASS_LABELS[self.cls]
+
     def to_json(self) -> dict:
         return {
             "directory": self.directory,
             "framework": {"name": "Model Openness Framework", "version": "1.0"},
             "source": self.source,
             "class": self.cls,
-            "label": mof.CLASS_LABELS[self.cls],
+            "label": self.label,
             "progress": {str(k): round(v, 2) for k, v in self.progress.items()},
             "release_licences": self.release_licences,
             "components": [

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,6 +79,22 @@ def serve(
     lets running requests finish."""
     import uvicorn
 
+    app, _ = _app(target, host, port, limits, api_key, precision, max_len, engine, quant)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+
+
+def _app(
+    target,
+    host,
+    port,
+    limits=None,
+    api_key=None,
+    precision="auto",
+    max_len=None,
+    engine="trulyopen",
+    quant=None,
+):
+    """The checks and the model loading of `serve`: the app it runs, and the model's name there."""
     from trulyopen.serve.app import build_app
 
     check_port(host, port)  # before loading the model: a taken port is known in a millisecond
@@ -94,7 +111,52 @@ def serve(
     else:
         server = build_server(target, limits, api_key, precision, max_len)
     print(f"serving {server.name} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", flush=True)
-    uvicorn.run(build_app(server), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    return build_app(server), server.name
+
+
+class Background:
+    """`serve` on a thread of this process (a notebook's kernel, a script): `url`, `base_url` (what
+    the `openai` client takes), `name` (the model's id), `stop()`, and a context manager that stops
+    it. uvicorn leaves the signals alone off the main thread, so Ctrl-C stays the caller's."""
+
+    def __init__(self, target: str, host: str = "127.0.0.1", port: int | None = None, **options: Any):
+        """`options`: serve's (limits, api_key, precision, max_len, engine, quant)."""
+        import threading
+        import time
+
+        import uvicorn
+
+        port = port or free_port(host)
+        app, self.name = _app(target, host, port, **options)
+        self.url = f"http://{host}:{port}"
+        self.base_url = self.url + "/v1"
+        self._uv = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._uv.run, name="trulyopen-serve", daemon=True)
+        self._thread.start()
+        while not self._uv.started:  # the model is loaded by now: this is the socket and the engine
+            if not self._thread.is_alive():
+                raise UserError(f"the server at {self.url} did not start (see the log above)")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop taking requests, let running ones finish, and stop the engine."""
+        self._uv.should_exit = True
+        self._thread.join()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the system's choice)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def check_port(host: str, port: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import replace
+from typing import TextIO
 
 from trulyopen.infer.engine import Engine, Event, Request
 from trulyopen.infer.sampling import SamplingParams
@@ -38,12 +39,16 @@ def _engine(model, tok, max_len: int | None):
     return Engine(model, lambda ids: tok.decode(ids, skip_special_tokens=True), slots=1, max_len=max_len)
 
 
-def generate_text(model, tok, prompt: str, params: SamplingParams, max_len: int | None = None) -> str:
+def generate_text(
+    model, tok, prompt: str, params: SamplingParams, max_len: int | None = None, out: TextIO | None = None
+) -> str:
+    """Continue `prompt`, writing the text to `out` (default: standard output) as it comes."""
+    out = out or sys.stdout
     ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
     eos = (tok.eos_token_id,) if tok.eos_token_id is not None else ()
     params = replace(params, stop_ids=tuple(sorted({*params.stop_ids, *eos})))
-    text, _ = _stream(_engine(model, tok, max_len), ids, params)
-    sys.stdout.write("\n")
+    text, _ = _stream(_engine(model, tok, max_len), ids, params, out)
+    out.write("\n")
     return text
 
 
