@@ -78,3 +78,27 @@ def test_every_verb_has_help():
         result = runner.invoke(app, [verb, "--help"])
         assert result.exit_code == 0, verb
         assert "Usage" in result.output
+
+
+def test_models_named_by_a_directory_beside_the_recipe_resolve_against_it(tmp_path, monkeypatch):
+    """finetune.base, distill.teacher and grpo.reward_model: a directory beside the recipe, whatever
+    the current directory; a name that is no directory there stays a hub name."""
+    for d in ("base", "teacher", "judge"):
+        (tmp_path / "models" / d).mkdir(parents=True)
+    tree = {
+        "name": "t",
+        "finetune": {
+            "base": "models/base",
+            "method": "distill",
+            "data": [{"path": "r.yaml"}],
+            "distill": {"teacher": "models/teacher"},
+            "grpo": {"reward_model": "models/judge"},
+        },
+    }
+    monkeypatch.chdir(tmp_path.parent)
+    ft = load_recipe(_write(tmp_path, tree)).finetune
+    assert (ft.base, ft.distill.teacher, ft.grpo.reward_model) == tuple(
+        str((tmp_path / "models" / d).resolve()) for d in ("base", "teacher", "judge")
+    )
+    ft = load_recipe(_write(tmp_path, tree), ["finetune.distill.teacher=org/teacher-1b"]).finetune
+    assert ft.distill.teacher == "org/teacher-1b"

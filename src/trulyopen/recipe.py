@@ -1077,16 +1077,22 @@ class Recipe(Section):
         return fields
 
     def resolve_paths(self, base: Path) -> None:
-        """Make every relative path absolute against `base` (the recipe's directory); a finetune base
-        that names an existing directory there becomes its absolute path (else it is a hub name)."""
+        """Make every relative path absolute against `base` (the recipe's directory); a model (finetune
+        base, distillation teacher, GRPO reward model) that names an existing directory there becomes
+        its absolute path (else it is a hub name)."""
         for _, owner, key in self._path_fields():
             path = owner[key] if isinstance(key, int) else getattr(owner, key)
             if isinstance(path, Path) and not path.is_absolute():
                 path = (base / path).resolve()
                 owner.__setitem__(key, path) if isinstance(key, int) else setattr(owner, key, path)
         ft = self.finetune
-        if ft is not None and ft.base is not None and (base / ft.base).is_dir():
-            ft.base = str((base / ft.base).resolve())
+        if ft is None:
+            return
+        # a model named by a directory beside the recipe becomes its absolute path (else a hub name)
+        for owner, key in ((ft, "base"), (ft.distill, "teacher"), (ft.grpo, "reward_model")):
+            name = getattr(owner, key)
+            if name is not None and (base / name).is_dir():
+                setattr(owner, key, str((base / name).resolve()))
 
     def missing_paths(self) -> list[tuple[str, Path]]:
         """(dotted field, path) for every path in the recipe that does not exist."""
