@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from typer.core import TyperGroup
 
 from trulyopen import errors
@@ -73,13 +72,9 @@ WorkersOpt = Annotated[
 
 
 def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) -> Path:
-    from trulyopen import pipeline
-    from trulyopen.recipe import load_recipe
+    from trulyopen import api
 
-    r = load_recipe(recipe, overrides or [])
-    run_dir = run_dir or pipeline.default_run_dir(r)
-    errors.set_run_dir(run_dir)  # a crash report goes there
-    return pipeline.run(r, run_dir, until=until, force=force or [], workers=workers)
+    return api.run(recipe, overrides or [], run_dir=run_dir, until=until, force=force or [], workers=workers)
 
 
 @app.command()
@@ -220,39 +215,14 @@ def eval_(
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         _run(Path(target), set, run_dir, ["eval"], None, until="eval")
         return
-    from trulyopen.evaluate.taskfile import load_suite
+    from trulyopen import api
 
-    # what is wrong with the arguments is said before torch is even imported
     if tasks is None and lm_eval is None:
         raise typer.BadParameter("give --tasks SUITE.yaml or --lm-eval TASKS")
-    _locate(target)
-    specs = load_suite(tasks) if tasks is not None else []
-    for path in [*(contamination or []), *([include_path] if include_path else [])]:
-        if not path.exists():
-            raise errors.missing(
-                path, "file or directory", "check the path given to --contamination / --include-path"
-            )
-    from trulyopen.evaluate import models
-    from trulyopen.evaluate.runner import evaluate_suite
-
-    em = models.load(target)
-    out = out or Path("runs") / "eval" / Path(em.source).name
-    if tasks is not None:
-        evaluate_suite(em, specs, out)
-        if contamination:
-            from trulyopen.evaluate.contamination import contamination_report
-            from trulyopen.files import write_json
-
-            report = contamination_report(
-                {t.name: t.path for t in specs}, {t.name: t.type for t in specs}, contamination
-            )
-            write_json(out / "contamination.json", report)
-            for name, r in report.items():
-                typer.echo(f"contamination: {name}: {r}")
-    if lm_eval is not None:
-        from trulyopen.evaluate.harness import run_lm_eval
-
-        run_lm_eval(em, lm_eval.split(","), out / "lm_eval", include_path)
+    names = lm_eval.split(",") if lm_eval is not None else []
+    api.evaluate_model(
+        target, tasks, out=out, lm_eval=names, include_path=include_path, contamination=contamination or []
+    )
 
 
 @app.command()
@@ -282,39 +252,13 @@ def export(
     with --quant int8|nf4; or as one GGUF file for llama.cpp with an Ollama Modelfile beside it."""
     if format not in ("hf", "gguf"):
         raise typer.BadParameter(f"--format {format}: choose hf or gguf")
-    _locate(checkpoint)  # a wrong path is named before torch is even imported
+    from trulyopen import api
+
+    written = api.export(checkpoint, out, format, quant)
     if format == "gguf":
-        from trulyopen.model.gguf import export_gguf
-
-        written = export_gguf(checkpoint, out, quant or "f16")
         typer.echo(f"exported {checkpoint} to {written} (Ollama: ollama create NAME -f {out / 'Modelfile'})")
-        return
-    from trulyopen.model.export import export_checkpoint
-
-    if quant is None:
-        export_checkpoint(checkpoint, out)
     else:
-        _export_hf_quantized(checkpoint, out, quant)
-    typer.echo(f"exported {checkpoint} to {out}")
-
-
-def _export_hf_quantized(target: Path, out: Path, quant: str) -> None:
-    import tempfile
-
-    from trulyopen.locate import locate
-    from trulyopen.model.export import export_checkpoint
-    from trulyopen.model.quantize_hf import QUANTS, export_hf_quantized
-
-    if quant not in QUANTS:
-        raise errors.UserError(
-            f"--quant {quant}: not a Hugging Face quantization (choose {', '.join(QUANTS)})"
-        )
-    found = locate(target)
-    with tempfile.TemporaryDirectory(prefix="trulyopen-export-") as scratch:
-        hf_dir = Path(found.path)
-        if found.kind == "checkpoint":
-            hf_dir = export_checkpoint(hf_dir, Path(scratch) / "hf")
-        export_hf_quantized(hf_dir, out, quant)
+        typer.echo(f"exported {checkpoint} to {out}")
 
 
 @app.command()
@@ -384,12 +328,9 @@ PrecisionOpt = Annotated[
 
 
 def _locate(target: str | Path) -> None:
-    """Check a model argument (cheaply: no torch); a run directory also receives any crash report."""
-    from trulyopen.locate import locate
+    from trulyopen.locate import check_model
 
-    locate(target)
-    if (Path(target) / "ledger.jsonl").is_file():
-        errors.set_run_dir(Path(target))
+    check_model(target)
 
 
 def _check_precision(precision: str) -> None:
@@ -398,11 +339,10 @@ def _check_precision(precision: str) -> None:
 
 
 def _load_for_inference(target: str, precision: str):
-    _check_precision(precision)
-    _locate(target)  # a wrong path is named before torch is even imported
-    from trulyopen.serve.launch import load
+    from trulyopen import api
 
-    return load(target, precision)
+    _check_precision(precision)
+    return api.load_model(target, precision)
 
 
 @app.command()
@@ -417,15 +357,12 @@ def generate(
     precision: PrecisionOpt = "auto",
 ):
     """Continue PROMPT with MODEL, printing the text as it is generated."""
-    m, tok, _ = _load_for_inference(model, precision)
-    from trulyopen.infer.sampling import SamplingParams
-    from trulyopen.serve.terminal import generate_text
+    from trulyopen import api
 
-    params = SamplingParams(
-        max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    loaded = _load_for_inference(model, precision)
+    api.generate(
+        loaded, prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
     )
-    typer.echo(prompt, nl=False)
-    generate_text(m, tok, prompt, params)
 
 
 @app.command()
@@ -573,22 +510,10 @@ def release(
     """Release a run: RUN_DIR/release/, a self-contained bundle of the model, checkpoints, data,
     code, logs, evaluation, cards, licences, mof.yml, its audit and SHA256SUMS. Stages before it
     that are not up to date run first."""
-    if not target.exists():
-        raise errors.missing(target, "run directory or recipe", "give a run directory or a recipe file")
-    if target.is_dir() and not (target / "recipe.yaml").is_file():
-        raise errors.UserError(f"{target}: no recipe.yaml, so not a run directory; give a run directory")
-    recipe = target / "recipe.yaml" if target.is_dir() else target
-    if target.is_dir():
-        run_dir = run_dir or target
-    overrides = list(set or [])
-    try:
-        tree = yaml.safe_load(recipe.read_text(encoding="utf-8")) if recipe.is_file() else None
-    except (yaml.YAMLError, UnicodeDecodeError):
-        tree = None  # load_recipe names what is wrong with it
-    if isinstance(tree, dict) and "release" not in tree:
-        overrides.append("release={}")  # a recipe without a release section: the defaults
-    out = _run(recipe, overrides, run_dir, force, workers, until="release")
-    _say_release(out)
+    from trulyopen import api
+
+    out = api.release_run(target, set or [], run_dir=run_dir, force=force or [], workers=workers)
+    _say_release(out.parent)
 
 
 def _say_release(run_dir: Path) -> None:
@@ -611,14 +536,11 @@ def audit(
 ):
     """Score a directory against the Model Openness Framework: its 17 components, licences and
     classes (III Open Model, II Open Tooling, I Open Science), and the OSI Open Source AI Definition."""
-    from trulyopen.release.audit import audit as run_audit
-    from trulyopen.release.audit import write
+    from trulyopen import api
 
-    result = run_audit(directory)
+    result = api.audit(directory, output)
     typer.echo(result.table())
-    target = output or directory / "audit.json"
-    write(result, target)
-    typer.echo(f"written: {target}")
+    typer.echo(f"written: {output or directory / 'audit.json'}")
 
 
 @app.command()
@@ -630,13 +552,9 @@ def report(
 ):
     """One self-contained HTML page on a run (loss, learning rate, throughput, gradient norm, data
     funnel, corpus by source, evaluation, openness verdict), with its figures as PNGs beside it."""
-    from trulyopen.release.report import report as write_report
+    from trulyopen import api
 
-    if not run_dir.is_dir():
-        raise errors.missing(run_dir, "run directory", "give a run directory, e.g. runs/quickstart")
-    if not (run_dir / "ledger.jsonl").exists():
-        raise errors.UserError(f"{run_dir}: no ledger.jsonl, so not a trulyopen run directory")
-    typer.echo(f"report: {write_report(run_dir, out)}")
+    typer.echo(f"report: {api.report(run_dir, out)}")
 
 
 @app.command()
@@ -653,16 +571,15 @@ def verify(
 ):
     """Check every hash in SHA256SUMS and the ledger, and that each checkpoint's data fingerprint,
     recipe and code version agree; with --replay STEP, retrain to STEP and compare the weights."""
-    from trulyopen.release.verify import replay as run_replay
-    from trulyopen.release.verify import verify as run_verify
+    from trulyopen import api
 
-    report = run_verify(directory)
+    report = api.verify(directory)
     for problem in report.problems:
         typer.echo(f"problem: {problem}")
     typer.echo(f"{report.checked} files checked, {len(report.problems)} problems")
     if stage not in ("pretrain", "finetune"):
         raise errors.UserError(f"--stage {stage}: give pretrain or finetune")
-    result = run_replay(directory, replay, stage=stage) if replay is not None else None
+    result = api.replay(directory, replay, stage=stage) if replay is not None else None
     if result is not None:
         stretch = f"replay: steps {result['from_step']}..{result['step']}"
         if result["identical"]:
