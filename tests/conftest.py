@@ -168,6 +168,7 @@ ORDER = [
     "test_gguf.py",  # 80 s
     "test_finetune.py",  # 77 s
     "test_faults.py",  # 71 s
+    "test_notebooks.py",  # 65 s (six notebooks, a kernel each, each importing torch and transformers)
     "test_recipes.py",  # 60 s (every recipe of the library at toy size; shared data stages)
     "test_tool_use.py",  # 48 s (one thread)
     "test_objectives.py",  # 45 s (every new objective on a tiny model)
