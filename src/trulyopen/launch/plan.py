@@ -53,9 +53,15 @@ CREDENTIALS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     "kubernetes": (("KUBECONFIG",), (".kube/config",), "a kubeconfig at ~/.kube/config (or $KUBECONFIG)"),
 }
 NO_SPOT = {"lambda", "kubernetes", "slurm"}  # targets without preemptible instances
-VERB_UNTIL = {"run": None, "data": "shards", "pretrain": "pretrain", "finetune": "finetune", "eval": "eval"}
-VERB_UNTIL["release"] = "release"
-SKY_SECRETS_NOTE = "its value is passed with --secret at launch, never written into the task file"
+# the last stage each verb runs (run: all of them)
+VERB_UNTIL = {
+    "run": None,
+    "data": "shards",
+    "pretrain": "pretrain",
+    "finetune": "finetune",
+    "eval": "eval",
+    "release": "release",
+}
 
 
 class LaunchError(UserError):
