@@ -285,12 +285,47 @@ def test_every_named_family_pretrains_and_exports(data_run, tmp_path, arch):
         _paths(data_run, tmp_path),
     )
     assert all(r["loss"] > 0 for r in _metrics(tmp_path))
+    # a mixture of experts trains with its load-balancing loss (2, its experts per token, if uniform)
+    assert all((0.5 < r.get("router_aux", 0) < 8) == (arch == "qwen3_moe") for r in _metrics(tmp_path))
     ours = checkpoint.load_for_inference(final)
     export_hf(ours, data_run / "tokenizer", tmp_path / "hf")
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_moe_load_balancing_loss_is_the_familys_own():
+    """The router logits collected by hooks give what transformers computes itself when asked for
+    them (with no document mask), times the config's coefficient, and its gradient reaches the
+    routers; a dense model, or a family that balances without such a loss, gets none."""
+    import torch
+
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.presets import SIZES
+    from trulyopen.train.router_balance import RouterBalance
+
+    model = from_preset("qwen3_moe", SIZES["tiny"], vocab=400, max_len=64, seed=0)
+    balance = RouterBalance.of(model)
+    assert balance.coef == model.config.router_aux_loss_coef == 0.001
+    x = torch.randint(0, 400, (2, 32), generator=torch.Generator().manual_seed(0))
+    balance.start()
+    model(input_ids=x)
+    ours, logged = balance.loss()
+    with torch.no_grad():
+        theirs = model(input_ids=x, output_router_logits=True).aux_loss.item()
+    assert ours.item() == pytest.approx(0.001 * theirs, rel=1e-6) and logged == pytest.approx(
+        theirs, rel=1e-6
+    )
+    assert 0.5 < theirs < 8
+    ours.backward()
+    routers = [p.grad for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert len(routers) == model.config.num_hidden_layers and all(g.abs().sum() > 0 for g in routers)
+    with torch.no_grad():
+        model(input_ids=x)  # evaluation passes leave nothing behind
+    assert balance.logits == []
+    assert RouterBalance.of(from_preset("llama", SIZES["tiny"], vocab=400, max_len=64)) is None
+    assert RouterBalance.of(from_preset("deepseek_v3", SIZES["tiny"], vocab=400, max_len=64)) is None
 
 
 def test_schedules_warm_up_then_decay():

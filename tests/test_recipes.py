@@ -288,6 +288,8 @@ def _moe(run_dir: Path) -> None:
     config = AutoConfig.from_pretrained(run_dir / "checkpoints/pretrain/step_000004")
     assert config.model_type == "qwen3_moe" and (config.num_experts, config.num_experts_per_tok) == (8, 2)
     assert not (run_dir / "release/model/gguf").exists()  # llama.cpp export covers no qwen3_moe
+    metrics = [json.loads(line) for line in (run_dir / "pretrain/metrics.jsonl").read_text().splitlines()]
+    assert all(1.5 < m["router_aux"] < 8 for m in metrics if "loss" in m)  # the load-balancing loss
 
 
 def _curated(run_dir: Path) -> None:

@@ -32,6 +32,7 @@ from trulyopen.train.loader import BatchPlan, TokenStream
 from trulyopen.train.loop import Job, train
 from trulyopen.train.objectives.causal_lm import CausalLM
 from trulyopen.train.precision import autocast_for, choose_dtype, dtype_name, peak_flops
+from trulyopen.train.router_balance import RouterBalance
 
 
 def build_model(model_cfg: ModelConfig, vocab: int, seq_len: int, seed: int) -> torch.nn.Module:
@@ -134,7 +135,8 @@ def pretrain(
         return out
 
     eot = stream.eot_id if cfg.document_masking else None
-    objective = CausalLM(plan, cfg.micro_batch_size, cfg.z_loss, eot, validate, compile=cfg.compile)
+    balance = RouterBalance.of(model)  # a mixture of experts: its load-balancing loss (before wrapping)
+    objective = CausalLM(plan, cfg.micro_batch_size, cfg.z_loss, eot, validate, cfg.compile, balance)
     job = Job(paths, cfg, model, objective, dtype, config_hash(model_cfg, cfg), stream.fingerprint)
     job.state = lambda step: {"tokens_seen": step * cfg.global_batch_tokens}
     job.flops_per_token = fpt

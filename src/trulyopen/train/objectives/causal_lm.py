@@ -23,6 +23,7 @@ import torch
 from trulyopen.train.attention import document_attention
 from trulyopen.train.loader import BatchPlan
 from trulyopen.train.objectives import Micro, StepBatch, Summed
+from trulyopen.train.router_balance import RouterBalance
 
 ROWS = 32  # rows of logits per fp32 block: 32 x a 32k vocabulary is 4 MB, about what a core's L2 holds
 
@@ -99,8 +100,10 @@ class CausalLM(Summed):
         eot_id: int | None = None,  # with it, attention stays inside each packed document
         validate: Callable[[torch.nn.Module], dict] | None = None,  # held-out metrics (bits per byte...)
         compile: bool = False,  # the loss too, beside the model (pretrain.compile)
+        router_balance: RouterBalance | None = None,  # a mixture of experts' load-balancing loss
     ):
         self.plan, self.micro, self.z_loss, self.eot_id = plan, micro_batch_size, z_loss, eot_id
+        self.router_balance = router_balance
         self._validate = validate
         self.per_token = compiled_cross_entropy() if compile else token_cross_entropy
 
@@ -116,13 +119,19 @@ class CausalLM(Summed):
         step, lo, hi = micro.batch
         rows = torch.from_numpy(self.plan.batch_tokens(step, lo, hi))
         x, y = rows[:, :-1].to(device), rows[:, 1:].to(device)
+        if self.router_balance:
+            self.router_balance.start()
         if self.eot_id is not None:
             mask, positions = document_attention(x, self.eot_id)
             logits = model(input_ids=x, attention_mask=mask, position_ids=positions).logits
         else:
             logits = model(input_ids=x).logits
         loss, ce = lm_loss(logits, y, self.z_loss, self.per_token)
-        return loss * len(rows), {"loss": ce.item() * len(rows)}  # sums over rows: the loop divides
+        stats = {"loss": ce.item() * len(rows)}  # sums over rows: the loop divides
+        if self.router_balance:
+            weighted, aux = self.router_balance.loss()  # (aux: experts per token when uniform)
+            loss, stats["router_aux"] = loss + weighted, aux * len(rows)
+        return loss * len(rows), stats
 
     @torch.no_grad()
     def validate(self, model: torch.nn.Module, device: torch.device) -> dict:
