@@ -25,9 +25,9 @@ quickstart's shards. The rows:
                torch.optim.AdamW step; no autocast, no clipping.
 
 For the Trainer and the plain loop, tokens/s is the global batch over the wall time between the ends of
-consecutive optimizer steps, after a warm-up (median for the plain loop; all measured steps together
-for the Trainer). Each row runs in its own interpreter, so its peak memory (the process's peak resident
-set, as trulyopen's metrics report it on a CPU) is its own.
+consecutive optimizer steps, after a warm-up: the median step, as for our rows. Each row runs in its
+own interpreter, so its peak memory (the process's peak resident set, as trulyopen's metrics report
+it on a CPU) is its own.
 
 The limit: every matrix multiplication of one training step of this model, at its own shapes and in the
 precision our loop uses, timed alone with torch: for each Linear (and the lm_head), x[B*T, in] @ W^T,
@@ -37,13 +37,18 @@ their time (the median of --matmul-repeat runs of each shape, on operands that s
 the speed of a loop that did nothing but these products. It is timed with the same memory setting
 as our loop (`reuse_freed_memory`: freed memory stays in the process, so outputs land in pages
 already mapped); without it every product's output would pay for fresh pages and the limit would
-be lower. It is measured right before and right after our rows, and the higher count.
+be lower. It is measured right before and right after our rows (the higher counts), and, for the
+target, inside each of our rows: right before its first step and after each step (in the loop's
+metrics write, outside the step's time), each step's FLOP/s over the mean of the limit timed just
+before and just after it, the median over the measured steps. On a shared machine whose speed drifts
+(a 2-core cloud VM: the limit has been seen to move by 2x within a minute, with no process of its own
+competing) only a limit timed seconds from the step it is compared with says what the loop reaches.
 Our FLOP/s is trulyopen.model.build.flops_per_token x our tokens/s (the same FLOPs: 6 x parameters
 incl. the output projection, plus 12 x layers x heads x head_dim x T for attention, causal or not).
 MFU is the same FLOP/s over a large square matmul's (--square, default 4096^3).
 
 Targets (issue 17): our tokens/s at least 2x the bf16 Trainer's, and our FLOP/s at least 80% of the
-limit; both are checked for each of our two rows.
+limit timed beside each step; both are checked for each of our two rows.
 
 bfloat16 note: a CPU without AMX or AVX-512 BF16 (e.g. an AVX2-only AMD EPYC) has no bf16 matmul
 hardware; the script prints the bf16 and fp32 speed of one matmul so this shows. There the bf16
@@ -176,6 +181,7 @@ def row_ours(p: dict) -> dict:
         seed=SEED,
     )
     data = Path(p["data_run"])
+    limits = paired_limit(p) if p.get("paired") else None
     with tempfile.TemporaryDirectory(prefix="trulyopen_bench_") as tmp:
         paths = Paths(Path(tmp) / "run", data / "data" / "shards", data / "tokenizer")
         t = time.perf_counter()
@@ -185,6 +191,13 @@ def row_ours(p: dict) -> dict:
     measured = lines[p["warmup"] :]
     tps = [r["tokens_per_s"] for r in measured]
     fpt = flops_per_token(fresh_model_for(p), SEQ)
+    paired = {}
+    if limits:  # step i against the limit timed right before it and right after it
+        fractions = [
+            lines[i]["tokens_per_s"] * fpt / ((limits[i] + limits[i + 1]) / 2)
+            for i in range(p["warmup"], len(lines))
+        ]
+        paired = {"limit_by_step": limits, "fraction_of_paired_limit": median(fractions)}
     return {
         "dtype": dtype_name(our_dtype()),
         "steps": len(lines),
@@ -200,7 +213,34 @@ def row_ours(p: dict) -> dict:
         "loss_last": lines[-1]["loss"],
         "val_bpb": lines[-1].get("val_bpb"),
         "wall_s_with_eval_and_checkpoint": wall,
+        **paired,
     }
+
+
+def paired_limit(p: dict) -> list[float]:
+    """The limit timed in this process right before the first step and after each step (in the loop's
+    metrics write, outside the step's own time): this machine's speed drifts by up to 2x within a
+    minute (others' work on the host, which the guest cannot see), so a step is compared with the
+    limit measured seconds from it. The list fills as pretrain() runs."""
+    from trulyopen.train.metrics import MetricsLog
+    from trulyopen.train.precision import reuse_freed_memory
+
+    reuse_freed_memory()
+    shapes = matmul_shapes(p["micro_batch_size"], p["vocab"])
+
+    def limit() -> float:
+        _, flops, seconds = time_matmuls(shapes, our_dtype(), 3)
+        return flops / seconds
+
+    limits, write = [limit()], MetricsLog.write
+
+    def timed(self, record):
+        write(self, record)
+        if "tokens_per_s" in record:  # a step's line (not the final evaluation's)
+            limits.append(limit())
+
+    MetricsLog.write = timed
+    return limits
 
 
 def fresh_model_for(p: dict):
@@ -275,7 +315,9 @@ def row_trainer(p: dict) -> dict:
         "steps": len(ends),
         "warmup": p["warmup"],
         "step_seconds": step_s,
-        "tokens_per_s": p["global_batch_tokens"] * len(measured) / span,
+        # the median step, as for our rows (all measured steps together: tokens_per_s_span)
+        "tokens_per_s": p["global_batch_tokens"] / median(step_s[p["warmup"] - 1 :]),
+        "tokens_per_s_span": p["global_batch_tokens"] * len(measured) / span,
         "train_loss": out.training_loss,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -567,7 +609,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="our loop's warm-up steps, not measured")
     ap.add_argument("--plain-steps", type=int, default=4, help="measured steps of the plain loop")
     ap.add_argument("--trainer-steps", type=int, default=2, help="measured steps of the fp32 Trainer")
-    ap.add_argument("--bf16-steps", type=int, default=1, help="measured steps of the bf16 Trainer (slow)")
+    ap.add_argument(
+        "--bf16-steps",
+        type=int,
+        help="measured steps of the bf16 Trainer (default: 4 with bf16 hardware, else 1: minutes each)",
+    )
     ap.add_argument(
         "--trainer-warmup", type=int, default=1, help="warm-up steps of each Trainer and the plain loop"
     )
@@ -605,6 +651,8 @@ def main() -> None:
         f"  bf16 hardware: AMX-BF16 {mach['amx_bf16']}, AVX-512 BF16 {mach['avx512_bf16']}; "
         f"our loop's precision 'auto' gives {dtype}"
     )
+    if args.bf16_steps is None:
+        args.bf16_steps = 4 if mach["amx_bf16"] or mach["avx512_bf16"] else 1
     started = datetime.now(UTC)
     result: dict = {
         "benchmark": "train_throughput",
@@ -651,7 +699,9 @@ def main() -> None:
         )
         limits = [child("limit", lim_params)]
         print(f"\n[2/6] our loop: pretrain(), {args.warmup} warm-up + {args.steps} measured steps")
-        ours = result["ours"] = child("ours", {**common, "warmup": args.warmup, "steps": args.steps})
+        ours = result["ours"] = child(
+            "ours", {**common, "warmup": args.warmup, "steps": args.steps, "paired": True}
+        )
         print(f"  tokens/s by step: {ours['tokens_per_s_by_step']}")
         result["ours_compiled"] = None
         if not args.skip_compile:
@@ -659,7 +709,13 @@ def main() -> None:
                 f"\n[3/6] our loop with pretrain.compile = true: {args.warmup + 1} warm-up "
                 f"(the first compiles) + {args.steps} measured steps"
             )
-            compiled = {**common, "warmup": args.warmup + 1, "steps": args.steps, "compile": True}
+            compiled = {
+                **common,
+                "warmup": args.warmup + 1,
+                "steps": args.steps,
+                "compile": True,
+                "paired": True,
+            }
             result["ours_compiled"] = child("ours", compiled)
             print(f"  tokens/s by step: {result['ours_compiled']['tokens_per_s_by_step']}")
 
@@ -699,7 +755,7 @@ def main() -> None:
         for row, compiled in ((ours, False), (result["ours_compiled"], True)):
             if row is None:
                 continue
-            if args.profile or row["flops_per_s"] / limit["limit_flops_per_s"] < LIMIT_TARGET:
+            if args.profile or row["fraction_of_paired_limit"] < LIMIT_TARGET:
                 print(f"\nprofile: one step of our loop{' (compiled)' * compiled} under torch.profiler")
                 result["profiles"].append(child("profile", {**common, "compile": compiled}))
 
@@ -776,6 +832,7 @@ def report(r: dict) -> None:
             "tokens_per_s": row["tokens_per_s"],
             "flops_per_s": row["flops_per_s"],
             "fraction_of_limit": row["flops_per_s"] / lim,
+            "fraction_of_paired_limit": row["fraction_of_paired_limit"],
             "mfu_vs_square": row["flops_per_s"] / sq,
             "ratio_vs_trainer_bf16": ratio,
             "ratio_vs_trainer_fp32": row["tokens_per_s"] / tf32["tokens_per_s"] if tf32 else None,
@@ -784,7 +841,7 @@ def report(r: dict) -> None:
         }
         r["targets"][key] = {
             f"ratio_vs_trainer_bf16_ge_{RATIO_TARGET:g}": None if ratio is None else ratio >= RATIO_TARGET,
-            f"fraction_of_limit_ge_{LIMIT_TARGET:g}": row["flops_per_s"] / lim >= LIMIT_TARGET,
+            f"fraction_of_limit_ge_{LIMIT_TARGET:g}": row["fraction_of_paired_limit"] >= LIMIT_TARGET,
         }
     print("\ntargets:")
     for key, label in (("ours", "ours (defaults)"), ("ours_compiled", "ours, compile: true")):
@@ -797,7 +854,9 @@ def report(r: dict) -> None:
         print(f"  {label}: tokens/s >= {RATIO_TARGET:g}x the bf16 Trainer's: {vs}")
         print(
             f"  {label}: FLOP/s >= {LIMIT_TARGET:.0%} of the matmul-shape limit: {verdict(ok[1])} "
-            f"({f['fraction_of_limit']:.1%}; MFU {f['mfu_vs_square']:.1%} against the square matmul)"
+            f"({f['fraction_of_paired_limit']:.1%} of the limit timed beside each step; "
+            f"{f['fraction_of_limit']:.1%} of the higher of the two separate limit runs; "
+            f"MFU {f['mfu_vs_square']:.1%} against the square matmul)"
         )
         if tf32:
             print(f"  {label}: against the fp32 Trainer: {f['ratio_vs_trainer_fp32']:.2f}x")

@@ -34,6 +34,7 @@ from trulyopen.progress import Progress
 from trulyopen.recipe import LoopConfig
 from trulyopen.train import TrainingError, checkpoint, cpu_attention, cpu_dropout, distributed
 from trulyopen.train import metrics as metrics_log
+from trulyopen.train.compiled import compile_for_training
 from trulyopen.train.distributed import World
 from trulyopen.train.layout import StagePaths
 from trulyopen.train.loader import DataMismatchError
@@ -80,7 +81,7 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     # wrap before making the optimizer: FSDP2 shards the parameters in place
     train_model = distributed.wrap(model, cfg.distributed, world)
     optimizer = make_optimizer(model, cfg)
-    train_model = torch.compile(train_model) if cfg.compile else train_model
+    train_model = compile_for_training(train_model, model) if cfg.compile else train_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     autocast = autocast_for(device, job.dtype)
     # bf16 in one process: bf16 weights for the passes, fp32 masters otherwise; under torchrun DDP and
