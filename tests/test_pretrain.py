@@ -359,3 +359,28 @@ def test_compiled_model_trains_to_the_same_losses(data_run, tmp_path):
     eager, compiled = _metrics(tmp_path / "eager"), _metrics(tmp_path / "compiled")
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], abs=1e-4)
     assert compiled[-1]["val_bpb"] == pytest.approx(eager[-1]["val_bpb"], abs=1e-4)
+
+
+def test_compiling_leaves_the_rotary_embedding_eager_except_under_peft():
+    """compile: true computes cos/sin once a pass (not in every layer's kernels); a peft model keeps
+    its rotary embedding in the graph, where a break would send the whole adapted forward to eager."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from trulyopen.model.build import from_preset
+    from trulyopen.model.presets import SIZES
+    from trulyopen.train.compiled import compile_for_training
+
+    def rotary(m):
+        return next(x for x in m.modules() if type(x).__name__.endswith("RotaryEmbedding"))
+
+    model = from_preset("llama", SIZES["tiny"], vocab=400, max_len=64, seed=0)
+    compiled = compile_for_training(model, model)
+    assert "forward" in vars(rotary(model)) and getattr(rotary(model).forward, "_torchdynamo_disable", False)
+    x = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(compiled(input_ids=x).logits, model(input_ids=x).logits, atol=1e-5)
+    base = from_preset("llama", SIZES["tiny"], vocab=400, max_len=64, seed=0)
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"]))
+    compile_for_training(adapted, adapted)
+    assert "forward" not in vars(rotary(adapted))
