@@ -232,6 +232,9 @@ def test_fast_dropout_drops_at_rate_p_keeps_the_mean_and_follows_torch_seed(dtyp
     assert torch.equal(g != 0, kept)  # the gradient flows where the unit was kept, scaled alike
     torch.manual_seed(5)
     assert torch.equal(drop(x), y)  # the mask is a function of torch's RNG state (which checkpoints hold)
+    # compiled, the same mask (an opaque op: inductor's own generator draws one element at a time)
+    torch.manual_seed(5)
+    assert torch.equal(torch.compile(drop, fullgraph=True)(x), y)
     assert torch.equal(drop.eval()(x), x)
 
     from transformers import LlamaForCausalLM

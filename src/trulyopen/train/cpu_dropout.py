@@ -12,7 +12,9 @@ numpy's PCG64 in bulk, 64 bits a draw cut into four 16-bit lanes (about 5 ms for
                                                               made as bf16 bits, not from bools, for speed)
 
 `install` swaps every nn.Dropout of a model for this one (same p); they hold no weights, so the
-model's state dict, checkpoints and exports do not change.
+model's state dict, checkpoints and exports do not change. The mask is a custom op, opaque to
+torch.compile, so a compiled model draws the same masks: inductor's own dropout draws one element at
+a time too (a compiled LoRA step ran at 0.65x eager with it, and at 1.0x with this).
 """
 
 from __future__ import annotations
@@ -24,20 +26,33 @@ LANES = 1 << 16
 ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as 16 bits: the mask straight from numpy
 
 
+@torch.library.custom_op("trulyopen::dropout_mask", mutates_args=())
+def dropout_mask(x: torch.Tensor, drop: int) -> torch.Tensor:
+    """The 0/1 mask for x, in x's dtype. An opaque op under
+    torch.compile: inductor would otherwise draw the mask from its own generator, one element at a
+    time (70 ms for a 4,096 x 512 activation, fused into the norm before it, on a 2-core EPYC)."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's generator: checkpoints hold its state
+    n = x.numel()
+    bits = np.random.PCG64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
+    keep = bits >= drop
+    if x.dtype in ONE_BITS:
+        mask = torch.from_numpy(keep * np.uint16(ONE_BITS[x.dtype])).view(x.dtype)
+    else:
+        mask = torch.from_numpy(keep).to(x.dtype)
+    return mask.view(x.shape).to(x.device)
+
+
+@dropout_mask.register_fake
+def _(x: torch.Tensor, drop: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
 class FastDropout(torch.nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         drop = round(self.p * LANES)
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        n = x.numel()
-        bits = np.random.PCG64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
-        keep = bits >= drop
-        if x.dtype in ONE_BITS:
-            mask = torch.from_numpy(keep * np.uint16(ONE_BITS[x.dtype])).view(x.dtype)
-        else:
-            mask = torch.from_numpy(keep).to(x.dtype)
-        return x.mul(LANES / (LANES - drop)).mul_(mask.view(x.shape).to(x.device))
+        return x.mul(LANES / (LANES - drop)).mul_(dropout_mask(x.detach(), drop))
 
 
 def install(model: torch.nn.Module) -> int:

@@ -91,8 +91,7 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     weights = MasterWeights(model, job.dtype).computing if low else contextlib.nullcontext
     if device.type == "cpu":
         reuse_freed_memory()  # each step's activations in pages the last one faulted in, not fresh ones
-        if not cfg.compile:  # (compiled, dropout is inductor's, whose generator is fast already)
-            cpu_dropout.install(model)  # LoRA's dropout masks drawn in bulk, not one element at a time
+        cpu_dropout.install(model)  # LoRA's dropout masks drawn in bulk, not one element at a time
     peak, _ = peak_flops(device, job.dtype)
     ledger = Ledger(run_dir)
     end = stop_at or cfg.max_steps
