@@ -19,8 +19,8 @@ import torch
 def compile_for_training(train_model: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile(train_model) (the model as DDP or FSDP wrapped it), with `model`'s rotary
     embedding modules run eagerly."""
-    adapted = hasattr(model, "peft_config")
-    for module in [] if adapted else model.modules():
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            module.forward = torch.compiler.disable(module.forward)
+    if not hasattr(model, "peft_config"):  # (a peft model: see above)
+        for module in model.modules():
+            if type(module).__name__.endswith("RotaryEmbedding"):
+                module.forward = torch.compiler.disable(module.forward)
     return torch.compile(train_model)

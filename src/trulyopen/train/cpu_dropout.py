@@ -28,9 +28,9 @@ ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as 16 bits: th
 
 @torch.library.custom_op("trulyopen::dropout_mask", mutates_args=())
 def dropout_mask(x: torch.Tensor, drop: int) -> torch.Tensor:
-    """The 0/1 mask for x, in x's dtype. An opaque op under
-    torch.compile: inductor would otherwise draw the mask from its own generator, one element at a
-    time (70 ms for a 4,096 x 512 activation, fused into the norm before it, on a 2-core EPYC)."""
+    """The 0/1 mask for x, in x's dtype. An opaque op under torch.compile: inductor would otherwise
+    draw the mask from its own generator, one element at a time (70 ms for a 4,096 x 512 activation,
+    fused into the norm before it, on a 2-core EPYC)."""
     seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's generator: checkpoints hold its state
     n = x.numel()
     bits = np.random.PCG64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
