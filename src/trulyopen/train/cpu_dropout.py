@@ -26,14 +26,16 @@ LANES = 1 << 16
 ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as 16 bits: the mask straight from numpy
 
 
-@torch.library.custom_op("trulyopen::dropout_mask", mutates_args=())
-def dropout_mask(x: torch.Tensor, drop: int) -> torch.Tensor:
+@torch.library.custom_op("trulyopen::dropout_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_mask(x: torch.Tensor, drop: int, site: int = 0) -> torch.Tensor:
     """The 0/1 mask for x, in x's dtype. An opaque op under torch.compile: inductor would otherwise
     draw the mask from its own generator, one element at a time (70 ms for a 4,096 x 512 activation,
-    fused into the norm before it, on a 2-core EPYC)."""
+    fused into the norm before it, on a 2-core EPYC). `site` numbers the module that draws: compiled
+    graphs merge calls with equal arguments (AOT autograd's CSE ignores the op's nondeterministic tag),
+    which would give LoRA's q, k and v, all fed the same input, one mask instead of three."""
     seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's generator: checkpoints hold its state
     n = x.numel()
-    bits = np.random.PCG64(seed).random_raw(-(-n // 4)).view(np.uint16)[:n]
+    bits = np.random.PCG64([seed, site]).random_raw(-(-n // 4)).view(np.uint16)[:n]
     keep = bits >= drop
     if x.dtype in ONE_BITS:
         mask = torch.from_numpy(keep * np.uint16(ONE_BITS[x.dtype])).view(x.dtype)
@@ -43,16 +45,18 @@ def dropout_mask(x: torch.Tensor, drop: int) -> torch.Tensor:
 
 
 @dropout_mask.register_fake
-def _(x: torch.Tensor, drop: int) -> torch.Tensor:
+def _(x: torch.Tensor, drop: int, site: int = 0) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 class FastDropout(torch.nn.Dropout):
+    site = 0  # numbered by `install`: see dropout_mask
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         drop = round(self.p * LANES)
-        return x.mul(LANES / (LANES - drop)).mul_(dropout_mask(x.detach(), drop))
+        return x.mul(LANES / (LANES - drop)).mul_(dropout_mask(x.detach(), drop, self.site))
 
 
 def install(model: torch.nn.Module) -> int:
@@ -63,4 +67,5 @@ def install(model: torch.nn.Module) -> int:
             if type(child) is torch.nn.Dropout and child.p > 0:
                 setattr(parent, name, FastDropout(child.p))
                 swapped += 1
+                getattr(parent, name).site = swapped
     return swapped

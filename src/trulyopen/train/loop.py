@@ -32,7 +32,7 @@ import torch
 from trulyopen.ledger import Ledger, code_version, file_record
 from trulyopen.progress import Progress
 from trulyopen.recipe import LoopConfig
-from trulyopen.train import TrainingError, checkpoint, cpu_attention, cpu_dropout, distributed
+from trulyopen.train import TrainingError, checkpoint, cpu_attention, cpu_dropout, distributed, fused_lora
 from trulyopen.train import metrics as metrics_log
 from trulyopen.train.compiled import compile_for_training
 from trulyopen.train.distributed import World
@@ -92,6 +92,7 @@ def train(job: Job, world: World, stop_at: int | None = None) -> Path:
     if device.type == "cpu":
         reuse_freed_memory()  # each step's activations in pages the last one faulted in, not fresh ones
         cpu_dropout.install(model)  # LoRA's dropout masks drawn in bulk, not one element at a time
+        fused_lora.install(model)  # each adapted Linear in one pass: peft's separate modules cost more
     peak, _ = peak_flops(device, job.dtype)
     ledger = Ledger(run_dir)
     end = stop_at or cfg.max_steps
