@@ -26,7 +26,9 @@ LANES = 1 << 16
 ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}  # 1.0 as 16 bits: the mask straight from numpy
 
 
-@torch.library.custom_op("trulyopen::dropout_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@torch.library.custom_op(
+    "trulyopen::dropout_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
 def dropout_mask(x: torch.Tensor, drop: int, site: int = 0) -> torch.Tensor:
     """The 0/1 mask for x, in x's dtype. An opaque op under torch.compile: inductor would otherwise
     draw the mask from its own generator, one element at a time (70 ms for a 4,096 x 512 activation,
