@@ -2,7 +2,7 @@
 
     the command                                 the function (import trulyopen as to)
     trulyopen run RECIPE --set k=v              to.run(RECIPE, ["k=v"])
-    trulyopen data|pretrain|synth|finetune R    to.run(R, until="shards"|"pretrain"|"synth"|"finetune")
+    trulyopen data|pretrain|synth|finetune R    to.run(R, until="index"|"pretrain"|"synth"|"finetune")
     trulyopen eval MODEL --tasks SUITE          to.evaluate_model(MODEL, tasks=SUITE)
     trulyopen release RUN_DIR                   to.release_run(RUN_DIR)
     trulyopen audit DIR   /   verify DIR        to.audit(DIR)   /   to.verify(DIR), to.replay(DIR, STEP)

@@ -101,8 +101,9 @@ def data(
     force: ForceOpt = None,
     workers: WorkersOpt = None,
 ):
-    """The data pipeline: curate the sources, train the tokenizer, write token shards and the data card."""
-    out = _run(recipe, set, run_dir, force, workers, until="shards")
+    """The data pipeline: curate the sources, train the tokenizer, write token shards and the data card,
+    and the trace index where the recipe has `index:`."""
+    out = _run(recipe, set, run_dir, force, workers, until="index")
     typer.echo(f"data card: {out}/data/DATACARD.md")
 
 

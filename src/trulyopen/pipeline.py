@@ -175,6 +175,32 @@ def _shards_run(ctx: Context, records: list[dict]) -> list[Path]:
     return files + [ctx.data / n for n in ("manifest.json", "DATACARD.md", "doc_lengths.png")]
 
 
+def _index_inputs(ctx: Context) -> list[Path]:
+    shards_dir = ctx.data / "shards"
+    record = json.loads((shards_dir / "shards.json").read_text())
+    bins = [shards_dir / f["path"] for s in record["splits"]["train"]["shards"] for f in s["files"].values()]
+    return [shards_dir / "shards.json", *sorted(bins)]
+
+
+def _index_run(ctx: Context, records: list[dict]) -> list[Path]:
+    import time
+
+    from trulyopen.trace.index import build_index, index_files
+
+    out = ctx.data / "index"
+    licenses = {s.name: s.license for s in ctx.recipe.data.sources}
+    code = code_version().get("source_sha256")
+    key = {"config": config_hash(ctx.recipe.index), "inputs": records, "code": code}
+    t = time.perf_counter()
+    with executor_for(ctx) as executor:
+        index = build_index(ctx.data / "shards", out, licenses, executor, ctx.recipe.index, key)
+    print(
+        f"index: {index['tokens']:,} tokens of {index['docs']:,} documents in {len(index['shards'])} "
+        f"shard(s), {index['bytes_per_token']:.2f} bytes a token, {time.perf_counter() - t:.1f} s"
+    )
+    return index_files(out)
+
+
 def _pretrain_inputs(ctx: Context) -> list[Path]:
     shards_dir = ctx.data / "shards"
     return [
@@ -317,6 +343,7 @@ STAGES = [
     Stage("data", lambda r: (r.data,), _data_inputs, _data_run),
     Stage("tokenizer", lambda r: (r.tokenizer,), _tokenizer_inputs, _tokenizer_run),
     Stage("shards", lambda r: (r.shards,), _shards_inputs, _shards_run),
+    Stage("index", lambda r: (r.index,), _index_inputs, _index_run, enabled=lambda r: r.index is not None),
     Stage("pretrain", lambda r: (r.model, r.pretrain), _pretrain_inputs, _pretrain_run, distributed=True),
     Stage("vlm", lambda r: (r.vlm,), _vlm_inputs, _vlm_run, enabled=lambda r: r.vlm is not None),
     Stage("synth", lambda r: (r.synth,), _synth_inputs, _synth_run, enabled=lambda r: r.synth is not None),

@@ -266,6 +266,24 @@ class ShardsConfig(Section):
     )
 
 
+class IndexConfig(Section):
+    """The index stage: an infini-gram suffix array over the train shards, for `trulyopen trace`."""
+
+    part_bytes: int = Field(
+        default=1 << 30,
+        ge=1,
+        description="Largest byte range of one shard's tokens sorted at once; larger shards are sorted in "
+        "parts and merged (the same bytes either way). Memory: about 8x this.",
+    )
+    group_tokens: int = Field(
+        default=500_000_000,
+        ge=1,
+        description="Consecutive train shards are indexed together until a group holds this many tokens. "
+        "Each query searches every index folder, so a few large ones answer faster than many small ones; "
+        "1 gives one index per shard.",
+    )
+
+
 # ----------------------------------------------------------------------------- model and pretraining
 
 
@@ -1018,6 +1036,11 @@ class Recipe(Section):
     )
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="The tokenizer stage.")
     shards: ShardsConfig = Field(default_factory=ShardsConfig, description="The shards stage.")
+    index: IndexConfig | None = Field(
+        default=None,
+        description="The index stage (trulyopen trace, ngram): a suffix array over the train shards; "
+        "{} to build it with the defaults, null (the default) to skip it.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model to pretrain.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="The pretraining stage.")
     synth: SynthConfig | None = Field(
