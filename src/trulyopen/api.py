@@ -212,6 +212,22 @@ def verify(directory: str | Path) -> Report:
     return run_verify(directory)
 
 
+def trace(target: str | Path, text: str, **options: Any) -> dict:
+    """The spans of `text` found verbatim in the training data of a release or run (its trace index),
+    each with its count and a few documents (id, source, licence, context). Options: min_len, keep,
+    docs_per_span, context_tokens (trulyopen.trace.spans.TraceOptions)."""
+    from trulyopen.trace.spans import TraceOptions, Tracer, find_index
+
+    return Tracer(*find_index(target)).trace(text, TraceOptions(**options))
+
+
+def ngram(target: str | Path, prefix: str, top: int = 10) -> dict:
+    """How often `prefix` occurs in a release's or run's training data, and the tokens that follow."""
+    from trulyopen.trace.spans import Tracer, find_index
+
+    return Tracer(*find_index(target)).ngram(prefix, top)
+
+
 def replay(directory: str | Path, step: int, stage: str = "pretrain") -> dict:
     """Retrain a release's `stage` (pretrain or finetune) to `step` from the checkpoint before it and
     compare with the released weights: `["identical"]`, `["max_abs_diff"]`, `["where"]`."""

@@ -595,6 +595,72 @@ def verify(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------- tracing to the data
+
+
+@app.command()
+def trace(
+    target: Annotated[str, typer.Argument(help="A release or a run directory (with a trace index).")],
+    text: Annotated[str | None, typer.Argument(help="The text to trace.")] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Trace this file's text instead.")] = None,
+    generate: Annotated[
+        str | None,
+        typer.Option("--generate", help="Trace the model's own continuation of this prompt (greedy)."),
+    ] = None,
+    max_tokens: MaxTokensOpt = 128,
+    min_len: Annotated[int, typer.Option("--min-len", min=1, help="Shortest span, in tokens.")] = 8,
+    keep: Annotated[
+        float, typer.Option("--keep", min=0.0, max=1.0, help="Spans kept, as a share of the text's tokens.")
+    ] = 0.05,
+    docs: Annotated[int, typer.Option("--docs", min=1, help="Documents shown per span.")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Find the spans of TEXT (or --file, or the model's answer to --generate) that occur verbatim in
+    the training data, OLMoTrace's way, and show the documents they come from."""
+    from trulyopen import api
+    from trulyopen.trace.spans import find_index
+
+    given = [x is not None for x in (text, file, generate)]
+    if sum(given) != 1:
+        raise errors.UserError("trace: give one of TEXT, --file FILE or --generate PROMPT")
+    find_index(target)  # no index: say so before loading a model
+    if file is not None:
+        if not file.is_file():
+            raise errors.UserError(f"--file {file}: no such file")
+        text = file.read_text(encoding="utf-8", errors="replace")
+    if generate is not None:
+        text = api.generate(target, generate, max_tokens=max_tokens, temperature=0.0, echo=not as_json)
+        if not as_json:
+            typer.echo()
+    result = api.trace(target, text, min_len=min_len, keep=keep, docs_per_span=docs)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    from trulyopen.trace.show import show
+
+    show(result)
+
+
+@app.command()
+def ngram(
+    target: Annotated[str, typer.Argument(help="A release or a run directory (with a trace index).")],
+    prefix: Annotated[str, typer.Argument(help="The prefix, as it would appear in the text.")],
+    top: Annotated[int, typer.Option("--top", min=1, help="Next tokens shown.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """How often PREFIX occurs in the training data, and which tokens follow it (from the trace index)."""
+    from trulyopen import api
+
+    result = api.ngram(target, prefix, top)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    approx = " (sampled)" if result["approx"] else ""
+    typer.echo(f"{result['count']:,} occurrences of {prefix!r} ({result['tokens']} tokens){approx}")
+    for n in result["next"]:
+        typer.echo(f"  {n['prob']:8.2%}  {n['count']:>8,}  {n['token']!r}")
+
+
 # ----------------------------------------------------------------------------- the recipe library
 
 

@@ -12,7 +12,8 @@
       checkpoints.csv      stage, step, tokens seen, path, sha256 of its weights
       tokenizer/
       data/                manifest, data card, curation record, sources; corpus/ with the documents
-                           of each source whose licence allows it (and shards/ when all do);
+                           of each source whose licence allows it (and shards/ when all do, with
+                           index/, the trace index: `trulyopen trace release/ "text"`);
                            REBUILD.md: per source, whether it is here and how to make it again;
                            synth/: the post-training data made from the corpus (its manifest and
                            card, and its records when every source's licence allows them);
@@ -154,6 +155,8 @@ def _data(run_dir: Path, out: Path, recipe: Recipe, allowed: dict[str, bool]) ->
     if allowed and all(allowed.values()):  # the whole corpus, and its tokens (what --replay trains on)
         _copy(data / "corpus", out / "data" / "corpus")
         _copy(data / "shards", out / "data" / "shards")
+        if (data / "index" / "index.json").exists():  # the trace index holds the documents' tokens too
+            _copy(data / "index", out / "data" / "index")
     else:
         if any(allowed.values()):  # the documents of the sources that allow it (ids start with the source)
             for split in sorted((data / "corpus").glob("*.jsonl")):

@@ -143,7 +143,24 @@ def verify(directory: str | Path) -> Report:
     stages, recorded = _stage_entries(root)
     _checkpoints(root, report, stages, recorded)
     _code(root, report, stages)
+    _index(root, report, recorded)
     return report
+
+
+def _index(root: Path, report: Report, recorded: dict[str, str]) -> None:
+    """The trace index: its files as the index stage wrote them, of these shards, and sorted."""
+    from trulyopen.trace.index import check_index
+
+    index = root / "data" / "index"
+    if not (index / "index.json").is_file():
+        return
+    name = "data/index/index.json"
+    if name in recorded and report.sha256(root, index / "index.json") != recorded[name]:
+        report.problems.append(f"{name}: not the file the index stage recorded")
+    shards = root / "data" / "shards"
+    for problem in check_index(index, shards if (shards / "shards.json").is_file() else None):
+        report.problems.append(problem.replace(f"{root}/", ""))
+    report.checked += 1
 
 
 def replay(directory: str | Path, step: int, workdir: Path | None = None, stage: str = "pretrain") -> dict:

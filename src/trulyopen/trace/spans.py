@@ -142,6 +142,8 @@ class Tracer:
             if len(docs) >= opts.docs_per_span:
                 break
         a, b = enc.offsets[first][0], enc.offsets[end - 1][1]
+        while a < b and text[a].isspace():  # a token's leading space is not part of what was found
+            a += 1
         return {
             "start": a,  # characters of the traced text
             "end": b,
