@@ -221,3 +221,109 @@ def test_cli_trace_and_ngram_and_their_errors(built, tmp_path):
     shutil.copytree(built["run"], bare, ignore=shutil.ignore_patterns("index", "checkpoints"))
     done = cli("trace", str(bare), "text", cwd=tmp_path)
     assert done.returncode == 2 and "index: {}" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def served(built):
+    with api.start_server(str(built["run"])) as server:
+        yield server
+
+
+def test_v1_trace_on_the_server_and_its_errors(built, served):
+    import httpx
+
+    assert httpx.get(served.url + "/health").json()["trace"] is True
+    r = httpx.post(
+        served.url + "/v1/trace", json={"text": f"so {PLANTED} too", "docs_per_span": 5}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    spans = [s for s in r.json()["spans"] if "zebra juggles" in s["text"]]
+    assert spans and all(d["id"].startswith("code/planted_") for d in spans[0]["docs"])
+    assert r.json() == built["tracer"].trace(f"so {PLANTED} too", TraceOptions(docs_per_span=5))
+    r = httpx.post(served.url + "/v1/trace", json={"text": "word " * (MAX_TOKENS + 10)}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "text"
+    r = httpx.post(served.url + "/v1/trace", json={"text": "x", "min_len": 0}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_len"
+
+
+def test_v1_trace_without_an_index_says_why(built, tmp_path):
+    import httpx
+
+    bare = tmp_path / "bare"
+    shutil.copytree(built["run"], bare, ignore=shutil.ignore_patterns("index"))
+    with api.start_server(str(bare)) as server:
+        assert httpx.get(server.url + "/health").json()["trace"] is False
+        r = httpx.post(server.url + "/v1/trace", json={"text": "anything"}, timeout=60)
+    assert r.status_code == 404 and "index: {}" in r.json()["error"]["message"]
+
+
+def test_the_chat_page_marks_traced_spans_and_lists_their_documents(built, served, chromium):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = chromium
+    driver.get(served.url + "/")
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: d.find_element(By.ID, "trace").is_enabled(), "the trace toggle stayed off")
+    driver.find_element(By.ID, "trace").click()
+    length = driver.find_element(By.ID, "minlen")
+    length.clear()
+    length.send_keys("1")  # a 4-step model's answer: single words of the corpus are what it repeats
+    driver.find_element(By.ID, "input").send_keys("def")
+    driver.find_element(By.ID, "send").click()
+    wait.until(lambda d: "trace" in d.find_element(By.ID, "stats").text, "no trace")
+    assert "traced" in driver.find_element(By.ID, "stats").text, (
+        driver.find_element(By.ID, "log").text + " | " + driver.find_element(By.ID, "stats").text
+    )
+    answer = driver.find_elements(By.CSS_SELECTOR, ".assistant")[-1]
+    marks = answer.find_elements(By.CSS_SELECTOR, "mark.traced")
+    assert marks, driver.find_element(By.ID, "stats").text
+    text = driver.execute_script("return messages[messages.length - 1].content")  # the answer, exactly
+    expected = api.trace(built["run"], text, min_len=1)
+    assert [m.text.strip() for m in marks] == [s["text"].strip() for s in expected["spans"]]
+    marks[0].click()
+    docs = driver.find_elements(By.CSS_SELECTOR, "#docs .doc")
+    assert len(docs) == len(expected["spans"][0]["docs"])
+    first = expected["spans"][0]["docs"][0]
+    assert docs[0].find_element(By.CSS_SELECTOR, ".doc-id").text.startswith(first["id"])
+    assert docs[0].find_element(By.CSS_SELECTOR, ".match").text.strip() == marks[0].text.strip()
+
+
+def test_memorisation_in_the_card_and_the_index_in_the_release(built, tmp_path):
+    from trulyopen.release.audit import audit
+
+    run = tmp_path / "run"
+    shutil.copytree(built["run"], run)
+    overrides = [
+        "eval.builtin=false",
+        "eval.models=[pretrain]",
+        "eval.memorisation_prompts=12",
+        "release.producer=the test suite",
+    ]
+    pipeline.run(load_recipe(built["recipe"], overrides), run, workers=1)
+    m = json.loads((run / "eval" / "pretrain" / "memorisation.json").read_text())
+    assert m["prompts"] == 12 and m["generated_tokens"] > 0 and 0 <= m["share"] <= 1
+    docs = train_docs(run)
+    for e in m["examples"]:  # each example span really occurs in training, at least 32 tokens long
+        ids = built["tracer"].tok.encode(e["span"], add_special_tokens=False).ids
+        assert e["tokens"] >= 32 and occurrences(docs, ids)
+    card = (run / "release" / "README.md").read_text()
+    assert (
+        "## Memorisation" in card
+        and f"{m['share']:.2%} of {m['generated_tokens']:,} generated tokens" in card
+    )
+    assert "trulyopen trace" in card
+    release = run / "release"
+    assert (release / "data" / "index" / "index.json").is_file()
+    assert api.verify(release).problems == []
+    result = api.trace(release, f"so {PLANTED} too")  # a release traces on its own
+    assert any("zebra" in s["text"] for s in result["spans"])
+    data_card = next(c for c in audit(release).to_json()["components"] if c["name"] == "Data card")
+    assert "data/index/index.json" in data_card["supporting"]
+    # a corrupted table in the release: verify names it
+    folder = sorted(p for p in (release / "data" / "index").iterdir() if p.is_dir())[0]
+    table = bytearray((folder / "table.0").read_bytes())
+    table[:4] = table[4:8]
+    (folder / "table.0").write_bytes(bytes(table))
+    problems = api.verify(release).problems
+    assert any(f"data/index/{folder.name}/table.0" in p for p in problems), problems

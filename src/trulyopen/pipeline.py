@@ -302,6 +302,7 @@ def _eval_inputs(ctx: Context) -> list[Path]:
     cfg = ctx.recipe.eval
     files = [ctx.data / "corpus/val.jsonl", ctx.data / "corpus/train.jsonl"] if ctx.recipe.data else []
     files.append(ctx.run_dir / "synth" / "tools_heldout.jsonl")  # the built-in tool_call task's
+    files.append(ctx.data / "index" / "index.json")  # memorisation is traced with the index
     for held in ("eval", "images/eval"):  # the vlm stage's held-out tasks and pictures
         folder = ctx.run_dir / "vlm" / "data" / held
         files += sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []

@@ -920,6 +920,12 @@ class EvalConfig(Section):
         default=True, description="Report each task's n-gram overlap with the run's training corpus."
     )
     ngram: int = Field(default=13, ge=1, description="Words per n-gram of the contamination check.")
+    memorisation_prompts: int = Field(
+        default=100,
+        ge=0,
+        description="Where the run has a trace index: held-out prompts whose greedy continuations are "
+        "traced, for the share of generated tokens copied verbatim (spans of 32+ tokens); 0: none.",
+    )
     seed: int = Field(default=0, description="Seed of the built-in tasks and few-shot choices.")
 
 

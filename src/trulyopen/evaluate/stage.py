@@ -5,6 +5,8 @@ run's models, and how much of each task the training corpus already contained.
                                 tool calls from synth/tools_heldout.jsonl: never trained on)
     <run>/vlm/data/eval/        the vlm stage's held-out pictures of code lines, when it ran
     <run>/eval/<stage>/         results.json and per-item records for that stage's newest checkpoint
+    <run>/eval/<stage>/memorisation.json   where the run has a trace index: the share of greedy
+                                continuations of held-out prompts copied verbatim from training
     <run>/eval/contamination.json
 """
 
@@ -57,6 +59,21 @@ def suite(run_dir: Path, cfg: EvalConfig) -> list[TaskSpec]:
     return specs + (load_suite(cfg.suite) if cfg.suite else [])
 
 
+def _memorisation(loaded: models.EvalModel, run_dir: Path, cfg: EvalConfig, out: Path) -> None:
+    from trulyopen.trace.memorisation import memorisation
+    from trulyopen.trace.spans import Tracer, find_index
+
+    tracer = Tracer(*find_index(run_dir))
+    result = memorisation(
+        loaded.model, tracer, run_dir / "data" / "shards", prompts=cfg.memorisation_prompts, seed=cfg.seed
+    )
+    write_json(out / "memorisation.json", result)
+    print(
+        f"eval: {out.name} copies {result['share']:.2%} of its tokens verbatim from training (spans of "
+        f"{result['min_span_tokens']}+ tokens, {result['prompts']} held-out prompts)"
+    )
+
+
 def run_eval_stage(cfg: EvalConfig, run_dir: Path) -> list[Path]:
     tasks = suite(run_dir, cfg)
     outputs = []
@@ -66,7 +83,10 @@ def run_eval_stage(cfg: EvalConfig, run_dir: Path) -> list[Path]:
             print(f"eval: no {stage} checkpoint in {run_dir}, skipped")
             continue
         out = run_dir / "eval" / stage
-        evaluate_suite(models.load(ckpt), tasks, out)
+        loaded = models.load(ckpt)
+        evaluate_suite(loaded, tasks, out)
+        if cfg.memorisation_prompts and (run_dir / "data" / "index" / "index.json").is_file():
+            _memorisation(loaded, run_dir, cfg, out)
         outputs += sorted(p for p in out.iterdir() if p.is_file())
     if cfg.contamination and (run_dir / "data" / "corpus" / "train.jsonl").exists():
         from trulyopen.evaluate.contamination import contamination_report

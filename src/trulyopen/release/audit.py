@@ -60,6 +60,12 @@ FINDERS: dict[str, list[str]] = {
     "Research paper": ["paper*.pdf", "paper*.md", "paper/*"],
     "Evaluation results": ["eval/*/results.json", "eval/results.json", "eval_results*", "results*.json"],
 }
+# files that document a component beyond its main one: the data card's account of the corpus is
+# completed by the curation record and manifest, and by the trace index, which lets anyone find the
+# training documents behind a text (`trulyopen trace`)
+SUPPORTING = {
+    "Data card": ["data/manifest.json", "data/curation.json", "data/index/index.json"],
+}
 # the first lines of common licence texts, for LICENSE files that do not say their SPDX id
 SIGNATURES = {
     "Apache License\nVersion 2.0": "Apache-2.0",
@@ -107,6 +113,7 @@ class Audit:
     source: str  # "mof.yml" or "files"
     problems: list[str] = field(default_factory=list)
     parameters: list[dict] = field(default_factory=list)  # every file of final weights, any format
+    supporting: dict[str, list[str]] = field(default_factory=dict)  # component -> SUPPORTING files here
 
     @property
     def progress(self) -> dict[int, float]:
@@ -139,6 +146,7 @@ class Audit:
                     "licence": v.licence,
                     "status": v.status,
                     "warning": v.warning,
+                    "supporting": self.supporting.get(v.component.name, []),
                 }
                 for v in self.verdicts.values()
             ],
@@ -196,6 +204,11 @@ def audit(directory: str | Path) -> Audit:
         raise AuditError(f"{root}: {what}; give a release or a model directory")
     result = _from_mof_yml(root) if (root / "mof.yml").is_file() else _from_files(root)
     result.parameters = parameter_files(root)
+    result.supporting = {
+        name: [p for p in paths if (root / p).is_file()]
+        for name, paths in SUPPORTING.items()
+        if result.verdicts[name].where is not None
+    }
     return result
 
 

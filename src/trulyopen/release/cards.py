@@ -103,6 +103,8 @@ def gather(
             t: {"share": c.get("share"), "checked": c.get("checked")}
             for t, c in _json(run_dir / "eval" / "contamination.json").items()
         },
+        "memorisation": {m.parent.name: _json(m) for m in sorted(run_dir.glob("eval/*/memorisation.json"))},
+        "index": _json(run_dir / "data" / "index" / "index.json"),
         "code_version": version,
         "licences": licences,
         "redistributed": redistributed,
@@ -249,6 +251,33 @@ tokenizer = AutoTokenizer.from_pretrained("model")
 ```"""
 
 
+def _memorisation(facts: dict) -> str:
+    """What share of its writing the model copied from training, traced with the release's index."""
+    if not facts.get("memorisation"):
+        return "Not measured: the run built no trace index (`index:` in the recipe)."
+    lines = []
+    for model, m in facts["memorisation"].items():
+        lines.append(
+            f"- **{model}**: {m['share']:.2%} of {m['generated_tokens']:,} generated tokens lie in spans of "
+            f"{m['min_span_tokens']}+ tokens found verbatim in the training data ({m['prompts']} prompts of "
+            f"{m['prompt_tokens']} tokens from held-out documents, {m['new_tokens']} tokens each, greedy; "
+            f"{m['continuations_with_a_span']} continuations hold such a span)."
+        )
+        for e in m["examples"]:
+            span = e["span"] if len(e["span"]) <= 160 else e["span"][:157] + "..."
+            lines.append(f"  - {e['tokens']} tokens from `{e['doc']}` ({e['license']}): `{span!r}`")
+    index = facts.get("index") or {}
+    tail = ""
+    if index:
+        tail = (
+            f"\n\nThe trace index (`data/index/`, infini-gram, {index['tokens']:,} tokens, "
+            f"{index['bytes_per_token']} bytes a token) finds the training documents behind any text: "
+            '`trulyopen trace . "text"`, `trulyopen ngram . "prefix"`, or `POST /v1/trace` on '
+            "`trulyopen serve`."
+        )
+    return "\n".join(lines) + tail
+
+
 def model_card(facts: dict, cfg: ReleaseConfig) -> str:
     metrics = sorted({name for tasks in facts["evals"].values() for m in tasks.values() for name in m})
     meta = {
@@ -297,6 +326,10 @@ Framework; `SHA256SUMS` covers every file (`trulyopen verify .`).
 
 Contamination: {contamination or "not measured"}. Scores on contaminated items overstate what the model
 does on unseen text.
+
+## Memorisation
+
+{_memorisation(facts)}
 
 ## Limitations
 

@@ -37,6 +37,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException
 
+from trulyopen.errors import UserError
 from trulyopen.infer.engine import Engine, Event, Logprob, PromptTooLong
 from trulyopen.infer.engine import Request as EngineRequest
 from trulyopen.infer.sampling import SamplingParams
@@ -48,6 +49,7 @@ from trulyopen.serve.protocol import (
     EmbeddingRequest,
     ErrorResponse,
     NamedToolChoice,
+    TraceRequest,
     parse,
 )
 
@@ -148,6 +150,8 @@ class Server:
         self.admission: Admission | None = None
         self.mailbox: Mailbox | None = None
         self.created = int(time.time())
+        self.tracer = None  # trace.spans.Tracer where the model's run or release has a trace index
+        self.no_trace = "this server's model has no trace index"  # why not, otherwise
 
     # ------------------------------------------------------------------ one request
     def check_key(self, authorization: str | None) -> None:
@@ -691,7 +695,9 @@ def build_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health():
         e = server.engine
-        return {"status": "ok", "model": server.name, "running": len(e.running), "waiting": len(e.waiting)}
+        running, waiting = len(e.running), len(e.waiting)
+        trace = server.tracer is not None
+        return {"status": "ok", "model": server.name, "running": running, "waiting": waiting, "trace": trace}
 
     page_headers = {"content-security-policy": _page_policy(PAGE.read_text())}
 
@@ -865,6 +871,21 @@ def build_app(server: Server) -> FastAPI:
             "model": server.name,
             "usage": {"prompt_tokens": n, "total_tokens": n},
         }
+
+    @app.post("/v1/trace", **_documented(TraceRequest))
+    async def trace(request: Request):
+        """The spans of a text (a model's answer) that occur verbatim in the training data."""
+        from trulyopen.trace.spans import TraceOptions
+
+        server.check_key(request.headers.get("authorization"))
+        body = parse(TraceRequest, await request.body())
+        if server.tracer is None:
+            raise APIError(404, f"trace: {server.no_trace}", code="no_trace_index")
+        opts = TraceOptions(body.min_len, body.keep, body.docs_per_span, body.context_tokens)
+        try:  # off the event loop: the index is searched by the engine's threads
+            return await asyncio.to_thread(server.tracer.trace, body.text, opts)
+        except UserError as e:
+            raise APIError(400, str(e), param="text") from None
 
     @app.post("/v1/completions", **_documented(CompletionRequest))
     async def completions(request: Request):

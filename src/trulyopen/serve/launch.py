@@ -110,8 +110,21 @@ def _app(
         server = llamacpp.build_server(target, quant, limits, api_key, max_len)
     else:
         server = build_server(target, limits, api_key, precision, max_len)
+    attach_tracer(server, target)
     print(f"serving {server.name} at http://{host}:{port}/v1 (chat page: http://{host}:{port}/)", flush=True)
     return build_app(server), server.name
+
+
+def attach_tracer(server, target: str) -> None:
+    """POST /v1/trace answers from the trace index of the run or release the model comes from."""
+    from trulyopen.trace.spans import Tracer, find_index
+
+    try:
+        server.tracer = Tracer(*find_index(target))
+    except UserError as e:
+        server.no_trace = str(e)
+    else:
+        print(f"tracing answers to {server.tracer.meta['tokens']:,} training tokens (POST /v1/trace)")
 
 
 class Background:

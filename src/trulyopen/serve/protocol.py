@@ -171,6 +171,17 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(default=None, ge=1)  # only the model's own width is served
 
 
+class TraceRequest(BaseModel):
+    """POST /v1/trace (ours, not OpenAI's): the spans of `text` found verbatim in the training data."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    min_len: int = Field(default=8, ge=1, description="Shortest span, in tokens.")
+    keep: float = Field(default=0.05, gt=0.0, le=1.0, description="Spans kept, a share of the tokens.")
+    docs_per_span: int = Field(default=3, ge=1, le=20)
+    context_tokens: int = Field(default=40, ge=0, le=500)
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -27,6 +27,7 @@ anything else takes peft's own forward. Installed on the CPU, where the dropout 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -110,10 +111,10 @@ def _fused_class(linear: type) -> type:
 def install(model: torch.nn.Module) -> int:
     """Give every peft LoRA Linear of `model` the fused training path; returns how many. The modules
     become a subclass of peft's (their class is swapped, nothing else), so copies keep the path."""
-    try:
-        from peft.tuners.lora.layer import Linear
-    except ImportError:  # no peft: no adapters to fuse
+    if "peft" not in sys.modules:  # nothing made a peft model (and importing peft costs seconds)
         return 0
+    from peft.tuners.lora.layer import Linear
+
     fused = _fused_class(Linear)
     count = 0
     for module in model.modules():
