@@ -66,30 +66,36 @@ def index_shard(ctx: dict[str, Any], task: dict[str, Any]) -> dict[str, Any]:
     licences = ctx["licenses"]
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{task['name']}.", dir=ctx["out"]))
-    sep = np.array([np.iinfo(dtype).max], dtype=dtype).tobytes()
+    sep = np.iinfo(dtype).max
     counts = np.zeros(ctx["vocab_size"], dtype=np.int64)
     byte_offsets, meta_offsets, written, meta_written, docs = [], [], 0, 0, 0
     with open(tmp / "tokenized.0", "wb") as ds, open(tmp / "metadata.0", "wb") as mt:
         for name in task["shards"]:
-            tokens = np.memmap(shards / f"{name}.bin", dtype=src, mode="r")
+            # a shard is doc, eot, doc, eot...; the index wants sep, doc, sep, doc: the same length,
+            # shifted by one token, with each document's start (the previous one's eot) made sep
+            tokens = np.fromfile(shards / f"{name}.bin", dtype=src)
             offsets = np.fromfile(shards / f"{name}.idx", dtype="<i8")
-            for k, doc_id in enumerate((shards / f"{name}.ids").read_text().splitlines()):
-                doc = np.asarray(tokens[offsets[k] : offsets[k + 1] - 1], dtype=dtype)  # less end-of-text
-                byte_offsets.append(written)
-                ds.write(sep)
-                ds.write(doc.tobytes())
-                written += (len(doc) + 1) * width
-                counts += np.bincount(doc, minlength=len(counts))
+            shifted = np.roll(tokens.astype(dtype), 1)
+            shifted[offsets[:-1]] = sep
+            ds.write(shifted.tobytes())
+            counts += np.bincount(tokens, minlength=len(counts))
+            counts[ctx["eot_id"]] -= len(offsets) - 1  # the eots are not in the index
+            byte_offsets.append(offsets[:-1] * width + written)
+            written += len(shifted) * width
+            lines = []
+            for doc_id in (shards / f"{name}.ids").read_text().splitlines():
                 source = doc_id.split("/", 1)[0]
                 line = json.dumps({"id": doc_id, "source": source, "license": licences.get(source)}) + "\n"
                 meta_offsets.append(meta_written)
-                mt.write(line.encode())
                 meta_written += len(line.encode())
-                docs += 1
+                lines.append(line)
+            mt.write("".join(lines).encode())
+            docs += len(offsets) - 1
+    byte_offsets = np.concatenate(byte_offsets) if byte_offsets else np.zeros(0, dtype=np.int64)
     np.array(byte_offsets, dtype="<u8").tofile(tmp / "offset.0")
     np.array(meta_offsets, dtype="<u8").tofile(tmp / "metaoff.0")
     lines = [f"{t} {int(c)}" for t, c in enumerate(counts) if c]
-    lines.append(f"{np.iinfo(dtype).max} {docs}")  # the separators: the engine checks every token is counted
+    lines.append(f"{sep} {docs}")  # the separators: the engine checks that every token is counted
     (tmp / "unigram.0").write_text("\n".join(lines) + "\n")
     _suffix_array(tmp / "tokenized.0", tmp / "table.0", width, ctx["part_bytes"], ctx["threads"])
 
@@ -121,7 +127,7 @@ def _suffix_array(data: Path, table: Path, width: int, part_bytes: int, threads:
     ratio = max(1, math.ceil(math.log2(size) / 8))  # bytes a pointer
     # the merge takes every part but the last to run exactly OVERLAP bytes past its range: ranges of
     # at least OVERLAP bytes keep that true
-    parts = max(1, min(math.ceil(size / part_bytes), size // (2 * OVERLAP)))
+    parts = max(1, min(max(math.ceil(size / part_bytes), threads), size // (2 * OVERLAP)))
     step = -(-size // parts)
     step += (-step) % width  # whole tokens a part
     with tempfile.TemporaryDirectory(prefix="parts.", dir=data.parent) as work:
@@ -129,19 +135,24 @@ def _suffix_array(data: Path, table: Path, width: int, part_bytes: int, threads:
         parts_dir.mkdir()
         merged.mkdir()
         common = ["--data-file", str(data), "--ratio", str(ratio), "--token-width", str(width)]
-        for start in range(0, size, step):
-            _run([binary, "make-part", *common, "--parts-dir", str(parts_dir), "--start-byte", str(start),
-                  "--end-byte", str(min(start + step + OVERLAP, size))])  # fmt: skip
+        starts = list(range(0, size, step))
+        make = [binary, "make-part", *common, "--parts-dir", str(parts_dir)]
+        for batch in range(0, len(starts), threads):  # `threads` parts sorted at once
+            ranges = [(a, min(a + step + OVERLAP, size)) for a in starts[batch : batch + threads]]
+            _run(*[[*make, "--start-byte", str(a), "--end-byte", str(b)] for a, b in ranges])
         _run([binary, "merge", *common, "--parts-dir", str(parts_dir), "--merged-dir", str(merged),
               "--num-threads", str(threads), "--hacksize", str(OVERLAP)])  # fmt: skip
         _run([binary, "concat", *common, "--merged-dir", str(merged), "--merged-file", str(table),
               "--num-threads", str(threads)])  # fmt: skip
 
 
-def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"index: {' '.join(cmd[1:3])} failed ({done.returncode}): {done.stderr[-500:]}")
+def _run(*cmds: list[str]) -> None:
+    """Run the commands side by side; raise if any fails."""
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
+    for cmd, proc in zip(cmds, procs, strict=True):
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"index: rust_indexing {cmd[1]} failed ({proc.returncode}): {err[-500:]}")
 
 
 def build_index(
@@ -168,12 +179,14 @@ def build_index(
         "width": width,
         "shard_dtype": record["dtype"],
         "vocab_size": record["vocab_size"],
+        "eot_id": record["eot_id"],
         "licenses": licenses,
         "part_bytes": cfg.part_bytes,
         "threads": 1,
     }
     train = record["splits"]["train"]["shards"]
     tasks = [{"name": f"train_{i:05d}", "shards": g} for i, g in enumerate(groups(train, cfg.group_tokens))]
+    ctx["threads"] = max(1, (os.cpu_count() or 1) // max(1, len(tasks)))  # the cores the tasks leave
     step = TaskStep("index", "trulyopen.trace.index:index_shard", ctx, tasks, str(work / "steps" / "index"))
     results = run_step(executor, step)
     tokens = sum(r["tokens"] for r in results)
