@@ -208,6 +208,27 @@ def test_cli_trace_and_ngram_and_their_errors(built, tmp_path):
     done = cli("trace", run, f"so {PLANTED} too", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert any("zebra" in s["text"] for s in json.loads(done.stdout)["spans"])
+    done = cli(
+        "trace",
+        run,
+        "--generate",
+        "def ",
+        "--max-tokens",
+        "24",
+        "--min-len",
+        "3",
+        "--keep",
+        "1",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    generated = json.loads(done.stdout)
+    ids = built["tracer"].tok.encode(generated["text"], add_special_tokens=False).ids
+    for s in generated["spans"]:  # the model's own answer, traced: each span checked by direct search
+        assert (
+            len(occurrences(train_docs(built["run"]), ids[s["token_start"] : s["token_end"]])) == s["count"]
+        )
     done = cli("ngram", run, "the quick zebra", cwd=tmp_path)
     assert done.returncode == 0 and " occurrences of 'the quick zebra'" in done.stdout, (
         done.stdout + done.stderr
