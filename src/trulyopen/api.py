@@ -68,16 +68,22 @@ def run(
     until: str | None = None,
     force: Sequence[str] = (),
     workers: int | None = None,
+    why: str | None = None,
+    parents: Sequence[str] = (),
 ) -> Path:
-    """Run the recipe's stages in order (`until` the named one: data, tokenizer, shards, pretrain,
-    vlm, synth, finetune, eval, release), skipping those already up to date, and return the run
-    directory (default: runs/<name>/). `force` redoes the named stages and every stage after them."""
+    """Run the recipe's stages in order (`until` the named one: data, tokenizer, shards, index,
+    pretrain, vlm, synth, finetune, eval, release), skipping those already up to date, and return the
+    run directory (default: runs/<name>/). `force` redoes the named stages and every stage after them.
+    `why` (the reason for this run) and `parents` (the runs it came from; default: the closest earlier
+    run of the project) go to the project's history."""
     from trulyopen import pipeline
 
     r = load_recipe(recipe, overrides)
     out = Path(run_dir) if run_dir else pipeline.default_run_dir(r)
     errors.set_run_dir(out)  # a crash report goes there
-    return pipeline.run(r, out, until=until, force=list(force), workers=workers)
+    return pipeline.run(
+        r, out, until=until, force=list(force), workers=workers, why=why, parents=list(parents) or None
+    )
 
 
 def release_run(

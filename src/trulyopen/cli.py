@@ -71,10 +71,30 @@ WorkersOpt = Annotated[
 ]
 
 
-def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None) -> Path:
+WhyOpt = Annotated[
+    str | None, typer.Option("--why", help="Why this run: kept in the project's history (trulyopen history).")
+]
+ParentOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--parent", help="The run this one came from (default: the closest earlier run of the project)."
+    ),
+]
+
+
+def _run(recipe: Path, overrides, run_dir, force, workers, until: str | None, why=None, parent=None) -> Path:
     from trulyopen import api
 
-    return api.run(recipe, overrides or [], run_dir=run_dir, until=until, force=force or [], workers=workers)
+    return api.run(
+        recipe,
+        overrides or [],
+        run_dir=run_dir,
+        until=until,
+        force=force or [],
+        workers=workers,
+        why=why,
+        parents=parent or [],
+    )
 
 
 @app.command()
@@ -84,9 +104,11 @@ def run(
     run_dir: RunDirOpt = None,
     force: ForceOpt = None,
     workers: WorkersOpt = None,
+    why: WhyOpt = None,
+    parent: ParentOpt = None,
 ):
     """Run every available stage of a recipe, skipping those already up to date."""
-    out = _run(recipe, set, run_dir, force, workers, until=None)
+    out = _run(recipe, set, run_dir, force, workers, until=None, why=why, parent=parent)
     _say_release(out)
     typer.echo(f"run directory: {out}  (see `trulyopen inspect {out}` and {out}/data/DATACARD.md)")
     if (out / "checkpoints").is_dir():
@@ -100,10 +122,12 @@ def data(
     run_dir: RunDirOpt = None,
     force: ForceOpt = None,
     workers: WorkersOpt = None,
+    why: WhyOpt = None,
+    parent: ParentOpt = None,
 ):
     """The data pipeline: curate the sources, train the tokenizer, write token shards and the data card,
     and the trace index where the recipe has `index:`."""
-    out = _run(recipe, set, run_dir, force, workers, until="index")
+    out = _run(recipe, set, run_dir, force, workers, until="index", why=why, parent=parent)
     typer.echo(f"data card: {out}/data/DATACARD.md")
 
 
@@ -114,9 +138,11 @@ def tokenizer(
     run_dir: RunDirOpt = None,
     force: ForceOpt = None,
     workers: WorkersOpt = None,
+    why: WhyOpt = None,
+    parent: ParentOpt = None,
 ):
     """Curate the data (if needed) and train or reuse the tokenizer."""
-    out = _run(recipe, set, run_dir, force, workers, until="tokenizer")
+    out = _run(recipe, set, run_dir, force, workers, until="tokenizer", why=why, parent=parent)
     typer.echo(f"tokenizer: {out}/tokenizer")
 
 
@@ -127,9 +153,11 @@ def pretrain(
     run_dir: RunDirOpt = None,
     force: ForceOpt = None,
     workers: WorkersOpt = None,
+    why: WhyOpt = None,
+    parent: ParentOpt = None,
 ):
     """Pretrain the model on the run's shards (running the data stages first if needed)."""
-    _run(recipe, set, run_dir, force, workers, until="pretrain")
+    _run(recipe, set, run_dir, force, workers, until="pretrain", why=why, parent=parent)
 
 
 @app.command()
@@ -139,9 +167,11 @@ def synth(
     run_dir: RunDirOpt = None,
     force: ForceOpt = None,
     workers: WorkersOpt = None,
+    why: WhyOpt = None,
+    parent: ParentOpt = None,
 ):
     """Derive post-training data (instructions, preference pairs, verifiable prompts) from the corpus."""
-    out = _run(recipe, set, run_dir, force, workers, until="synth")
+    out = _run(recipe, set, run_dir, force, workers, until="synth", why=why, parent=parent)
     typer.echo(f"synth: {out}/synth (see {out}/synth/SYNTHCARD.md)")
 
 
@@ -152,10 +182,12 @@ def finetune(
     run_dir: RunDirOpt = None,
     force: ForceOpt = None,
     workers: WorkersOpt = None,
+    why: WhyOpt = None,
+    parent: ParentOpt = None,
 ):
     """Post-train (SFT, DPO, KTO, ORPO, SimPO, reward model, distillation, GRPO; full, LoRA or QLoRA) a
     trulyopen checkpoint or a Hugging Face model."""
-    _run(recipe, set, run_dir, force, workers, until="finetune")
+    _run(recipe, set, run_dir, force, workers, until="finetune", why=why, parent=parent)
 
 
 @app.command()
@@ -593,6 +625,67 @@ def verify(
         typer.echo(json.dumps({k: result[k] for k in ("recorded", "replayed")}, indent=2))
     if report.problems or (result is not None and not result["identical"]):
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- the project's history
+
+
+@app.command()
+def history(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(help="PROJECT_DIR (default: runs), or: diff RUN_A RUN_B [--project DIR]."),
+    ] = None,
+    project_dir: Annotated[Path, typer.Option("--project", help="The project folder, for diff.")] = Path(
+        "runs"
+    ),
+    html_out: Annotated[
+        Path | None, typer.Option("--html", help="Write the history as one HTML page here.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON.")] = False,
+):
+    """The project's runs as a tree: what each came from (its recipe diff), why, how it ended and its
+    results; `history diff A B` compares two runs' recipes, code versions and results."""
+    from dataclasses import asdict
+
+    from trulyopen.history.project import LEDGER, Project
+    from trulyopen.history.show import diff, html_page, tree_lines
+
+    args = args or []
+    if args and args[0] == "diff":
+        if len(args) != 3:
+            raise errors.UserError("history diff: give two runs: history diff RUN_A RUN_B [--project DIR]")
+        result = diff(Project(project_dir), args[1], args[2])
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        for part in ("recipe", "code", "results"):
+            typer.echo(f"{part}: " + ("same" if not result[part] else ""))
+            for k, (a, b) in result[part].items():
+                typer.echo(f"  {k}: {a!r} -> {b!r}")
+        return
+    if len(args) > 1:
+        raise errors.UserError("history: give one project folder (or: history diff RUN_A RUN_B)")
+    project = Project(Path(args[0]) if args else project_dir)
+    if not project.path.is_file():
+        raise errors.UserError(
+            f"{project.path}: no project history here (`trulyopen run` writes {LEDGER} beside its runs)"
+        )
+    for name in project.notice_deleted():
+        typer.echo(f"{name}: its folder is gone; its entry is kept, marked deleted")
+    runs = project.runs()
+    if html_out is not None:
+        from trulyopen.files import write_text
+
+        write_text(html_out, html_page(project))
+        typer.echo(f"history: {html_out}")
+    if as_json:
+        typer.echo(json.dumps({k: asdict(v) for k, v in runs.items()}, indent=2, default=str))
+    else:
+        for line in tree_lines(runs):
+            typer.echo(line)
+    for problem in project.problems():
+        typer.echo(f"problem: {problem}")
 
 
 # ----------------------------------------------------------------------------- tracing to the data

@@ -420,13 +420,55 @@ def run(
     until: str | None = None,
     force: list[str] | tuple[str, ...] = (),
     workers: int | None = None,
+    why: str | None = None,
+    parents: list[str] | None = None,
 ) -> Path:
-    """Run the stages in order up to `until` (all by default); return the run directory."""
+    """Run the stages in order up to `until` (all by default); return the run directory. The run's
+    start and end go to its project's ledger (the folder it is in: history/), with `why`, the
+    author's reason, and `parents`, the runs it came from where the caller knows them."""
     unknown = [f for f in force if f not in STAGE_NAMES]
     if unknown:
         raise RecipeError(f"--force {unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
     world = _world()
+    project = record_start(run_dir, recipe, why, parents) if world.main else None
+    status, error = "killed", None
+    try:
+        out = _stages(recipe, run_dir, until, force, workers, world)
+        status = "finished"
+        return out
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        status, error = "failed", f"{type(e).__name__}: {e}"[:500]
+        raise
+    finally:
+        if project is not None:
+            record_end(project, run_dir, status, error)
+
+
+def record_start(run_dir: Path, recipe: Recipe, why: str | None, parents: list[str] | None):
+    """The project ledger, with this run's start recorded; None if it cannot be written (a run never
+    fails for its history)."""
+    from trulyopen.history.project import Project
+
+    try:
+        project = Project(run_dir.resolve().parent)
+        project.start(run_dir.resolve(), recipe.model_dump(mode="json"), why, parents)
+        return project
+    except OSError as e:
+        warn(f"{run_dir.parent}/project.jsonl: not written ({e}); this run is left out of the history")
+        return None
+
+
+def record_end(project, run_dir: Path, status: str, error: str | None) -> None:
+    try:
+        project.end(run_dir.resolve(), status, error)
+    except OSError as e:
+        warn(f"{project.path}: the end of {run_dir.name} not recorded ({e})")
+
+
+def _stages(recipe: Recipe, run_dir: Path, until: str | None, force, workers: int | None, world) -> Path:
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # what a killed run was writing must not be listed as an output, hashed or released

@@ -946,6 +946,11 @@ class ReleaseConfig(Section):
     """The release stage: a self-contained bundle of everything the run made, with cards and hashes."""
 
     licenses: LicencesConfig = Field(default_factory=LicencesConfig, description="Licences by kind.")
+    decision_checkpoints: bool = Field(
+        default=False,
+        description="Ship the checkpoints of the runs in decisions/ too (their recipes, logs and results "
+        "are always shipped).",
+    )
     redistribute_data: bool | None = Field(
         default=None,
         description="Put the curated corpus in the release: true for every source, false for none; "

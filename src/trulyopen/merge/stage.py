@@ -70,7 +70,26 @@ def merge_models(models: list[str], method: Method, out: Path, base: str | None 
     )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    _record(out, models, base, method)
     return out
+
+
+def _record(out: Path, models: list[str], base: str | None, method: Method) -> None:
+    """The merge as a run of its project (OUT's folder): its parents are the models it merged."""
+    from trulyopen.history.project import Project
+
+    names = [Path(m.rstrip("/")).name for m in ([base] if base else []) + models]
+    recipe = {"merge": {"method": method.name, "models": models, "base": base, **method.parameters()}}
+    try:
+        project = Project(out.resolve().parent)
+        project.start(
+            out.resolve(), recipe, why=f"merge of {', '.join(names)} ({method.name})", parents=names
+        )
+        project.end(out.resolve(), "finished")
+    except OSError as e:
+        from trulyopen.errors import warn
+
+        warn(f"{out.parent}/project.jsonl: the merge is not in the project's history ({e})")
 
 
 def check_out(out: Path, models: list[str]) -> None:

@@ -65,6 +65,8 @@ FINDERS: dict[str, list[str]] = {
 # training documents behind a text (`trulyopen trace`)
 SUPPORTING = {
     "Data card": ["data/manifest.json", "data/curation.json", "data/index/index.json"],
+    # the experiments behind the release, failed ones included (trulyopen history)
+    "Technical report": ["decisions/README.md", "decisions/project.jsonl"],
 }
 # the first lines of common licence texts, for LICENSE files that do not say their SPDX id
 SIGNATURES = {

@@ -27,6 +27,8 @@
       eval/                results, per-instance records, tasks, contamination report
       report/              report.html (figures inlined) and its PNGs: the technical report
       audit.json           this directory scored against the Model Openness Framework
+      decisions/           the runs that led here and those tried beside them: recipes, diffs,
+                           reasons, logs, results (history/decisions.py)
       SHA256SUMS           every file above (`sha256sum -c SHA256SUMS` checks them)
 
 It is written into `release.tmp/` and renamed into place when complete, so a failed release never
@@ -254,8 +256,12 @@ def release(run_dir: Path, recipe: Recipe) -> Path:
         _copy(run_dir / "eval", tmp / "eval")
     for kind, spdx in licences.items():
         write_text(tmp / "LICENSES" / f"{KINDS[kind]}.txt", cards.licence_file(spdx, KINDS[kind]))
+    from trulyopen.history.decisions import how_we_got_here, write_decisions
+
+    write_decisions(run_dir, tmp / "decisions", checkpoints=cfg.decision_checkpoints)
 
     facts = cards.gather(run_dir, recipe, final, tmp / "model", rows, version, licences, allowed)
+    facts["history"] = how_we_got_here(tmp)
     write_text(tmp / "README.md", cards.model_card(facts, cfg))
     write_text(tmp / "paper.md", cards.paper(facts))
     # mof.yml twice: the report shows the verdict of the release as mof.yml describes it, and is

@@ -331,6 +331,10 @@ does on unseen text.
 
 {_memorisation(facts)}
 
+## How we got here
+
+{facts.get("history") or "Not recorded."}
+
 ## Limitations
 
 {cfg.limitations}

@@ -144,7 +144,38 @@ def verify(directory: str | Path) -> Report:
     _checkpoints(root, report, stages, recorded)
     _code(root, report, stages)
     _index(root, report, recorded)
+    _decisions(root, report)
     return report
+
+
+def _decisions(root: Path, report: Report) -> None:
+    """decisions/: each run's recipe is the one its history recorded, each run's ledger the one it
+    ended with, and the released run's ledger the one in logs/."""
+    import hashlib
+
+    from trulyopen.files import sha256_file
+    from trulyopen.history.project import Project
+
+    folder = root / "decisions"
+    if not (folder / "project.jsonl").is_file():
+        return
+    released = (folder / "released.txt").read_text().strip() if (folder / "released.txt").is_file() else None
+    for name, run in Project(folder).runs().items():
+        where = f"decisions/runs/{name}"
+        recipe = folder / "runs" / name / "recipe.yaml"
+        if not recipe.is_file():
+            report.problems.append(f"{where}/recipe.yaml: missing (the history lists {name})")
+            continue
+        blob = json.dumps(yaml.safe_load(recipe.read_text()), sort_keys=True).encode()
+        if hashlib.sha256(blob).hexdigest() != run.recipe_sha256:
+            report.problems.append(f"{where}/recipe.yaml: not the recipe the history recorded for {name}")
+        ledger = folder / "runs" / name / "ledger.jsonl"
+        if ledger.is_file() and run.ledger_sha256 and sha256_file(ledger) != run.ledger_sha256:
+            report.problems.append(f"{where}/ledger.jsonl: not the ledger {name} ended with")
+        if name == released and ledger.is_file() and (root / "logs" / "ledger.jsonl").is_file():
+            if sha256_file(ledger) != sha256_file(root / "logs" / "ledger.jsonl"):
+                report.problems.append(f"{where}/ledger.jsonl: not the released run's logs/ledger.jsonl")
+        report.checked += 1
 
 
 def _index(root: Path, report: Report, recorded: dict[str, str]) -> None:

@@ -134,6 +134,8 @@ def _run_one(trial: Any, plan: _Plan) -> Outcome:
     settings = [*plan.overrides, *(set_override(k, v) for k, v in trial.params.items())]
     command = [sys.executable, "-m", "trulyopen", plan.space.stage, str(plan.recipe_file), "--run-dir"]
     command += [str(run_dir), *(arg for o in settings for arg in ("--set", o))]
+    chosen = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+    command += ["--why", f"tune: trial {trial.number} of the study in {plan.study_dir.name} ({chosen})"]
     metrics = MetricTail(run_dir / plan.space.stage / "metrics.jsonl", plan.space.metric_name)
     outcome = run_trial(trial, command, metrics, plan.study_dir / "logs" / name, poll=plan.poll)
     trial.set_user_attr("steps", outcome.steps)
