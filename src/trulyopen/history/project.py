@@ -1,7 +1,7 @@
 """The project ledger: every run of a project (a folder of runs), what it came from, why, and how it ended.
 
     runs/                       the project: the folder the run directories are in
-      project.jsonl             one JSON line per event, appended (atomically: never torn)
+      project.jsonl             one JSON line per event, appended
         {"event": "start", "run": "lr-low", "parent": "base", "diff": {"pretrain.lr": [0.003, 0.001]},
          "why": "3e-3 spiked at step 40", "recipe": {...}, "recipe_sha256": ..., "code_version": ...}
         {"event": "end", "run": "lr-low", "status": "finished" | "failed" | "killed", "error": ...,
@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from trulyopen.files import atomic_open, sha256_file
+from trulyopen.files import sha256_file
 
 LEDGER = "project.jsonl"
 MAX_DIFF = 12  # fields: a recipe further than this from every earlier run starts a new tree
@@ -83,11 +83,17 @@ class Project:
         return [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
     def append(self, event: dict[str, Any]) -> None:
+        """One line, in one write to a file opened for appending: runs of one project may end at the
+        same moment (tune's trials, two terminals), and neither line may be lost."""
         event = {"time": datetime.now(UTC).isoformat(timespec="seconds"), **event}
-        old = self.path.read_bytes() if self.path.exists() else b""
+        line = json.dumps(event, sort_keys=True, ensure_ascii=False).encode() + b"\n"
         self.root.mkdir(parents=True, exist_ok=True)
-        with atomic_open(self.path, "wb") as f:
-            f.write(old + json.dumps(event, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def runs(self) -> dict[str, Run]:
         """Every run, in the order it first started, its events folded."""
