@@ -73,6 +73,9 @@ METRICS = "*metrics.jsonl"  # one row per step: the losses repeat, the measured 
 SPEEDS = {"tokens_per_s", "flops_per_s", "mfu", "peak_memory_mb"}
 RESULTS = "*eval/*/results.json"  # the scores repeat, each task's seconds do not
 SUMS = "release/SHA256SUMS"  # the sums of the files compared byte for byte; of the others, the names
+# the project's history in the release: when each run started and ended, and the interruptions
+# themselves (a killed attempt is part of the history), so only the names repeat
+HISTORY = "release/decisions/*"
 
 # One thread per process: the weights must not depend on how a matmul is split over threads, and
 # the tests share two cores. Unbuffered, so that each line is read as soon as it is printed.
@@ -114,7 +117,9 @@ def ledger(run_dir: Path) -> list[dict]:
 
 def exact(rel: str) -> bool:
     """Whether a file (its path relative to the run directory) must repeat byte for byte."""
-    return not (rel in UNTIMED or rel == SUMS or any(fnmatch.fnmatch(rel, p) for p in (METRICS, RESULTS)))
+    return not (
+        rel in UNTIMED or rel == SUMS or any(fnmatch.fnmatch(rel, p) for p in (METRICS, RESULTS, HISTORY))
+    )
 
 
 def repeatable(run_dir: Path, rel: str) -> str:
@@ -123,7 +128,7 @@ def repeatable(run_dir: Path, rel: str) -> str:
     path = run_dir / rel
     if exact(rel):
         return hashlib.sha256(path.read_bytes()).hexdigest()
-    if rel in UNTIMED:
+    if rel in UNTIMED or fnmatch.fnmatch(rel, HISTORY):
         return ""
     text = path.read_text()
     if rel == SUMS:

@@ -102,6 +102,14 @@ def test_the_ledger_records_inputs_and_outputs_with_their_hashes(ckpts, soup):
         assert record["sha256"] == sha256_file(soup / path) and record["size"] == (soup / path).stat().st_size
 
 
+def test_the_merge_is_a_run_of_its_project_with_its_parents(ckpts, soup):
+    from trulyopen.history.project import Project
+
+    run = Project(soup.parent).runs()["soup"]
+    assert run.parents == ["run"] and run.status == "finished"  # two checkpoints of one run: a soup
+    assert run.why == ["merge of run (linear)"] and run.recipe["merge"]["weights"] == [0.5, 0.5]
+
+
 def test_weights_are_normalised_unless_told_not_to(ckpts, tmp_path):
     a, b = weights(ckpts[0]), weights(ckpts[1])
     name = "model.layers.0.mlp.up_proj.weight"

@@ -191,6 +191,18 @@ def test_each_trial_is_a_run_with_the_shared_stages_linked(study):
             assert t.value == _last(run_dir)["val_bpb"]
 
 
+def test_each_trial_is_in_the_studys_history_with_its_settings(study):
+    from trulyopen.history.project import Project
+
+    runs = Project(study["dir"]).runs()
+    for t in _load(study["dir"]).trials:
+        name = t.user_attrs["run_dir"]
+        if t.number == 2:
+            continue  # killed as its child started
+        assert runs[name].why[0].startswith(f"tune: trial {t.number} of the study in {study['dir'].name} (")
+        assert f"pretrain.lr={t.params['pretrain.lr']}" in runs[name].why[0]
+
+
 def test_results_files_and_the_best_recipe(study):
     d = study["dir"]
     trials = _load(d).trials

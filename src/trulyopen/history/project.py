@@ -6,7 +6,7 @@
          "why": "3e-3 spiked at step 40", "recipe": {...}, "recipe_sha256": ..., "code_version": ...}
         {"event": "end", "run": "lr-low", "status": "finished" | "failed" | "killed", "error": ...,
          "results": {...}, "ledger_sha256": ..., "bytes": ...}
-        {"event": "why", "run": ..., "why": ...}          a later --why on a run already recorded
+        {"event": "resume", "run": ..., "why": ...}       the same recipe run again (a rerun, a resume)
         {"event": "deleted", "run": ...}                  noticed by `history`: the folder is gone
       base/  lr-low/  ...       the runs themselves
 
@@ -113,8 +113,11 @@ class Project:
                 run.status, run.error, run.deleted = "running or killed", None, False
                 if e.get("why"):
                     run.why.append(e["why"])
-            elif kind == "why":
-                run.why.append(e["why"])
+            elif kind in ("why", "resume"):
+                if e.get("why"):
+                    run.why.append(e["why"])
+                if kind == "resume":
+                    run.status, run.error = "running or killed", None
             elif kind == "end":
                 run.status, run.error, run.results = e["status"], e.get("error"), e.get("results", {})
                 run.ledger_sha256, run.bytes = e.get("ledger_sha256"), e.get("bytes")
@@ -134,8 +137,8 @@ class Project:
         runs = self.runs()
         mine = runs.get(name)
         if mine is not None and mine.recipe_sha256 == sha and not parents:
-            if why:  # the same recipe again (a resume, a rerun): the reason is added, nothing else
-                self.append({"event": "why", "run": name, "why": why})
+            # the same recipe again (a resume, a rerun): running again, with the new reason if any
+            self.append({"event": "resume", "run": name, **({"why": why} if why else {})})
             return
         if parents:
             parent_runs = [runs[p] for p in parents if p in runs]

@@ -74,11 +74,19 @@ def merge_models(models: list[str], method: Method, out: Path, base: str | None 
     return out
 
 
+def _run_name(model: str) -> str:
+    """The run a model comes from: RUN for RUN/checkpoints/STAGE/step_N, else the folder's (or hub) name."""
+    path = Path(model.rstrip("/"))
+    if len(path.parents) >= 3 and path.parents[1].name == "checkpoints":
+        return path.parents[2].name
+    return path.name
+
+
 def _record(out: Path, models: list[str], base: str | None, method: Method) -> None:
     """The merge as a run of its project (OUT's folder): its parents are the models it merged."""
     from trulyopen.history.project import Project
 
-    names = [Path(m.rstrip("/")).name for m in ([base] if base else []) + models]
+    names = list(dict.fromkeys(_run_name(m) for m in ([base] if base else []) + models))
     recipe = {"merge": {"method": method.name, "models": models, "base": base, **method.parameters()}}
     try:
         project = Project(out.resolve().parent)

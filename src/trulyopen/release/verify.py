@@ -175,7 +175,6 @@ def _decisions(root: Path, report: Report) -> None:
         if name == released and ledger.is_file() and (root / "logs" / "ledger.jsonl").is_file():
             if sha256_file(ledger) != sha256_file(root / "logs" / "ledger.jsonl"):
                 report.problems.append(f"{where}/ledger.jsonl: not the released run's logs/ledger.jsonl")
-        report.checked += 1
 
 
 def _index(root: Path, report: Report, recorded: dict[str, str]) -> None:
@@ -191,7 +190,6 @@ def _index(root: Path, report: Report, recorded: dict[str, str]) -> None:
     shards = root / "data" / "shards"
     for problem in check_index(index, shards if (shards / "shards.json").is_file() else None):
         report.problems.append(problem.replace(f"{root}/", ""))
-    report.checked += 1
 
 
 def replay(directory: str | Path, step: int, workdir: Path | None = None, stage: str = "pretrain") -> dict:
