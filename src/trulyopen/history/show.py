@@ -33,7 +33,7 @@ def summary(run: Run) -> str:
     parts = [status]
     if run.why:
         parts.append(f'"{run.why[-1]}"')
-    shown = [f"{k.split('.', 1)[1]} {run.results[k]:.4g}" for k in KEY_RESULTS if k in run.results]
+    shown = [f"{k} {run.results[k]:.4g}" for k in KEY_RESULTS if k in run.results]
     evals = [(k, v) for k, v in run.results.items() if k.startswith("eval.")]
     shown += [f"{k.split('.', 2)[2]} {v['value']:.3f}±{v['stderr'] or 0:.3f}" for k, v in evals[:3]]
     if shown:
