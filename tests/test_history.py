@@ -153,3 +153,13 @@ def test_why_on_a_rerun_is_added_and_history_without_a_project_says_so(project, 
     done = cli("history", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert done.returncode == 2 and "no project history here" in done.stderr
     assert os.path.exists(runs / "project.jsonl")
+
+
+def test_a_failed_run_records_its_error(project, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(project["runs"], runs, ignore=shutil.ignore_patterns("release", "checkpoints"))
+    args = ["--run-dir", str(runs / "no-model"), "--set", "model.init_from=./no-such-model"]
+    done = cli("run", str(project["recipe"]), *args, "--why", "a base that is not there", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    run = Project(runs).runs()["no-model"]
+    assert run.status == "failed" and "no-such-model" in run.error and run.why == ["a base that is not there"]

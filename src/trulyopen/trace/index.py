@@ -173,6 +173,8 @@ def build_index(
     if not (work / "steps").exists():
         shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".train_*"):  # a folder a killed task was building: built again
+        shutil.rmtree(stale, ignore_errors=True)
     ctx = {
         "shards": str(shards_dir),
         "out": str(out_dir),
