@@ -258,3 +258,10 @@ def read_document(shard_dir: Path, name: str, k: int) -> np.ndarray:
     offsets = np.memmap(shard_dir / f"{name}.idx", dtype="<i8", mode="r")
     tokens = np.memmap(shard_dir / f"{name}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
     return np.asarray(tokens[offsets[k] : offsets[k + 1]])
+
+
+def read_documents(shard_dir: Path, name: str, dtype: str) -> list[np.ndarray]:
+    """Every document of shard `name` (`dtype`: shards.json's), without its end-of-text token."""
+    tokens = np.fromfile(shard_dir / f"{name}.bin", dtype=np.dtype(dtype).newbyteorder("<"))
+    offsets = np.fromfile(shard_dir / f"{name}.idx", dtype="<i8")
+    return [tokens[a : b - 1] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]

@@ -261,12 +261,9 @@ def check_index(index_dir: Path, shards_dir: Path | None, samples: int = 2000) -
                 problems.append(f"{folder / 'table.0'}: not sorted at rank {i}")
                 break
         if shards and all((shards_dir / f"{name}.bin").is_file() for name in shard["from"]):
-            tokens, src_dtype = [], np.dtype(shards["dtype"]).newbyteorder("<")
-            for name in shard["from"]:
-                src = np.fromfile(shards_dir / f"{name}.bin", dtype=src_dtype)
-                keep = np.ones(len(src), dtype=bool)
-                keep[np.fromfile(shards_dir / f"{name}.idx", dtype="<i8")[1:] - 1] = False  # end-of-text
-                tokens.append(src[keep].astype(dtype))
-            if not np.array_equal(data[data != np.iinfo(dtype).max], np.concatenate(tokens)):
+            from trulyopen.data.shards import read_documents
+
+            docs = [d for name in shard["from"] for d in read_documents(shards_dir, name, shards["dtype"])]
+            if not np.array_equal(data[data != np.iinfo(dtype).max], np.concatenate(docs).astype(dtype)):
                 problems.append(f"{folder / 'tokenized.0'}: not the tokens of {', '.join(shard['from'])}")
     return problems

@@ -25,14 +25,15 @@ from trulyopen.trace.spans import TraceOptions, Tracer
 
 def held_out_prompts(shards_dir: Path, n: int, length: int, seed: int) -> list[list[int]]:
     """`n` prompts of `length` tokens from the val shards' documents (those long enough)."""
+    from trulyopen.data.shards import read_documents
+
     meta = json.loads((shards_dir / "shards.json").read_text())
-    dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-    docs = []
-    for s in meta["splits"]["val"]["shards"]:
-        tokens = np.fromfile(shards_dir / f"{s['name']}.bin", dtype=dtype)
-        offsets = np.fromfile(shards_dir / f"{s['name']}.idx", dtype="<i8")
-        bounds = zip(offsets[:-1], offsets[1:] - 1, strict=True)  # (each document less its end-of-text)
-        docs += [tokens[a:b] for a, b in bounds if b - a > length]
+    docs = [
+        doc
+        for s in meta["splits"]["val"]["shards"]
+        for doc in read_documents(shards_dir, s["name"], meta["dtype"])
+        if len(doc) > length
+    ]
     rng = random.Random(seed)
     out = []
     for _ in range(n if docs else 0):
