@@ -26,6 +26,7 @@ from trulyopen.data import card, curate, shards, sources, tokenizer
 from trulyopen.data.decontam import eval_set_files
 from trulyopen.errors import warn
 from trulyopen.files import remove_leftovers, write_json, write_text
+from trulyopen.history.project import end_run, start_run
 from trulyopen.ledger import Ledger, code_version, config_hash, file_record, machine_summary
 from trulyopen.recipe import Recipe, RecipeError, recipe_to_yaml
 from trulyopen.where import where
@@ -431,7 +432,7 @@ def run(
         raise RecipeError(f"--force {unknown[0]}: no such stage (stages: {', '.join(STAGE_NAMES)})")
     run_dir = Path(run_dir) if run_dir else default_run_dir(recipe)
     world = _world()
-    project = record_start(run_dir, recipe, why, parents) if world.main else None
+    project = start_run(run_dir, recipe.model_dump(mode="json"), why, parents) if world.main else None
     status, error = "killed", None
     try:
         out = _stages(recipe, run_dir, until, force, workers, world)
@@ -443,29 +444,7 @@ def run(
         status, error = "failed", f"{type(e).__name__}: {e}"[:500]
         raise
     finally:
-        if project is not None:
-            record_end(project, run_dir, status, error)
-
-
-def record_start(run_dir: Path, recipe: Recipe, why: str | None, parents: list[str] | None):
-    """The project ledger, with this run's start recorded; None if it cannot be written (a run never
-    fails for its history)."""
-    from trulyopen.history.project import Project
-
-    try:
-        project = Project(run_dir.resolve().parent)
-        project.start(run_dir.resolve(), recipe.model_dump(mode="json"), why, parents)
-        return project
-    except OSError as e:
-        warn(f"{run_dir.parent}/project.jsonl: not written ({e}); this run is left out of the history")
-        return None
-
-
-def record_end(project, run_dir: Path, status: str, error: str | None) -> None:
-    try:
-        project.end(run_dir.resolve(), status, error)
-    except OSError as e:
-        warn(f"{project.path}: the end of {run_dir.name} not recorded ({e})")
+        end_run(project, run_dir, status, error)
 
 
 def _stages(recipe: Recipe, run_dir: Path, until: str | None, force, workers: int | None, world) -> Path:

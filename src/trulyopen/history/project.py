@@ -43,6 +43,11 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+def recipe_sha256(recipe: dict) -> str:
+    """The hash the history records of a resolved recipe (its canonical JSON)."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
 def recipe_diff(old: dict, new: dict) -> dict[str, list]:
     """{field: [old, new]} for every field that differs (None where a side lacks it)."""
     a, b = flatten(old), flatten(new)
@@ -132,8 +137,7 @@ class Project:
     ) -> None:
         """Record a run starting (again) with this recipe: its parent and diff, and its reason."""
         name = run_dir.name
-        blob = json.dumps(recipe, sort_keys=True).encode()
-        sha = hashlib.sha256(blob).hexdigest()
+        sha = recipe_sha256(recipe)
         runs = self.runs()
         mine = runs.get(name)
         if mine is not None and mine.recipe_sha256 == sha and not parents:
@@ -201,6 +205,31 @@ class Project:
             if run.parent and run.parent not in self.runs():
                 out.append(f"{run.name}: its parent {run.parent} is not in {self.path}")
         return out
+
+
+def start_run(run_dir: Path, recipe: dict, why: str | None = None, parents: list[str] | None = None):
+    """The project of `run_dir` (its folder), with the run's start recorded; None where the ledger
+    cannot be written: a run never fails for its history."""
+    from trulyopen.errors import warn
+
+    try:
+        project = Project(run_dir.resolve().parent)
+        project.start(run_dir.resolve(), recipe, why, parents)
+        return project
+    except OSError as e:
+        warn(f"{run_dir.parent}/{LEDGER}: not written ({e}); {run_dir.name} is left out of the history")
+        return None
+
+
+def end_run(project: Project | None, run_dir: Path, status: str, error: str | None = None) -> None:
+    if project is None:
+        return
+    try:
+        project.end(run_dir.resolve(), status, error)
+    except OSError as e:
+        from trulyopen.errors import warn
+
+        warn(f"{project.path}: the end of {run_dir.name} not recorded ({e})")
 
 
 def _closest(recipe: dict, earlier: list[Run]) -> tuple[list[str], dict]:

@@ -84,20 +84,12 @@ def _run_name(model: str) -> str:
 
 def _record(out: Path, models: list[str], base: str | None, method: Method) -> None:
     """The merge as a run of its project (OUT's folder): its parents are the models it merged."""
-    from trulyopen.history.project import Project
+    from trulyopen.history.project import end_run, start_run
 
     names = list(dict.fromkeys(_run_name(m) for m in ([base] if base else []) + models))
     recipe = {"merge": {"method": method.name, "models": models, "base": base, **method.parameters()}}
-    try:
-        project = Project(out.resolve().parent)
-        project.start(
-            out.resolve(), recipe, why=f"merge of {', '.join(names)} ({method.name})", parents=names
-        )
-        project.end(out.resolve(), "finished")
-    except OSError as e:
-        from trulyopen.errors import warn
-
-        warn(f"{out.parent}/project.jsonl: the merge is not in the project's history ({e})")
+    project = start_run(out, recipe, why=f"merge of {', '.join(names)} ({method.name})", parents=names)
+    end_run(project, out, "finished")
 
 
 def check_out(out: Path, models: list[str]) -> None:

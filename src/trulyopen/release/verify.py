@@ -151,10 +151,7 @@ def verify(directory: str | Path) -> Report:
 def _decisions(root: Path, report: Report) -> None:
     """decisions/: each run's recipe is the one its history recorded, each run's ledger the one it
     ended with, and the released run's ledger the one in logs/."""
-    import hashlib
-
-    from trulyopen.files import sha256_file
-    from trulyopen.history.project import Project
+    from trulyopen.history.project import Project, recipe_sha256
 
     folder = root / "decisions"
     if not (folder / "project.jsonl").is_file():
@@ -166,14 +163,13 @@ def _decisions(root: Path, report: Report) -> None:
         if not recipe.is_file():
             report.problems.append(f"{where}/recipe.yaml: missing (the history lists {name})")
             continue
-        blob = json.dumps(yaml.safe_load(recipe.read_text()), sort_keys=True).encode()
-        if hashlib.sha256(blob).hexdigest() != run.recipe_sha256:
+        if recipe_sha256(yaml.safe_load(recipe.read_text())) != run.recipe_sha256:
             report.problems.append(f"{where}/recipe.yaml: not the recipe the history recorded for {name}")
         ledger = folder / "runs" / name / "ledger.jsonl"
-        if ledger.is_file() and run.ledger_sha256 and sha256_file(ledger) != run.ledger_sha256:
+        if ledger.is_file() and run.ledger_sha256 and report.sha256(root, ledger) != run.ledger_sha256:
             report.problems.append(f"{where}/ledger.jsonl: not the ledger {name} ended with")
         if name == released and ledger.is_file() and (root / "logs" / "ledger.jsonl").is_file():
-            if sha256_file(ledger) != sha256_file(root / "logs" / "ledger.jsonl"):
+            if report.sha256(root, ledger) != report.sha256(root, root / "logs" / "ledger.jsonl"):
                 report.problems.append(f"{where}/ledger.jsonl: not the released run's logs/ledger.jsonl")
 
 
