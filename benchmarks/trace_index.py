@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -179,25 +178,11 @@ def queries(run_dir: Path, n: int, seed: int = 0) -> list[str]:
 
 
 def machine() -> dict:
-    model = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in x
-        ),
-        platform.processor(),
-    )
-    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     from importlib.metadata import version
 
-    import infini_gram  # noqa: F401
+    from data_scale import machine as described  # (benchmarks/data_scale.py: CPU, cores, ISA, memory)
 
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "memory_gib": round(memory),
-        "infini_gram": version("infini-gram"),
-    }
+    return {"machine": described(), "infini_gram": version("infini-gram")}
 
 
 def pct(xs: list[float], q: float) -> float:
