@@ -51,6 +51,11 @@ def _(x: torch.Tensor, drop: int, site: int = 0) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+def keep_scale(drop: int) -> float:
+    """What a kept unit is multiplied by when `drop` of LANES are dropped: the exact expectation."""
+    return LANES / (LANES - drop)
+
+
 class FastDropout(torch.nn.Dropout):
     site = 0  # numbered by `install`: see dropout_mask
 
@@ -58,7 +63,7 @@ class FastDropout(torch.nn.Dropout):
         if not self.training or self.p == 0:
             return x
         drop = round(self.p * LANES)
-        return x.mul(LANES / (LANES - drop)).mul_(dropout_mask(x.detach(), drop, self.site))
+        return x.mul(keep_scale(drop)).mul_(dropout_mask(x.detach(), drop, self.site))
 
 
 def install(model: torch.nn.Module) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from trulyopen.train.cpu_dropout import LANES, dropout_mask
+from trulyopen.train.cpu_dropout import LANES, dropout_mask, keep_scale
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -41,7 +41,7 @@ class _LoRALinear(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1])
         if drop:
             keep = dropout_mask(flat, drop, site)
-            dropped = flat.mul(LANES / (LANES - drop)).mul_(keep)  # FastDropout's arithmetic
+            dropped = flat.mul(keep_scale(drop)).mul_(keep)  # FastDropout's arithmetic
         else:
             keep, dropped = None, flat
         h = dropped @ a.t()
@@ -62,7 +62,7 @@ class _LoRALinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = gh @ a
             if keep is not None:  # the mask's backward, in the order autograd does FastDropout's
-                grad_x.mul_(keep).mul_(LANES / (LANES - ctx.drop))
+                grad_x.mul_(keep).mul_(keep_scale(ctx.drop))
             grad_x = grad_x.addmm_(g, weight).view(ctx.shape)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
