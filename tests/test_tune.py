@@ -63,6 +63,22 @@ def _load(study_dir: Path) -> optuna.Study:
     return optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{study_dir / 'study.db'}")
 
 
+def _made(study_dir: Path) -> bool:
+    """Whether tune has made its storage, asked read-only: opening it through Optuna while tune
+    creates it would create its tables too, and one of the two creators fails ("table ... already
+    exists"), sometimes tune itself."""
+    import sqlite3
+
+    db = study_dir / "study.db"
+    if not db.is_file():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return bool(con.execute("SELECT count(*) FROM version_info").fetchone()[0])
+    except sqlite3.Error:  # no such table yet, or locked
+        return False
+
+
 def _alive(pid: int) -> bool:
     """Running, not a zombie (an orphan's zombie waits for a reaper that may never come here)."""
     try:
@@ -76,6 +92,9 @@ def _wait_for_pid(study_dir: Path, number: int, proc: subprocess.Popen, timeout:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"tune ended ({proc.returncode}) before trial {number} started"
+        if not _made(study_dir):
+            time.sleep(0.2)
+            continue
         try:
             trials = _load(study_dir).get_trials()
         except (KeyError, optuna.exceptions.StorageInternalError, Exception):  # not made yet, or locked
